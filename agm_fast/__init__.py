@@ -1,0 +1,32 @@
+"""agm_fast: fast, reference-exact balanced multimodal training.
+
+AGM (Shapley mono-modal outputs, adaptive coefficients), OGM / OGM-GE, OPM and CGGM, for any number of modalities
+and any fusion module. ``import agm_fast`` works without a GPU, a compiler or the built extension;
+:func:`backend_info` says what is available.
+"""
+
+from . import _backend, agm, cggm, distributed, functional, fusion, metrics, mslr, ogm, ops, opm, reference
+from ._backend import backend_info, get_ext
+from .agm import *  # noqa: F401,F403
+from .cggm import *  # noqa: F401,F403
+from .distributed import *  # noqa: F401,F403
+from .fusion import *  # noqa: F401,F403
+from .metrics import *  # noqa: F401,F403
+from .mslr import *  # noqa: F401,F403
+from .ogm import *  # noqa: F401,F403
+from .opm import *  # noqa: F401,F403
+
+__version__ = "0.1.0"
+
+__all__ = (
+    ["backend_info", "get_ext", "functional", "ops", "reference", "__version__"]
+    + agm.__all__
+    + cggm.__all__
+    + distributed.__all__
+    + fusion.__all__
+    + metrics.__all__
+    + mslr.__all__
+    + ogm.__all__
+    + opm.__all__
+)
+del _backend

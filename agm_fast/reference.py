@@ -1,0 +1,333 @@
+"""Pure-PyTorch ground truth for every op of agm_fast, written from the specification.
+
+These functions are what the Triton kernels and the C++ extension are tested against, and they are the CPU
+fallback: vectorised, no Python loop over the batch, no ``.item()``.
+
+Conventions used throughout:
+    M    number of modalities, indexed 0..M-1 in the order the user passes them.
+    mask a subset of modalities as an int bitmask (bit m set = modality m present); the full set is 2^M - 1.
+    F    stacked subset logits ``[S, B, C]``, row s holding f(masks[s]).
+    W    Shapley weights ``[M, S]``: the mono-modal output of modality m is ``psi[m] = sum_s W[m, s] F[s]``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "LOG_PROB_FLOOR",
+    "full_mask",
+    "subset_masks",
+    "shapley_weights",
+    "sampled_shapley_weights",
+    "subset_batch_ref",
+    "shapley_ref",
+    "agm_scores_ref",
+    "agm_coefficients_ref",
+    "shapley_scores_ref",
+    "shapley_combine_ref",
+    "ogm_coefficients_ref",
+    "ogm_scores_ref",
+]
+
+# The reference clamps the softmax probability at 1e-8 before the log.
+LOG_PROB_FLOOR = math.log(1e-8)
+
+MAX_EXACT_MODALITIES = 8
+
+
+def full_mask(num_modalities: int) -> int:
+    """Bitmask of the full modality set A."""
+    return (1 << num_modalities) - 1
+
+
+def subset_masks(num_modalities: int, shapley: str = "reference") -> List[int]:
+    """The subsets whose outputs the exact Shapley combination needs, in ascending mask order.
+
+    Args:
+        num_modalities: M.
+        shapley: ``"reference"`` (every non-empty subset, 2^M - 1 of them) or ``"exact"`` (all 2^M, with the empty).
+
+    Returns:
+        A list of int bitmasks.
+    """
+    start = 1 if shapley == "reference" else 0
+    return list(range(start, 1 << num_modalities))
+
+
+def _coalition_weight(num_modalities: int, size: int) -> float:
+    return math.factorial(size) * math.factorial(num_modalities - size - 1) / math.factorial(num_modalities)
+
+
+def shapley_weights(num_modalities: int, masks: Sequence[int], dtype=torch.float64) -> Tensor:
+    """Exact Shapley weights ``W [M, S]`` over the given subsets.
+
+    For ``masks`` = all 2^M subsets this is the exact Shapley value phi. Leaving out the empty subset (mask 0) gives
+    the reference variant psi = phi + f(empty)/M, whose sum over modalities is f(A).
+
+    Args:
+        num_modalities: M.
+        masks: the subsets (bitmasks) that the columns stand for.
+        dtype: dtype of the result.
+
+    Returns:
+        ``[M, len(masks)]`` tensor on the CPU.
+    """
+    w = torch.zeros(num_modalities, len(masks), dtype=torch.float64)
+    for s, mask in enumerate(masks):
+        size = bin(mask).count("1")
+        for m in range(num_modalities):
+            if mask >> m & 1:
+                w[m, s] = _coalition_weight(num_modalities, size - 1)
+            else:
+                w[m, s] = -_coalition_weight(num_modalities, size) if size < num_modalities else 0.0
+    return w.to(dtype)
+
+
+def sampled_shapley_weights(
+    num_modalities: int, num_permutations: int, generator: torch.Generator, include_empty: bool = False
+) -> Tuple[List[int], Tensor]:
+    """Permutation-sampling Shapley estimate as a weight matrix over the subsets it visits.
+
+    Each sampled permutation adds, for every modality m, ``f(prefix + m) - f(prefix)`` divided by the number of
+    permutations. With ``include_empty=False`` the empty coalition's output counts as zero (the reference variant:
+    the estimates then sum to f(A) exactly); with True it is evaluated (an estimate of phi).
+
+    Args:
+        num_modalities: M.
+        num_permutations: P, the number of permutations drawn.
+        generator: a CPU ``torch.Generator`` (seeded by the caller) that draws the permutations.
+        include_empty: whether f(empty) is part of the estimate.
+
+    Returns:
+        ``(masks, W)``: the visited subsets in ascending order and the ``[M, S]`` float64 weights.
+    """
+    perms = [torch.randperm(num_modalities, generator=generator).tolist() for _ in range(num_permutations)]
+    acc = {}
+    for perm in perms:
+        prefix = 0
+        for m in perm:
+            with_m = prefix | (1 << m)
+            acc[(m, with_m)] = acc.get((m, with_m), 0) + 1
+            if prefix != 0 or include_empty:
+                acc[(m, prefix)] = acc.get((m, prefix), 0) - 1
+            prefix = with_m
+    masks = sorted({mask for _, mask in acc})
+    col = {mask: i for i, mask in enumerate(masks)}
+    w = torch.zeros(num_modalities, len(masks), dtype=torch.float64)
+    for (m, mask), count in acc.items():
+        w[m, col[mask]] += count / num_permutations
+    return masks, w
+
+
+def subset_batch_ref(xs: Sequence[Tensor], masks: Sequence[int], mutes: Sequence[Optional[Tensor]]) -> List[Tensor]:
+    """Stack every subset's version of each modality along the batch.
+
+    Args:
+        xs: M tensors ``[B, ...]`` (inputs or features; shapes may differ between modalities, B may not).
+        masks: S subset bitmasks.
+        mutes: per modality, the muted value ``[...]`` (one sample, broadcast over the batch), or None for zeros.
+
+    Returns:
+        M tensors ``[S * B, ...]``: block s of modality m is ``xs[m]`` when bit m of ``masks[s]`` is set, else the
+        muted value. Differentiable with respect to ``xs`` and ``mutes``.
+    """
+    out = []
+    for m, x in enumerate(xs):
+        mute = mutes[m] if mutes is not None else None
+        muted = x.new_zeros(()).expand_as(x) if mute is None else mute.to(x.dtype).expand_as(x)
+        out.append(torch.cat([x if (mask >> m) & 1 else muted for mask in masks], dim=0))
+    return out
+
+
+def shapley_ref(F: Tensor, W: Tensor) -> Tensor:
+    """Mono-modal outputs ``psi[m] = sum_s W[m, s] F[s]``, accumulated in float32.
+
+    Args:
+        F: ``[S, B, C]`` subset logits (any float dtype).
+        W: ``[M, S]`` weights.
+
+    Returns:
+        ``[M, B, C]`` in F's dtype.
+    """
+    return torch.einsum("ms,sbc->mbc", W.to(torch.float32), F.to(torch.float32)).to(F.dtype)
+
+
+def agm_scores_ref(psi: Tensor, labels: Tensor, task: str = "classification") -> Tensor:
+    """Per-modality batch scores of AGM.
+
+    Classification: ``s_m = mean_b -log(max(softmax(psi_m)[b, y_b], 1e-8))``. Regression (beyond the reference):
+    ``s_m = mean((psi_m - y)^2)``. A modality whose outputs hold a non-finite value gets a NaN score.
+
+    Args:
+        psi: ``[M, B, C]`` mono-modal outputs.
+        labels: ``[B]`` int64 class indices (classification) or ``[B]`` / ``[B, C]`` float targets (regression).
+        task: ``"classification"`` or ``"regression"``.
+
+    Returns:
+        ``[M]`` float32 scores.
+    """
+    x = psi.to(torch.float32)
+    if task == "regression":
+        y = labels.to(torch.float32).reshape(1, x.shape[1], -1).expand_as(x)
+        return ((x - y) ** 2).mean(dim=(1, 2))
+    logp = torch.log_softmax(x, dim=-1)
+    idx = labels.view(1, -1, 1).expand(x.shape[0], -1, 1)
+    at_label = logp.gather(-1, idx).squeeze(-1)
+    # NaN for a row with any non-finite logit (x - x is 0 for finite x), as softmax would give.
+    poison = (x - x).sum(-1)
+    return (-torch.clamp(at_label, min=LOG_PROB_FLOOR) + poison).mean(dim=1)
+
+
+def agm_coefficients_ref(
+    scores: Tensor,
+    running: Tensor,
+    count: Tensor,
+    prev_coeffs: Tensor,
+    alpha: float,
+    cap: Optional[float],
+    in_window: bool,
+    hold_last: bool = False,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """AGM coefficients and the running-mean update of one step.
+
+    ``r_m = exp(mean_{j!=m} s_j - s_m)``, ``rbar_m`` the same on the running means S (before this step's update),
+    ``c_m = exp(alpha * min(rbar_m - r_m, cap))``; outside the window ``c = 1`` (or the previous coefficients with
+    ``hold_last``, the reference behaviour). ``S <- S t/(t+1) + s/(t+1)``, ``t <- t+1``, every step; a step whose
+    scores are not all finite leaves S and t unchanged (its coefficients are NaN, so an AMP step that is skipped
+    leaves the state as it was).
+
+    Args:
+        scores: ``[M]`` this step's scores.
+        running: ``[M]`` running means S before this step.
+        count: ``[]`` or ``[1]`` steps done before this one (t), float32.
+        prev_coeffs: ``[M]`` the last step's coefficients (used with ``hold_last``).
+        alpha: the modulation strength.
+        cap: upper bound on ``rbar - r``, or None.
+        in_window: whether this step lies in the modulation window.
+        hold_last: outside the window, keep ``prev_coeffs`` instead of 1.
+
+    Returns:
+        ``(running_new [M], count_new (count's shape), coeffs [M])``, float32.
+    """
+    s = scores.to(torch.float32)
+    S = running.to(torch.float32)
+    M = s.shape[0]
+    others = (s.sum() - s) / (M - 1)
+    others_run = (S.sum() - S) / (M - 1)
+    diff = torch.exp(others_run - S) - torch.exp(others - s)
+    if cap is not None:
+        diff = torch.clamp(diff, max=cap)
+    coeffs = torch.exp(alpha * diff)
+    if not in_window:
+        coeffs = prev_coeffs.to(torch.float32).clone() if hold_last else torch.ones_like(coeffs)
+        coeffs = torch.where(torch.isfinite(s).all(), coeffs, torch.full_like(coeffs, float("nan")))
+    t = count.to(torch.float32)
+    new_running = S * (t / (t + 1)) + s / (t + 1)
+    ok = torch.isfinite(s).all()
+    running_new = torch.where(ok, new_running, S)
+    count_new = torch.where(ok, t + 1, t)
+    return running_new, count_new, coeffs
+
+
+def shapley_scores_ref(
+    F: Tensor,
+    W: Tensor,
+    labels: Tensor,
+    running: Tensor,
+    count: Tensor,
+    prev_coeffs: Tensor,
+    alpha: float,
+    cap: Optional[float],
+    in_window: bool,
+    hold_last: bool = False,
+    task: str = "classification",
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The whole AGM step on subset logits: mono-modal outputs, scores, running means and coefficients.
+
+    Args:
+        F: ``[S, B, C]`` subset logits.
+        W: ``[M, S]`` Shapley weights (:func:`shapley_weights`).
+        labels, task: as :func:`agm_scores_ref`.
+        running, count, prev_coeffs, alpha, cap, in_window, hold_last: as :func:`agm_coefficients_ref`.
+
+    Returns:
+        ``(psi [M, B, C] in F's dtype, scores [M], running_new [M], count_new, coeffs [M])``.
+    """
+    psi = shapley_ref(F, W)
+    scores = agm_scores_ref(psi, labels, task)
+    running_new, count_new, coeffs = agm_coefficients_ref(
+        scores, running, count, prev_coeffs, alpha, cap, in_window, hold_last
+    )
+    return psi, scores, running_new, count_new, coeffs
+
+
+def shapley_combine_ref(F: Tensor, W: Tensor, coeffs: Tensor, full_index: int) -> Tensor:
+    """Loss logits of AGM: value ``f(A) = F[full_index]``, gradient routed through the scaled mono-modal outputs.
+
+    ``out = sum_m c_m psi_m + stopgrad(f(A) - sum_m c_m psi_m)``, so ``dF[s] = (sum_m c_m W[m, s]) * g``.
+
+    Args:
+        F: ``[S, B, C]`` subset logits.
+        W: ``[M, S]`` Shapley weights.
+        coeffs: ``[M]`` coefficients (treated as constants).
+        full_index: the row of F that holds the full set.
+
+    Returns:
+        ``[B, C]`` in F's dtype.
+    """
+    v = (coeffs.detach().to(torch.float32) @ W.to(torch.float32)).to(F.dtype)
+    scaled = torch.einsum("s,sbc->bc", v, F)
+    return scaled + (F[full_index] - scaled).detach()
+
+
+def ogm_coefficients_ref(scores: Tensor, alpha: float, continuous: bool = False) -> Tensor:
+    """OGM coefficients from per-modality scores.
+
+    M = 2 (reference): ``rho = s_1 / s_0``; rho > 1 damps modality 1 with ``1 - tanh(alpha * relu(rho))``, otherwise
+    modality 0 with ``1 - tanh(alpha * relu(1 / rho))`` (a tie damps modality 0). M > 2:
+    ``rho_m = s_m / mean_{j!=m} s_j`` and every m with rho_m > 1 is damped. ``continuous=True`` uses ``rho - 1``
+    inside the relu.
+
+    Args:
+        scores: ``[M]`` softmax-at-label sums.
+        alpha: the modulation strength.
+        continuous: use ``relu(rho - 1)`` (continuous at rho = 1).
+
+    Returns:
+        ``[M]`` float32 coefficients.
+    """
+    s = scores.to(torch.float32)
+    M = s.shape[0]
+    shift = 1.0 if continuous else 0.0
+    if M == 2:
+        rho = s[1] / s[0]
+        damp1 = rho > 1
+        k_dom = 1 - torch.tanh(alpha * torch.relu(rho - shift))
+        k_sub = 1 - torch.tanh(alpha * torch.relu(1 / rho - shift))
+        one = torch.ones_like(rho)
+        return torch.stack([torch.where(damp1, one, k_sub), torch.where(damp1, k_dom, one)])
+    rho = s / ((s.sum() - s) / (M - 1))
+    k = 1 - torch.tanh(alpha * torch.relu(rho - shift))
+    return torch.where(rho > 1, k, torch.ones_like(k))
+
+
+def ogm_scores_ref(logits: Tensor, labels: Tensor, alpha: float, continuous: bool = False) -> Tuple[Tensor, Tensor]:
+    """OGM scores ``s_m = sum_b softmax(out_m)[b, y_b]`` and coefficients.
+
+    Args:
+        logits: ``[M, B, C]`` per-modality logits.
+        labels: ``[B]`` int64 class indices.
+        alpha, continuous: as :func:`ogm_coefficients_ref`.
+
+    Returns:
+        ``(scores [M], coeffs [M])``, float32.
+    """
+    p = torch.softmax(logits.to(torch.float32), dim=-1)
+    idx = labels.view(1, -1, 1).expand(p.shape[0], -1, 1)
+    scores = p.gather(-1, idx).squeeze(-1).sum(dim=1)
+    return scores, ogm_coefficients_ref(scores, alpha, continuous)
