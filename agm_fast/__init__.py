@@ -5,7 +5,7 @@ and any fusion module. ``import agm_fast`` works without a GPU, a compiler or th
 :func:`backend_info` says what is available.
 """
 
-from . import _backend, agm, cggm, distributed, functional, fusion, metrics, mslr, ogm, ops, opm, reference
+from . import _backend, agm, cggm, distributed, functional, fusion, metrics, mslr, ogm, opm, ops, reference
 from ._backend import backend_info, get_ext
 from .agm import *  # noqa: F401,F403
 from .cggm import *  # noqa: F401,F403

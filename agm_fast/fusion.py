@@ -1,3 +1,351 @@
-"""(being written)"""
+"""Fusion heads and the per-modality logits that OGM, OPM and AGM read from them.
 
-__all__ = []
+A fusion head maps M per-modality feature tensors ``h_m [B, d_m]`` to logits ``[B, C]`` and is called as
+``fusion(*features)``. OGM scores each modality on its own logits ``out_m [B, C]``:
+
+- concat head (one ``Linear`` over ``cat(h_0, ..., h_{M-1})``, weight ``W [C, sum d_m]``, bias ``b [C]``):
+  ``out_m = h_m W[:, slice_m]^T + b / M``, so that ``sum_m out_m`` is the head's output;
+- sum head (``fc_m(h_m)`` summed): ``out_m = fc_m(h_m)`` with its full bias;
+- any other head (MLP, gated, FiLM, a user's module): the head run with every other modality's features set to
+  zero ("zero-out", the recommendation of the OGM-GE maintainers).
+
+:func:`per_modality_logits` picks the right rule for a head; the heads here also expose ``contributions`` (the
+additive decomposition used by AGM's factorized evaluation) where the head is additive.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "ConcatFusion",
+    "SumFusion",
+    "MLPFusion",
+    "GatedFusion",
+    "FiLMFusion",
+    "FUSION_METHODS",
+    "build_fusion",
+    "per_modality_logits",
+]
+
+
+def _unpack(features: Sequence) -> Tuple[Tensor, ...]:
+    # Accept fusion(h_0, ..., h_{M-1}) and fusion([h_0, ..., h_{M-1}]) alike.
+    if len(features) == 1 and isinstance(features[0], (list, tuple)):
+        features = features[0]
+    return tuple(features)
+
+
+def _check_features(features: Sequence[Tensor], dims: Optional[Sequence[int]], name: str = "features") -> None:
+    """Metadata checks: M tensors ``[B, d_m]`` of one floating dtype family, one batch size, one device."""
+    if len(features) < 1:
+        raise ValueError(f"{name}: expected at least one feature tensor, got none")
+    if dims is not None and len(features) != len(dims):
+        raise ValueError(f"{name}: expected {len(dims)} feature tensors (one per modality), got {len(features)}")
+    batch = None
+    device = None
+    for m, h in enumerate(features):
+        if not isinstance(h, Tensor):
+            raise TypeError(f"{name}[{m}]: expected a Tensor, got {type(h).__name__}")
+        if h.dim() != 2:
+            raise ValueError(f"{name}[{m}]: expected a [B, d] tensor, got shape {tuple(h.shape)}")
+        if not h.is_floating_point():
+            raise TypeError(f"{name}[{m}]: expected a floating-point tensor, got {h.dtype}")
+        if dims is not None and h.shape[1] != dims[m]:
+            raise ValueError(f"{name}[{m}]: expected feature dimension {dims[m]}, got {h.shape[1]}")
+        if batch is None:
+            batch, device = h.shape[0], h.device
+        elif h.shape[0] != batch:
+            raise ValueError(f"{name}[{m}]: batch size {h.shape[0]} differs from {name}[0]'s {batch}")
+        elif h.device != device:
+            raise ValueError(f"{name}[{m}]: on {h.device}, but {name}[0] is on {device}")
+
+
+def _check_dims(dims: Sequence[int], min_modalities: int = 1) -> List[int]:
+    dims = [int(d) for d in dims]
+    if len(dims) < min_modalities:
+        raise ValueError(f"dims: expected at least {min_modalities} modalities, got {len(dims)}")
+    if any(d <= 0 for d in dims):
+        raise ValueError(f"dims: every feature dimension must be positive, got {dims}")
+    return dims
+
+
+def _zero_out_batched(head: nn.Module, features: Sequence[Tensor]) -> Tensor:
+    """Zero-out logits ``[M, B, C]`` in one call of a per-sample head.
+
+    Block m of the stacked batch holds modality m's features and zeros for the others; the head must treat every
+    sample independently (true for the heads of this module, which have no batch statistics).
+    """
+    M = len(features)
+    B = features[0].shape[0]
+    stacked = []
+    for j, h in enumerate(features):
+        zeros = h.new_zeros(h.shape)
+        stacked.append(torch.cat([h if j == m else zeros for m in range(M)], dim=0))
+    out = head(*stacked)
+    return out.view(M, B, -1)
+
+
+class ConcatFusion(nn.Module):
+    """Concatenation fusion: one ``Linear`` over ``cat(h_0, ..., h_{M-1})`` (the reference's ``concat``).
+
+    Args:
+        dims: feature dimensions ``d_m``, one per modality.
+        num_classes: C.
+        bias: whether the linear layer has a bias.
+    """
+
+    def __init__(self, dims: Sequence[int], num_classes: int, bias: bool = True):
+        super().__init__()
+        self.dims = _check_dims(dims)
+        self.fc = nn.Linear(sum(self.dims), num_classes, bias=bias)
+
+    def forward(self, *features: Tensor) -> Tensor:
+        """Logits ``[B, C]`` from M features ``[B, d_m]``."""
+        features = _unpack(features)
+        _check_features(features, self.dims)
+        return self.fc(torch.cat(features, dim=1))
+
+    def _weight_slices(self) -> List[Tensor]:
+        return list(torch.split(self.fc.weight, self.dims, dim=1))
+
+    def contributions(self, *features: Tensor) -> Tuple[List[Tensor], Optional[Tensor]]:
+        """The additive decomposition of the head.
+
+        Returns:
+            ``(parts, bias)``: M tensors ``[B, C]``, ``parts[m] = h_m W[:, slice_m]^T``, and the bias ``[C]`` (or
+            None), with ``forward(*features) == sum(parts) + bias``.
+        """
+        features = _unpack(features)
+        _check_features(features, self.dims)
+        parts = [h @ w.t() for h, w in zip(features, self._weight_slices())]
+        return parts, self.fc.bias
+
+    def per_modality_logits(self, *features: Tensor) -> Tensor:
+        """OGM's per-modality logits ``[M, B, C]``: ``out_m = h_m W[:, slice_m]^T + b / M``."""
+        parts, bias = self.contributions(*features)
+        out = torch.stack(parts)
+        if bias is not None:
+            out = out + bias / len(parts)
+        return out
+
+
+class SumFusion(nn.Module):
+    """Sum fusion: ``sum_m fc_m(h_m)`` with one ``Linear(d_m, C)`` per modality (the reference's ``sum``).
+
+    Args:
+        dims: feature dimensions ``d_m``, one per modality.
+        num_classes: C.
+        bias: whether each ``fc_m`` has a bias.
+    """
+
+    def __init__(self, dims: Sequence[int], num_classes: int, bias: bool = True):
+        super().__init__()
+        self.dims = _check_dims(dims)
+        self.fcs = nn.ModuleList(nn.Linear(d, num_classes, bias=bias) for d in self.dims)
+
+    def forward(self, *features: Tensor) -> Tensor:
+        """Logits ``[B, C]`` from M features ``[B, d_m]``."""
+        parts, _ = self.contributions(*features)
+        return torch.stack(parts).sum(0)
+
+    def contributions(self, *features: Tensor) -> Tuple[List[Tensor], Optional[Tensor]]:
+        """The additive decomposition of the head.
+
+        Returns:
+            ``(parts, None)``: M tensors ``[B, C]``, ``parts[m] = fc_m(h_m)`` including its bias.
+        """
+        features = _unpack(features)
+        _check_features(features, self.dims)
+        return [fc(h) for fc, h in zip(self.fcs, features)], None
+
+    def per_modality_logits(self, *features: Tensor) -> Tensor:
+        """OGM's per-modality logits ``[M, B, C]``: ``out_m = fc_m(h_m)`` with its full bias."""
+        parts, _ = self.contributions(*features)
+        return torch.stack(parts)
+
+
+class MLPFusion(nn.Module):
+    """Concatenation followed by a two-layer MLP: ``Linear(sum d_m, hidden) -> ReLU -> Linear(hidden, C)``.
+
+    Not additive over modalities, so its per-modality logits are the zero-out outputs.
+
+    Args:
+        dims: feature dimensions ``d_m``, one per modality.
+        num_classes: C.
+        hidden: width of the hidden layer.
+    """
+
+    def __init__(self, dims: Sequence[int], num_classes: int, hidden: int = 256):
+        super().__init__()
+        self.dims = _check_dims(dims)
+        self.net = nn.Sequential(nn.Linear(sum(self.dims), hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
+
+    def forward(self, *features: Tensor) -> Tensor:
+        """Logits ``[B, C]`` from M features ``[B, d_m]``."""
+        features = _unpack(features)
+        _check_features(features, self.dims)
+        return self.net(torch.cat(features, dim=1))
+
+    def per_modality_logits(self, *features: Tensor) -> Tensor:
+        """Zero-out logits ``[M, B, C]``: row m is the head run with every modality but m set to zero."""
+        features = _unpack(features)
+        _check_features(features, self.dims)
+        return _zero_out_batched(self, features)
+
+
+class GatedFusion(nn.Module):
+    """Gated fusion: a sigmoid gate computed from one modality modulates the others.
+
+    Every modality is first projected, ``z_m = fc_m(h_m) [B, hidden]``; then
+    ``out = fc_out(sigmoid(z_g) * sum_{m != g} z_m)`` with ``g = gate``. For two modalities this is the reference's
+    gated fusion (``x_gate=True`` is ``gate=0``, ``x_gate=False`` is ``gate=1``).
+
+    Args:
+        dims: feature dimensions ``d_m``, one per modality (at least two).
+        num_classes: C.
+        hidden: width of the projections (default: ``dims[gate]``).
+        gate: the modality whose projection gives the gate.
+    """
+
+    def __init__(self, dims: Sequence[int], num_classes: int, hidden: Optional[int] = None, gate: int = 0):
+        super().__init__()
+        self.dims = _check_dims(dims, min_modalities=2)
+        if not 0 <= gate < len(self.dims):
+            raise ValueError(f"gate: expected a modality index in [0, {len(self.dims)}), got {gate}")
+        self.gate = gate
+        hidden = self.dims[gate] if hidden is None else int(hidden)
+        self.fcs = nn.ModuleList(nn.Linear(d, hidden) for d in self.dims)
+        self.fc_out = nn.Linear(hidden, num_classes)
+
+    def forward(self, *features: Tensor) -> Tensor:
+        """Logits ``[B, C]`` from M features ``[B, d_m]``."""
+        features = _unpack(features)
+        _check_features(features, self.dims)
+        z = [fc(h) for fc, h in zip(self.fcs, features)]
+        gated = torch.stack([z_m for m, z_m in enumerate(z) if m != self.gate]).sum(0)
+        return self.fc_out(torch.sigmoid(z[self.gate]) * gated)
+
+    def per_modality_logits(self, *features: Tensor) -> Tensor:
+        """Zero-out logits ``[M, B, C]``: row m is the head run with every modality but m set to zero."""
+        features = _unpack(features)
+        _check_features(features, self.dims)
+        return _zero_out_batched(self, features)
+
+
+class FiLMFusion(nn.Module):
+    """FiLM fusion: one modality produces a scale and shift (gamma, beta) for each of the others.
+
+    With ``c = condition``: ``[gamma_m, beta_m] = fc(h_c)`` for every ``m != c``, ``u_m = gamma_m * h_m + beta_m``,
+    ``out = fc_out(cat_{m != c} u_m)``. For two modalities this is the reference's FiLM fusion (``x_film=True`` is
+    ``condition=0``).
+
+    Args:
+        dims: feature dimensions ``d_m``, one per modality (at least two).
+        num_classes: C.
+        condition: the modality that conditions the others.
+    """
+
+    def __init__(self, dims: Sequence[int], num_classes: int, condition: int = 0):
+        super().__init__()
+        self.dims = _check_dims(dims, min_modalities=2)
+        if not 0 <= condition < len(self.dims):
+            raise ValueError(f"condition: expected a modality index in [0, {len(self.dims)}), got {condition}")
+        self.condition = condition
+        self._others = [m for m in range(len(self.dims)) if m != condition]
+        modulated = sum(self.dims[m] for m in self._others)
+        self.fc = nn.Linear(self.dims[condition], 2 * modulated)
+        self.fc_out = nn.Linear(modulated, num_classes)
+
+    def forward(self, *features: Tensor) -> Tensor:
+        """Logits ``[B, C]`` from M features ``[B, d_m]``."""
+        features = _unpack(features)
+        _check_features(features, self.dims)
+        film = self.fc(features[self.condition])
+        sizes = [self.dims[m] for m in self._others]
+        gammas = torch.split(film[:, : sum(sizes)], sizes, dim=1)
+        betas = torch.split(film[:, sum(sizes) :], sizes, dim=1)
+        u = [g * features[m] + b for g, b, m in zip(gammas, betas, self._others)]
+        return self.fc_out(torch.cat(u, dim=1))
+
+    def per_modality_logits(self, *features: Tensor) -> Tensor:
+        """Zero-out logits ``[M, B, C]``: row m is the head run with every modality but m set to zero."""
+        features = _unpack(features)
+        _check_features(features, self.dims)
+        return _zero_out_batched(self, features)
+
+
+FUSION_METHODS = {
+    "concat": ConcatFusion,
+    "sum": SumFusion,
+    "mlp": MLPFusion,
+    "gated": GatedFusion,
+    "film": FiLMFusion,
+}
+
+
+def build_fusion(method: str, dims: Sequence[int], num_classes: int, **kwargs) -> nn.Module:
+    """Build a fusion head by the reference's ``--fusion_method`` name.
+
+    Args:
+        method: one of ``"concat"``, ``"sum"``, ``"gated"``, ``"film"`` (the reference's names) or ``"mlp"``.
+        dims: feature dimensions ``d_m``, one per modality.
+        num_classes: C.
+        **kwargs: passed to the head's constructor (``hidden``, ``gate``, ``condition``, ``bias``).
+
+    Returns:
+        The head module.
+    """
+    if method not in FUSION_METHODS:
+        raise ValueError(f"method: expected one of {sorted(FUSION_METHODS)}, got {method!r}")
+    return FUSION_METHODS[method](dims, num_classes, **kwargs)
+
+
+def per_modality_logits(fusion: nn.Module, features: Sequence[Tensor], head: Optional[str] = None) -> Tensor:
+    """Per-modality logits ``[M, B, C]`` of any fusion head (SPEC section 2).
+
+    The rule, unless ``head`` names one:
+
+    - a head with a ``per_modality_logits`` method (every head of this module): that method;
+    - a plain ``nn.Linear`` over the concatenated features: ``h_m W[:, slice_m]^T + b / M``;
+    - anything else: zero-out, one call of ``fusion`` per modality with the other modalities' features set to
+      zero (one call each, so heads with batch statistics see ordinary batches).
+
+    Gradients flow through the result; wrap the call in ``torch.no_grad()`` for scores only.
+
+    Args:
+        fusion: the head, called as ``fusion(*features) -> [B, C]``.
+        features: M tensors ``[B, d_m]``.
+        head: force a rule: ``"concat"`` (needs a ``weight [C, sum d_m]`` and optional ``bias``) or ``"zero_out"``.
+
+    Returns:
+        ``[M, B, C]`` tensor.
+    """
+    features = _unpack(tuple(features))
+    _check_features(features, None)
+    if head not in (None, "concat", "zero_out"):
+        raise ValueError(f"head: expected None, 'concat' or 'zero_out', got {head!r}")
+    if head is None and hasattr(fusion, "per_modality_logits"):
+        return fusion.per_modality_logits(*features)
+    if head == "concat" or (head is None and isinstance(fusion, nn.Linear)):
+        weight = getattr(fusion, "weight", None)
+        dims = [h.shape[1] for h in features]
+        if not isinstance(weight, Tensor) or weight.dim() != 2 or weight.shape[1] != sum(dims):
+            got = None if not isinstance(weight, Tensor) else tuple(weight.shape)
+            raise ValueError(
+                f"fusion: a concat head needs a weight [C, {sum(dims)}] over the concatenated features, got {got}"
+            )
+        bias = getattr(fusion, "bias", None)
+        out = torch.stack([h @ w.t() for h, w in zip(features, torch.split(weight, dims, dim=1))])
+        return out if bias is None else out + bias / len(features)
+    outs = []
+    for m in range(len(features)):
+        muted = [h if j == m else torch.zeros_like(h) for j, h in enumerate(features)]
+        out = fusion(*muted)
+        if not isinstance(out, Tensor) or out.dim() != 2:
+            raise TypeError(f"fusion: expected the head to return a [B, C] tensor, got {type(out).__name__}")
+        outs.append(out)
+    return torch.stack(outs)

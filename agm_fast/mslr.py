@@ -1,3 +1,406 @@
-"""(being written)"""
+"""MSLR and MSES, the two baselines the AGM paper compares with (SPEC 1.7).
 
-__all__ = []
+Both work on the gradients of named groups of parameters, one group per modality, between ``loss.backward()``
+and ``optimizer.step()``:
+
+- :class:`MSLR` (modality-specific learning rates) multiplies the gradients of modality m by ``init_m * ratio_m``,
+  where ``ratio_m`` follows the modality's accuracy over the last epochs.
+- :class:`MSES` (modality-specific early stopping) stops a modality whose smoothed validation loss has not improved
+  for ``patience`` epochs: its gradients are removed from then on and its best parameters are restored.
+
+A modality is named by a module, by a parameter-name prefix of ``model``, by an iterable of parameters, or by an
+optimizer-style param group (a dict with ``"params"``). Prefixes follow :class:`agm_fast.OGMGE`: a parameter is
+selected when its name, after an optional DataParallel ``module.`` prefix, starts with the prefix (``"audio"``
+selects ``audio_net.*``; end a prefix with ``"."`` to match one module exactly). A selection that matches no
+trainable parameter, an empty prefix, or a parameter claimed by two modalities is an error.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["MSLR", "MSES"]
+
+Selection = Union[nn.Module, str, Iterable[Tensor], Mapping[str, object]]
+
+
+def _named(modalities) -> "OrderedDict[str, Selection]":
+    if isinstance(modalities, Mapping):
+        items = OrderedDict((str(k), v) for k, v in modalities.items())
+    elif isinstance(modalities, (list, tuple)):
+        items = OrderedDict((str(i), v) for i, v in enumerate(modalities))
+    else:
+        raise TypeError(
+            "modalities must be a dict name -> module / name prefix / parameters, or a list of them, "
+            f"got {type(modalities).__name__}"
+        )
+    if len(items) == 0:
+        raise ValueError("modalities is empty: name at least one modality")
+    return items
+
+
+_DP_PREFIX = "module."
+
+
+def _matches(name: str, prefix: str) -> bool:
+    # The selection rule of agm_fast.OGMGE: a plain name prefix, after an optional (Distributed)DataParallel
+    # "module." wrapper prefix.
+    if name.startswith(_DP_PREFIX):
+        name = name[len(_DP_PREFIX) :]
+    return name.startswith(prefix)
+
+
+def resolve_modalities(
+    modalities, model: Optional[nn.Module] = None, with_buffers: bool = False
+) -> Tuple[List[str], List[List[Tensor]], List[List[Tensor]]]:
+    """Turn the user's modality selections into lists of parameters (and buffers).
+
+    Args:
+        modalities: dict name -> selection, or a list of selections (named ``"0"``, ``"1"``, ...). A selection is
+            an ``nn.Module`` (all its trainable parameters), a name prefix of ``model`` (the parameters whose name,
+            less a leading ``module.``, starts with it), an iterable of parameters, or a dict with ``"params"``.
+        model: the model that name prefixes refer to.
+        with_buffers: also collect the buffers of module and prefix selections (BatchNorm statistics).
+
+    Returns:
+        ``(names, params, buffers)``: M names, M lists of trainable parameters, M lists of buffers (empty lists when
+        ``with_buffers`` is False or the selection is a plain parameter list).
+
+    Raises:
+        ValueError: a selection matches no trainable parameter, a prefix is given without ``model``, or a parameter
+            belongs to two modalities.
+        TypeError: a selection of an unsupported type.
+    """
+    items = _named(modalities)
+    names, params, buffers = [], [], []
+    owner: Dict[int, str] = {}
+    for name, sel in items.items():
+        bufs: List[Tensor] = []
+        if isinstance(sel, nn.Module):
+            ps = [p for p in sel.parameters() if p.requires_grad]
+            if with_buffers:
+                bufs = list(sel.buffers())
+        elif isinstance(sel, str):
+            if not sel:
+                raise ValueError(f"modality {name!r}: an empty prefix would select the whole model")
+            if model is None:
+                raise ValueError(f"modality {name!r} is the name prefix {sel!r}: pass model= to resolve it")
+            ps = [p for n, p in model.named_parameters() if p.requires_grad and _matches(n, sel)]
+            if with_buffers:
+                bufs = [b for n, b in model.named_buffers() if _matches(n, sel)]
+        elif isinstance(sel, Mapping):
+            if "params" not in sel:
+                raise TypeError(f"modality {name!r}: a param-group dict needs a 'params' entry")
+            group = sel["params"]
+            ps = [group] if isinstance(group, Tensor) else list(group)
+        elif isinstance(sel, Tensor):
+            ps = [sel]
+        else:
+            try:
+                ps = list(sel)
+            except TypeError:
+                raise TypeError(
+                    f"modality {name!r}: expected a module, a name prefix, parameters or a param group, "
+                    f"got {type(sel).__name__}"
+                ) from None
+        for p in ps:
+            if not isinstance(p, Tensor):
+                raise TypeError(f"modality {name!r}: expected parameters (tensors), got {type(p).__name__}")
+        ps = [p for p in ps if p.requires_grad]
+        if not ps:
+            raise ValueError(f"modality {name!r}: the selection {sel!r:.80} matches no trainable parameter")
+        for p in ps:
+            if id(p) in owner and owner[id(p)] != name:
+                raise ValueError(
+                    f"a parameter of shape {tuple(p.shape)} belongs to modalities {owner[id(p)]!r} and {name!r}"
+                )
+            owner[id(p)] = name
+        names.append(name)
+        params.append(ps)
+        buffers.append(bufs)
+    return names, params, buffers
+
+
+def _per_modality(values, names: Sequence[str], what: str) -> List[float]:
+    """Read one float per modality from a dict, a sequence or a 1-D tensor (epoch-level: reading values is fine)."""
+    if isinstance(values, Mapping):
+        missing = [n for n in names if n not in values and (not n.isdigit() or int(n) not in values)]
+        if missing:
+            raise ValueError(f"{what}: no value for modalities {missing}")
+        out = [values[n] if n in values else values[int(n)] for n in names]
+    elif isinstance(values, Tensor):
+        if values.dim() != 1 or values.numel() != len(names):
+            raise ValueError(f"{what}: expected a [{len(names)}] tensor, got shape {tuple(values.shape)}")
+        out = values.detach().to("cpu", torch.float64).tolist()
+    else:
+        out = list(values)
+        if len(out) != len(names):
+            raise ValueError(f"{what}: expected {len(names)} values (one per modality), got {len(out)}")
+    out = [float(v) for v in out]
+    bad = [n for n, v in zip(names, out) if not math.isfinite(v)]
+    if bad:
+        raise ValueError(f"{what}: non-finite value for modalities {bad}")
+    return out
+
+
+def _grads(params: Sequence[Tensor]) -> List[Tensor]:
+    return [p.grad for p in params if p.grad is not None]
+
+
+class MSLR:
+    """Modality-specific learning rates: modality m's gradients are multiplied by ``init_m * ratio_m``.
+
+    ``ratio_m`` is recomputed at the end of each epoch from that epoch's accuracy ``a_m(e)`` of modality m
+    (validation or training accuracy of its unimodal branch, the user's choice):
+    ``ratio_m = a_m(e) / mean(a_m(e-window), ..., a_m(e-1))``, the mean over the ``window`` epochs recorded
+    *before* this one. Until ``window`` epochs are stored the ratio is 1.0 (the first ``window`` calls of
+    :meth:`epoch_end` return ratio 1; the next one is the first informative ratio). A mean of exactly 0 gives ratio 1.
+    The ratio set at the end of epoch e scales the gradients of epoch e + 1.
+
+    Example::
+
+        mslr = agm_fast.MSLR({"audio": model.audio_net, "visual": model.visual_net}, init_lr_scales=[1.0, 0.5])
+        for epoch in range(epochs):
+            for x, y in loader:
+                opt.zero_grad()
+                loss_fn(model(x), y).backward()
+                mslr.scale_gradients_()
+                opt.step()
+            mslr.epoch_end({"audio": acc_audio, "visual": acc_visual})
+
+    Args:
+        modalities: dict name -> module / name prefix / parameters / param group, or a list of them (see
+            :func:`resolve_modalities`).
+        init_lr_scales: ``init_m`` per modality (dict or sequence); default 1.0 for every modality.
+        model: the model that name prefixes refer to.
+        window: how many past epochs the ratio averages over (5 in the AGM paper).
+    """
+
+    def __init__(
+        self,
+        modalities,
+        init_lr_scales: Optional[Union[Mapping[str, float], Sequence[float]]] = None,
+        model: Optional[nn.Module] = None,
+        window: int = 5,
+    ):
+        if not isinstance(window, int) or window < 1:
+            raise ValueError(f"window must be a positive int, got {window!r}")
+        self.names, self._params, _ = resolve_modalities(modalities, model)
+        M = len(self.names)
+        if init_lr_scales is None:
+            self.init_lr_scales = [1.0] * M
+        else:
+            self.init_lr_scales = _per_modality(init_lr_scales, self.names, "init_lr_scales")
+        self.window = window
+        self.history: List[List[float]] = [[] for _ in range(M)]
+        self.ratios: List[float] = [1.0] * M
+        self.epochs = 0
+
+    @property
+    def scales(self) -> List[float]:
+        """The current gradient multipliers ``init_m * ratio_m``, one per modality."""
+        return [i * r for i, r in zip(self.init_lr_scales, self.ratios)]
+
+    def epoch_end(self, accuracies) -> List[float]:
+        """Record this epoch's per-modality accuracies and update the ratios.
+
+        Args:
+            accuracies: one accuracy per modality: dict name -> float, a sequence, or a ``[M]`` tensor (read on the
+                host; this is an epoch-level call).
+
+        Returns:
+            The new ratios, one per modality.
+        """
+        acc = _per_modality(accuracies, self.names, "accuracies")
+        for m, a in enumerate(acc):
+            past = self.history[m]
+            if len(past) >= self.window:
+                mean = sum(past[-self.window :]) / self.window
+                self.ratios[m] = a / mean if mean != 0 else 1.0
+            else:
+                self.ratios[m] = 1.0
+            past.append(a)
+            del past[: -self.window]
+        self.epochs += 1
+        return list(self.ratios)
+
+    @torch.no_grad()
+    def scale_gradients_(self) -> None:
+        """Multiply each modality's gradients in place by ``init_m * ratio_m``; call between backward and step.
+
+        Parameters whose ``.grad`` is None are skipped.
+        """
+        for scale, params in zip(self.scales, self._params):
+            grads = _grads(params)
+            if grads and scale != 1.0:
+                torch._foreach_mul_(grads, scale)
+
+    def state_dict(self) -> Dict[str, object]:
+        """The training state: recorded accuracies, ratios and epoch count."""
+        return {
+            "names": list(self.names),
+            "history": [list(h) for h in self.history],
+            "ratios": list(self.ratios),
+            "epochs": self.epochs,
+        }
+
+    def load_state_dict(self, state: Mapping[str, object]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        if list(state["names"]) != self.names:
+            raise ValueError(f"state_dict is for modalities {list(state['names'])}, this MSLR has {self.names}")
+        self.history = [list(map(float, h)) for h in state["history"]]
+        self.ratios = [float(r) for r in state["ratios"]]
+        self.epochs = int(state["epochs"])
+
+
+class MSES:
+    """Modality-specific early stopping on smoothed per-modality validation losses.
+
+    At the end of epoch e (counted from 0) with raw validation loss ``L_m(e)`` of modality m, the smoothed loss is
+    ``Ls_m(e) = smoothing * L_m(e-1) + (1 - smoothing) * L_m(e)`` (the previous **raw** loss, SPEC 1.7), and
+    ``Ls_m(0) = L_m(0)``. The best epoch is the first epoch with the smallest smoothed loss; whenever it changes, a
+    copy of the modality's parameters and buffers is kept. When ``e - best_epoch > patience`` the modality stops: its
+    best state is copied back into its parameters and buffers, and from then on :meth:`scale_gradients_` removes its
+    gradients. With ``skip_optimizer=True`` (default) they are set to None, so optimizers skip those parameters and
+    they stay at the restored state; with False they are zeroed (the SPEC's literal "gradients become 0"), in which
+    case momentum or weight decay in the optimizer may still move them.
+
+    Example::
+
+        mses = agm_fast.MSES({"audio": model.audio_net, "visual": model.visual_net}, patience=3)
+        for epoch in range(epochs):
+            for x, y in loader:
+                opt.zero_grad()
+                loss_fn(model(x), y).backward()
+                mses.scale_gradients_()
+                opt.step()
+            stopped = mses.epoch_end({"audio": val_loss_audio, "visual": val_loss_visual})
+
+    Args:
+        modalities: dict name -> module / name prefix / parameters / param group, or a list of them.
+        patience: epochs without improvement of the smoothed loss that are tolerated.
+        smoothing: weight of the previous raw loss (0.6 in the AGM paper).
+        model: the model that name prefixes refer to.
+        skip_optimizer: set a stopped modality's gradients to None (True) or to zero (False).
+
+    The kept best state costs one copy of each modality's parameters and buffers, on their device. Buffers such as
+    BatchNorm running statistics are restored too, but later train-mode forward passes keep updating them; put a
+    stopped module in eval mode to freeze them.
+    """
+
+    def __init__(
+        self,
+        modalities,
+        patience: int,
+        smoothing: float = 0.6,
+        model: Optional[nn.Module] = None,
+        skip_optimizer: bool = True,
+    ):
+        if not isinstance(patience, int) or patience < 0:
+            raise ValueError(f"patience must be a non-negative int, got {patience!r}")
+        if not 0.0 <= float(smoothing) <= 1.0:
+            raise ValueError(f"smoothing must lie in [0, 1], got {smoothing!r}")
+        self.names, self._params, self._buffers = resolve_modalities(modalities, model, with_buffers=True)
+        M = len(self.names)
+        self.patience = patience
+        self.smoothing = float(smoothing)
+        self.skip_optimizer = skip_optimizer
+        self.epochs = 0
+        self.prev_raw: List[Optional[float]] = [None] * M
+        self.smoothed: List[List[float]] = [[] for _ in range(M)]
+        self.best_epoch: List[int] = [-1] * M
+        self.best_loss: List[float] = [math.inf] * M
+        self.stopped: List[bool] = [False] * M
+        self.stop_epoch: List[Optional[int]] = [None] * M
+        self._best_state: List[Optional[List[Tensor]]] = [None] * M
+
+    def _tensors(self, m: int) -> List[Tensor]:
+        return list(self._params[m]) + list(self._buffers[m])
+
+    @torch.no_grad()
+    def epoch_end(self, val_losses) -> List[str]:
+        """Record this epoch's per-modality validation losses; stop and restore modalities that ran out of patience.
+
+        Args:
+            val_losses: one loss per modality: dict name -> float, a sequence, or a ``[M]`` tensor.
+
+        Returns:
+            The names of the modalities stopped at this epoch.
+        """
+        losses = _per_modality(val_losses, self.names, "val_losses")
+        e = self.epochs
+        newly = []
+        for m, raw in enumerate(losses):
+            prev = self.prev_raw[m]
+            smooth = raw if prev is None else self.smoothing * prev + (1.0 - self.smoothing) * raw
+            self.prev_raw[m] = raw
+            self.smoothed[m].append(smooth)
+            if self.stopped[m]:
+                continue
+            if smooth < self.best_loss[m]:
+                self.best_loss[m] = smooth
+                self.best_epoch[m] = e
+                self._best_state[m] = [t.detach().clone() for t in self._tensors(m)]
+            if e - self.best_epoch[m] > self.patience:
+                self.stopped[m] = True
+                self.stop_epoch[m] = e
+                for t, best in zip(self._tensors(m), self._best_state[m]):
+                    t.copy_(best)
+                newly.append(self.names[m])
+        self.epochs += 1
+        return newly
+
+    @torch.no_grad()
+    def scale_gradients_(self) -> None:
+        """Remove the gradients of stopped modalities (None or zeros, see ``skip_optimizer``); call before step."""
+        for m, params in enumerate(self._params):
+            if not self.stopped[m]:
+                continue
+            if self.skip_optimizer:
+                for p in params:
+                    p.grad = None
+            else:
+                grads = _grads(params)
+                if grads:
+                    torch._foreach_zero_(grads)
+
+    def state_dict(self) -> Dict[str, object]:
+        """The training state, including the kept best states (tensors)."""
+        return {
+            "names": list(self.names),
+            "epochs": self.epochs,
+            "prev_raw": list(self.prev_raw),
+            "smoothed": [list(s) for s in self.smoothed],
+            "best_epoch": list(self.best_epoch),
+            "best_loss": list(self.best_loss),
+            "stopped": list(self.stopped),
+            "stop_epoch": list(self.stop_epoch),
+            "best_state": [None if s is None else [t.clone() for t in s] for s in self._best_state],
+        }
+
+    def load_state_dict(self, state: Mapping[str, object]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        if list(state["names"]) != self.names:
+            raise ValueError(f"state_dict is for modalities {list(state['names'])}, this MSES has {self.names}")
+        for m, s in enumerate(state["best_state"]):
+            if s is not None and len(s) != len(self._tensors(m)):
+                raise ValueError(
+                    f"state_dict holds {len(s)} tensors for modality {self.names[m]!r}, "
+                    f"the selection has {len(self._tensors(m))}"
+                )
+        self.epochs = int(state["epochs"])
+        self.prev_raw = list(state["prev_raw"])
+        self.smoothed = [list(s) for s in state["smoothed"]]
+        self.best_epoch = list(state["best_epoch"])
+        self.best_loss = list(state["best_loss"])
+        self.stopped = list(state["stopped"])
+        self.stop_epoch = list(state["stop_epoch"])
+        self._best_state = [
+            None if s is None else [b.to(t.device, t.dtype) for b, t in zip(s, self._tensors(m))]
+            for m, s in enumerate(state["best_state"])
+        ]

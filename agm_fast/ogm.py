@@ -1,3 +1,455 @@
-"""(being written)"""
+"""OGM and OGM-GE (Peng et al., CVPR 2022) and the journal OGM (Wei et al., arXiv 2410.11582).
 
-__all__ = []
+On-the-fly gradient modulation: after ``backward()`` and before ``optimizer.step()``, the gradients of the dominant
+modality's encoder are scaled down by ``k_m = 1 - tanh(alpha * relu(rho))``; OGM-GE also adds Gaussian noise with the
+std of each gradient tensor, to every modulated modality (SPEC sections 2 and 3).
+
+Two forms:
+
+- the reference's functions, :func:`calculate_coefficient` and :func:`update_model_with_OGM_GE`, for code ported
+  from the reference training loop;
+- the class :class:`OGMGE`, for any number of modalities: scores and coefficients on the device (one op), then one
+  in-place op over every selected gradient, with no host synchronisation and a reproducible noise stream whose
+  offset lives in ``state_dict()``.
+
+Typical use::
+
+    ogm = agm_fast.OGMGE({"audio": model.audio_net, "visual": model.visual_net}, alpha=0.8, window=(0, 50))
+    for epoch in range(epochs):
+        for x_a, x_v, y in loader:
+            h_a, h_v = model.audio_net(x_a), model.visual_net(x_v)
+            loss = F.cross_entropy(model.fusion(h_a, h_v), y)
+            optimizer.zero_grad()
+            loss.backward()
+            ogm.step_from_features(y, model.fusion, [h_a, h_v], epoch=epoch)
+            optimizer.step()
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+from . import distributed, functional
+from . import reference as ref
+from .fusion import per_modality_logits
+
+__all__ = ["MODULATION_MODES", "calculate_coefficient", "update_model_with_OGM_GE", "OGMGE"]
+
+# The reference's --modulation flag values.
+MODULATION_MODES = ("Normal", "OGM", "OGM_GE")
+
+_DP_PREFIX = "module."
+
+
+def _check_mode(mode: str) -> str:
+    if mode not in MODULATION_MODES:
+        raise ValueError(f"mode: expected one of {MODULATION_MODES}, got {mode!r}")
+    return mode
+
+
+def _strip_data_parallel(name: str) -> str:
+    # DataParallel / DistributedDataParallel register the wrapped model under "module."
+    return name[len(_DP_PREFIX) :] if name.startswith(_DP_PREFIX) else name
+
+
+def _select_by_prefix(model: nn.Module, prefix: str, conv_only: bool) -> List[Tuple[str, nn.Parameter]]:
+    return [
+        (name, p)
+        for name, p in model.named_parameters()
+        if _strip_data_parallel(name).startswith(prefix) and p.requires_grad and (not conv_only or p.dim() == 4)
+    ]
+
+
+def _selection_error(what: str, conv_only: bool) -> ValueError:
+    kind = "4-D (conv) parameter" if conv_only else "trainable parameter"
+    return ValueError(f"{what} selects no {kind}; OGM would silently modulate nothing")
+
+
+def _gather_grads(params: Sequence[Sequence[nn.Parameter]]) -> Tuple[List[Tensor], List[int]]:
+    """The existing gradients of the selected parameters, with their modality index. Parameters whose ``grad`` is
+    None (unused in this step's forward) are skipped; no gradient at all is an error."""
+    grads: List[Tensor] = []
+    group: List[int] = []
+    for m, ps in enumerate(params):
+        for p in ps:
+            g = p.grad
+            if g is None or g.numel() == 0:
+                continue
+            if g.is_sparse:
+                raise TypeError("OGM modulates dense gradients; got a sparse gradient (nn.Embedding(sparse=True)?)")
+            if not g.is_contiguous():
+                # The op needs contiguous memory; the optimizer reads p.grad at step time, so replacing it is safe.
+                p.grad = g = g.contiguous()
+            grads.append(g)
+            group.append(m)
+    if not grads:
+        raise RuntimeError(
+            "none of the selected parameters has a gradient: call OGM between loss.backward() and optimizer.step()"
+        )
+    return grads, group
+
+
+def _as_coefficient(k: Union[Tensor, float], name: str) -> Tensor:
+    if isinstance(k, Tensor):
+        if k.numel() != 1:
+            raise ValueError(f"{name}: expected a scalar coefficient, got shape {tuple(k.shape)}")
+        return k.detach().reshape(()).to(torch.float32)
+    if isinstance(k, (int, float)) and not isinstance(k, bool):
+        return torch.tensor(float(k), dtype=torch.float32)
+    raise TypeError(f"{name}: expected a float or a 0-d tensor, got {type(k).__name__}")
+
+
+def calculate_coefficient(
+    label: Tensor, out_a: Tensor, out_v: Tensor, alpha: float, continuous: bool = False
+) -> Tuple[Tensor, Tensor]:
+    """The reference's two-modality OGM coefficients, computed on the device with no host synchronisation.
+
+    ``s_m = sum_b softmax(out_m)[b, y_b]``, ``rho = s_v / s_a``; if ``rho > 1``: ``k_v = 1 - tanh(alpha * relu(rho))``,
+    ``k_a = 1``; else ``k_a = 1 - tanh(alpha * relu(1 / rho))``, ``k_v = 1``. As in the reference there is no "-1"
+    (a tie damps the audio modality); ``continuous=True`` uses ``relu(rho - 1)``.
+
+    Args:
+        label: ``[B]`` int64 class indices.
+        out_a: ``[B, C]`` audio (modality 0) logits.
+        out_v: ``[B, C]`` visual (modality 1) logits.
+        alpha: modulation strength >= 0.
+        continuous: use ``relu(rho - 1)``.
+
+    Returns:
+        ``(k_a, k_v)``: 0-d float32 tensors on the logits' device.
+    """
+    for name, out in (("out_a", out_a), ("out_v", out_v)):
+        if not isinstance(out, Tensor) or out.dim() != 2:
+            got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise ValueError(f"{name}: expected logits [B, C], got {got}")
+    if out_a.shape != out_v.shape:
+        raise ValueError(f"out_v: shape {tuple(out_v.shape)} differs from out_a's {tuple(out_a.shape)}")
+    if out_a.device != out_v.device:
+        raise ValueError(f"out_v: on {out_v.device}, but out_a is on {out_a.device}")
+    logits = torch.stack([out_a.detach(), out_v.detach().to(out_a.dtype)])
+    _, coeffs = functional.ogm_scores(logits, label, alpha, continuous)
+    return coeffs[0], coeffs[1]
+
+
+def update_model_with_OGM_GE(
+    model: nn.Module,
+    k_a: Union[Tensor, float],
+    k_v: Union[Tensor, float],
+    mode: str = "OGM_GE",
+    audio: str = "audio",
+    visual: str = "visual",
+    conv_only: bool = True,
+    seed: int = 0,
+    offset: int = 0,
+) -> None:
+    """The reference's gradient update, in place, in one op over all selected gradients.
+
+    Every selected gradient g of modality m becomes ``k_m g`` (``"OGM"``) or ``k_m g + N(0, (std(g) + 1e-8)^2)``
+    (``"OGM_GE"``, noise on both modalities, ``std`` the unbiased std of g before scaling); ``"Normal"`` leaves the
+    gradients as they are. Call it between ``loss.backward()`` and ``optimizer.step()``.
+
+    Selection: parameters whose name, after an optional DataParallel ``module.`` prefix, starts with ``audio`` or
+    ``visual`` (so ``"audio"`` selects ``audio_net.*``; end a prefix with ``"."`` to match one module exactly).
+    ``conv_only=True`` keeps only 4-D (conv) weights, as the reference does. Unlike the reference, a prefix that
+    selects nothing raises instead of silently modulating nothing. Parameters without a gradient are skipped.
+
+    Args:
+        model: the whole model.
+        k_a: audio coefficient (float or 0-d tensor, e.g. from :func:`calculate_coefficient`).
+        k_v: visual coefficient.
+        mode: ``"Normal"``, ``"OGM"`` or ``"OGM_GE"`` (the reference's ``--modulation``).
+        audio: name prefix of the audio encoder's parameters.
+        visual: name prefix of the visual encoder's parameters.
+        conv_only: modulate only 4-D parameters (the reference's selection).
+        seed: noise seed; with ``offset``, it keys the noise (same key, same noise).
+        offset: noise offset; advance it every step for fresh noise.
+    """
+    _check_mode(mode)
+    if mode == "Normal":
+        return
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+    params = []
+    for what, prefix in (("audio", audio), ("visual", visual)):
+        if not isinstance(prefix, str) or not prefix:
+            raise ValueError(f"{what}: expected a non-empty parameter-name prefix, got {prefix!r}")
+        selected = _select_by_prefix(model, prefix, conv_only)
+        if not selected:
+            raise _selection_error(f"{what}={prefix!r}", conv_only)
+        params.append([p for _, p in selected])
+    grads, group = _gather_grads(params)
+    device = grads[0].device
+    coeffs = torch.stack([_as_coefficient(k_a, "k_a").to(device), _as_coefficient(k_v, "k_v").to(device)])
+    # The op takes one coefficient per modality index up to max(group): a modality without gradients at the end of
+    # the list has none.
+    functional.ogm_ge_(grads, group, coeffs[: max(group) + 1], noise=mode == "OGM_GE", seed=seed, offset=offset)
+
+
+def _damped_modalities(scores: Tensor) -> Tensor:
+    """``[M]`` bool: which modalities OGM damps (the dominant ones), by the rule of :func:`ogm_coefficients_ref`."""
+    s = scores.to(torch.float32)
+    M = s.shape[0]
+    if M == 2:
+        damp1 = s[1] / s[0] > 1
+        return torch.stack([~damp1, damp1])
+    return s / ((s.sum() - s) / (M - 1)) > 1
+
+
+EncoderSpec = Union[nn.Module, str]
+
+
+class OGMGE:
+    """OGM / OGM-GE for any number of modalities, and the journal version (warm-up, ``ogm_plus``).
+
+    Each call of :meth:`step` (between ``loss.backward()`` and ``optimizer.step()``) computes the scores and
+    coefficients on the device in one op and modulates every selected gradient in place with one more op: OGM
+    ``g <- k_m g``, OGM-GE ``g <- k_m g + N(0, (std(g) + 1e-8)^2)`` with noise on every modulated modality, including
+    the one with ``k = 1`` (SPEC section 2). Nothing synchronises with the host.
+
+    Modulation happens only for epochs inside ``window = (start, end)`` (inclusive) and at or after
+    ``warmup_epochs``; other steps leave the gradients untouched and return coefficients 1 (the reference keeps the
+    last value instead; see the parity switches).
+
+    Parameter selection: each modality's encoder is a module (all its trainable parameters) or a parameter-name
+    prefix in ``model`` (a DataParallel ``module.`` prefix is ignored); ``conv_only=True`` keeps 4-D weights only,
+    the reference's choice. A modality that selects no parameter raises at construction; parameters whose
+    ``grad`` is None in a step (unused by that forward) are skipped, and a step where no selected parameter has a
+    gradient raises.
+
+    Noise: Philox keyed on ``(seed, offset, tensor index, element index)``, the offset advancing by one per
+    modulated step, so a run is reproducible, every data-parallel replica with the same seed draws the same noise,
+    and ``load_state_dict`` resumes the stream exactly.
+
+    Args:
+        encoders: modality -> encoder, as a list (modality m = position m) or a dict (modality m = m-th key); each
+            an ``nn.Module`` or a parameter-name prefix (prefixes need ``model``).
+        alpha: modulation strength >= 0 (CREMA-D 0.8, VGGSound 0.1; journal CREMA-D 2.6).
+        mode: ``"Normal"`` (no modulation), ``"OGM"`` or ``"OGM_GE"`` (the reference's ``--modulation``).
+        window: ``(modulation_starts, modulation_ends)`` in epochs, inclusive. Default: every epoch.
+        conv_only: modulate only 4-D parameters (the reference's selection). Default False: every parameter.
+        continuous: use ``relu(rho - 1)`` in the coefficient (the reference before May 2022).
+        seed: noise seed.
+        model: the model in which string prefixes are looked up.
+        ogm_plus: journal OGM+: the weak (undamped) modalities' gradients are multiplied by ``plus_factor``.
+        warmup_epochs: no modulation before this epoch (journal default 6; 0 reproduces the CVPR code).
+        plus_factor: the ``ogm_plus`` multiplier (4 in the journal).
+        process_group: the ``torch.distributed`` group of data-parallel replicas (None: the default group). When
+            distributed is initialised with more than one rank, the seed is broadcast from rank 0 at construction
+            and the scores are summed over the group before the coefficients are computed, so every replica uses
+            the coefficients of the global batch and draws the same noise; otherwise nothing is reduced.
+    """
+
+    def __init__(
+        self,
+        encoders: Union[Sequence[EncoderSpec], Mapping[str, EncoderSpec]],
+        alpha: float,
+        mode: str = "OGM_GE",
+        window: Tuple[float, float] = (0, math.inf),
+        conv_only: bool = False,
+        continuous: bool = False,
+        seed: int = 0,
+        model: Optional[nn.Module] = None,
+        ogm_plus: bool = False,
+        warmup_epochs: int = 0,
+        plus_factor: float = 4.0,
+        process_group=None,
+    ):
+        self.mode = _check_mode(mode)
+        self.alpha = functional._check_alpha(alpha)
+        if isinstance(encoders, Mapping):
+            self.modalities = list(encoders.keys())
+            targets = list(encoders.values())
+        elif isinstance(encoders, (list, tuple)):
+            self.modalities = list(range(len(encoders)))
+            targets = list(encoders)
+        else:
+            raise TypeError(f"encoders: expected a list or dict of modules / name prefixes, got {type(encoders)}")
+        if len(targets) < 2:
+            raise ValueError(f"encoders: OGM needs at least two modalities, got {len(targets)}")
+        if not (isinstance(window, (tuple, list)) and len(window) == 2 and window[0] <= window[1]):
+            raise ValueError(f"window: expected (start, end) epochs with start <= end, got {window!r}")
+        if not isinstance(warmup_epochs, int) or warmup_epochs < 0:
+            raise ValueError(f"warmup_epochs: expected an int >= 0, got {warmup_epochs!r}")
+        if not isinstance(plus_factor, (int, float)) or not math.isfinite(plus_factor) or plus_factor <= 0:
+            raise ValueError(f"plus_factor: expected a finite value > 0, got {plus_factor!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 1 << 63:
+            raise ValueError(f"seed: expected an int in [0, 2**63), got {seed!r}")
+        self.window = (window[0], window[1])
+        self.conv_only = bool(conv_only)
+        self.continuous = bool(continuous)
+        self.process_group = process_group
+        self.seed = distributed.broadcast_seed(seed, process_group)
+        self.ogm_plus = bool(ogm_plus)
+        self.warmup_epochs = warmup_epochs
+        self.plus_factor = float(plus_factor)
+        self.params: List[List[nn.Parameter]] = [
+            self._select(name, target, model) for name, target in zip(self.modalities, targets)
+        ]
+        owner: Dict[int, object] = {}
+        for name, ps in zip(self.modalities, self.params):
+            for p in ps:
+                if id(p) in owner and owner[id(p)] != name:
+                    raise ValueError(
+                        f"encoders: a parameter of shape {tuple(p.shape)} is selected by both modality "
+                        f"{owner[id(p)]!r} and modality {name!r}"
+                    )
+                owner[id(p)] = name
+        self.offset = 0
+        self.steps = 0
+        self.modulated_steps = 0
+        self.last_scores: Optional[Tensor] = None
+        self.last_coeffs: Optional[Tensor] = None
+
+    @property
+    def num_modalities(self) -> int:
+        """M."""
+        return len(self.params)
+
+    def _select(self, name, target: EncoderSpec, model: Optional[nn.Module]) -> List[nn.Parameter]:
+        if isinstance(target, nn.Module):
+            selected = [p for p in target.parameters() if p.requires_grad and (not self.conv_only or p.dim() == 4)]
+            what = f"the encoder of modality {name!r}"
+        elif isinstance(target, str):
+            if not target:
+                raise ValueError(f"encoders[{name!r}]: an empty prefix would select the whole model")
+            if not isinstance(model, nn.Module):
+                raise ValueError(f"encoders[{name!r}]: the prefix {target!r} needs model= (the module to search)")
+            selected = [p for _, p in _select_by_prefix(model, target, self.conv_only)]
+            what = f"the prefix {target!r} of modality {name!r}"
+        else:
+            raise TypeError(f"encoders[{name!r}]: expected an nn.Module or a name prefix, got {type(target).__name__}")
+        if not selected:
+            raise _selection_error(what, self.conv_only)
+        return selected
+
+    def active(self, epoch: int) -> bool:
+        """Whether :meth:`step` modulates in ``epoch``: mode is not Normal, epoch in the window, warm-up over."""
+        start, end = self.window
+        return self.mode != "Normal" and start <= epoch <= end and epoch >= self.warmup_epochs
+
+    def _stack_logits(self, logits: Sequence[Tensor]) -> Tensor:
+        if len(logits) == 1 and isinstance(logits[0], Tensor) and logits[0].dim() == 3:
+            stacked = logits[0]
+            if stacked.shape[0] != self.num_modalities:
+                raise ValueError(
+                    f"per_modality_logits: expected {self.num_modalities} modalities, got [M, B, C] with "
+                    f"M = {stacked.shape[0]}"
+                )
+            return stacked.detach()
+        if len(logits) != self.num_modalities:
+            raise ValueError(
+                f"per_modality_logits: expected {self.num_modalities} tensors [B, C] (one per encoder), "
+                f"got {len(logits)}"
+            )
+        for m, out in enumerate(logits):
+            if not isinstance(out, Tensor) or out.dim() != 2:
+                got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+                raise ValueError(f"per_modality_logits[{m}]: expected logits [B, C], got {got}")
+            if out.shape != logits[0].shape:
+                raise ValueError(
+                    f"per_modality_logits[{m}]: shape {tuple(out.shape)} differs from the first's "
+                    f"{tuple(logits[0].shape)}"
+                )
+            if out.device != logits[0].device:
+                raise ValueError(f"per_modality_logits[{m}]: on {out.device}, but the first is on {logits[0].device}")
+        return torch.stack([out.detach().to(logits[0].dtype) for out in logits])
+
+    def step(self, labels: Tensor, *per_modality_logits: Tensor, epoch: int) -> Tensor:
+        """Modulate the gradients of this step in place; call between ``backward()`` and ``optimizer.step()``.
+
+        Args:
+            labels: ``[B]`` int64 class indices.
+            *per_modality_logits: M tensors ``[B, C]`` in the order of ``encoders`` (or one stacked ``[M, B, C]``),
+                e.g. from :func:`agm_fast.fusion.per_modality_logits`; treated as constants.
+            epoch: the current epoch (keyword), compared with ``window`` and ``warmup_epochs``.
+
+        Returns:
+            ``[M]`` float32 coefficients on the logits' device (ones when this step does not modulate; with
+            ``ogm_plus`` the weak modalities carry ``plus_factor``).
+        """
+        logits = self._stack_logits(per_modality_logits)
+        functional._check_ogm_logits(logits, "per_modality_logits")
+        functional._check_class_labels(labels, logits.shape[1], logits.shape[2], logits.device)
+        if isinstance(epoch, bool) or not isinstance(epoch, (int, float)):
+            raise TypeError(f"epoch: expected a number, got {type(epoch).__name__}")
+        self.steps += 1
+        if not self.active(epoch):
+            coeffs = torch.ones(self.num_modalities, dtype=torch.float32, device=logits.device)
+            self.last_coeffs = coeffs
+            return coeffs
+        scores, coeffs = functional.ogm_scores(logits, labels, self.alpha, self.continuous)
+        if distributed.is_active(self.process_group):
+            # The softmax-at-label sums of the global batch; the coefficients follow from them (M numbers).
+            scores = distributed.global_sums(scores, self.process_group)
+            coeffs = ref.ogm_coefficients_ref(scores, self.alpha, self.continuous)
+        if self.ogm_plus:
+            # Undamped coefficients are exactly 1 (or NaN for non-finite scores, which stays NaN).
+            coeffs = torch.where(_damped_modalities(scores), coeffs, coeffs * self.plus_factor)
+        grads, group = _gather_grads(self.params)
+        # Sliced to the modalities up to max(group): trailing modalities without gradients in this step have none.
+        functional.ogm_ge_(
+            grads,
+            group,
+            coeffs.to(grads[0].device)[: max(group) + 1],
+            noise=self.mode == "OGM_GE",
+            seed=self.seed,
+            offset=self.offset,
+        )
+        self.offset += 1
+        self.modulated_steps += 1
+        self.last_scores = scores
+        self.last_coeffs = coeffs
+        return coeffs
+
+    def step_from_features(self, labels: Tensor, fusion: nn.Module, features: Sequence[Tensor], epoch: int) -> Tensor:
+        """:meth:`step` with the per-modality logits computed from the encoder features.
+
+        The logits come from :func:`agm_fast.fusion.per_modality_logits` under ``torch.no_grad()`` (the journal's
+        detached head): concat heads by slices plus ``b / M``, sum heads by ``fc_m`` with its bias, others by
+        zero-out.
+
+        Args:
+            labels: ``[B]`` int64 class indices.
+            fusion: the fusion head, ``fusion(*features) -> [B, C]``.
+            features: M tensors ``[B, d_m]``, in the order of ``encoders``.
+            epoch: the current epoch.
+
+        Returns:
+            ``[M]`` coefficients, as :meth:`step`.
+        """
+        if len(features) != self.num_modalities:
+            raise ValueError(f"features: expected {self.num_modalities} tensors (one per encoder), got {len(features)}")
+        with torch.no_grad():
+            logits = per_modality_logits(fusion, [h.detach() for h in features])
+        return self.step(labels, logits, epoch=epoch)
+
+    def state_dict(self) -> Dict[str, int]:
+        """The training state: seed, noise offset and step counters (what resuming needs)."""
+        return {
+            "seed": self.seed,
+            "offset": self.offset,
+            "steps": self.steps,
+            "modulated_steps": self.modulated_steps,
+        }
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        """Restore :meth:`state_dict`; the next modulated step draws the noise it would have drawn."""
+        missing = {"seed", "offset", "steps", "modulated_steps"} - set(state)
+        if missing:
+            raise KeyError(f"state: missing keys {sorted(missing)}")
+        self.seed = int(state["seed"])
+        self.offset = int(state["offset"])
+        self.steps = int(state["steps"])
+        self.modulated_steps = int(state["modulated_steps"])
+
+    def __repr__(self) -> str:
+        sizes = ", ".join(f"{name}: {len(ps)} tensors" for name, ps in zip(self.modalities, self.params))
+        return (
+            f"OGMGE(mode={self.mode!r}, alpha={self.alpha}, window={self.window}, conv_only={self.conv_only}, "
+            f"continuous={self.continuous}, ogm_plus={self.ogm_plus}, warmup_epochs={self.warmup_epochs}, "
+            f"{sizes})"
+        )

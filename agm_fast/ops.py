@@ -21,6 +21,7 @@ __all__ = [
     "shapley_combine",
     "shapley_combine_bwd",
     "ogm_scores",
+    "ogm_ge_",
 ]
 
 
@@ -224,3 +225,76 @@ def _(logits, labels, alpha, continuous):
 
 
 # ogm_ge_: in-place noisy gradient scaling over a list of gradient tensors (C++ extension)
+
+
+_OGM_GE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# The Philox counter holds the element-quad index in 32 bits: 2^32 quads of 4 elements.
+_OGM_GE_MAX_NUMEL = 1 << 34
+
+
+def _ogm_ge_check(grads: List[Tensor], group: List[int], coeffs: Tensor) -> None:
+    """Metadata checks of :func:`ogm_ge_` (no tensor values are read); raises TypeError / ValueError."""
+    if len(grads) == 0:
+        raise ValueError("grads: expected at least one gradient tensor, got an empty list")
+    if len(group) != len(grads):
+        raise ValueError(f"group: expected one modality index per gradient tensor ({len(grads)}), got {len(group)}")
+    for i, m in enumerate(group):
+        if m < 0:
+            raise ValueError(f"group[{i}]: expected a modality index >= 0, got {m}")
+    device = grads[0].device
+    for i, g in enumerate(grads):
+        if g.dtype not in _OGM_GE_DTYPES:
+            raise TypeError(f"grads[{i}]: expected a float32, float16 or bfloat16 tensor, got {g.dtype}")
+        if g.device != device:
+            raise ValueError(
+                f"grads: all tensors must be on one device; grads[0] is on {device}, grads[{i}] is on {g.device}"
+            )
+        if not g.is_contiguous():
+            raise ValueError(f"grads[{i}]: expected a contiguous tensor (it is modified in place)")
+        if g.numel() == 0:
+            raise ValueError(f"grads[{i}]: expected at least one element, got an empty tensor")
+        if g.numel() >= _OGM_GE_MAX_NUMEL:
+            raise ValueError(f"grads[{i}]: at most 2^34 - 1 elements are supported, got {g.numel()}")
+    num_groups = max(group) + 1
+    if coeffs.dtype != torch.float32:
+        raise TypeError(f"coeffs: expected a float32 tensor, got {coeffs.dtype}")
+    if coeffs.dim() != 1 or coeffs.shape[0] != num_groups:
+        raise ValueError(
+            f"coeffs: expected shape [{num_groups}] (one coefficient per modality, max(group) + 1), "
+            f"got {tuple(coeffs.shape)}"
+        )
+    if coeffs.device != device:
+        raise ValueError(f"coeffs: expected a tensor on the grads' device {device}, got {coeffs.device}")
+
+
+@torch.library.custom_op(
+    "agm_fast::ogm_ge_",
+    mutates_args={"grads"},
+    schema="(Tensor(a!)[] grads, int[] group, Tensor coeffs, bool noise, SymInt seed, SymInt offset) -> ()",
+)
+def ogm_ge_(grads: List[Tensor], group: List[int], coeffs: Tensor, noise: bool, seed: int, offset: int) -> None:
+    """In place, for tensor i of modality ``m = group[i]``: ``g <- coeffs[m] * g``, plus ``sigma * z`` with noise.
+
+    ``sigma = std_unbiased(g before scaling) + 1e-8`` (std 0 for a one-element tensor) and ``z`` the Philox normals of
+    :func:`agm_fast.reference.philox_normal_ref` keyed on ``(seed, offset, i, element index)``. Runs the compiled
+    extension when it is available (or forced), else :func:`agm_fast.reference.ogm_ge_ref`.
+
+    Args:
+        grads: contiguous float32 / float16 / bfloat16 tensors on one device, modified in place.
+        group: ``len(grads)`` modality indices >= 0.
+        coeffs: ``[max(group) + 1]`` float32 coefficients on the grads' device (read by the kernel, never synced).
+        noise: add the Gaussian noise (OGM-GE) or only scale (OGM).
+        seed: noise seed, ``0 <= seed < 2^63``.
+        offset: noise offset (advance it every step), ``0 <= offset < 2^63``.
+    """
+    _ogm_ge_check(grads, group, coeffs)
+    if _backend.select(grads[0].device, has=("ext", "torch")) == "ext":
+        _backend.get_ext()
+        torch.ops.agm_fast._ogm_ge_impl(grads, group, coeffs, noise, seed, offset)
+    else:
+        ref.ogm_ge_ref(grads, group, coeffs, noise, seed, offset)
+
+
+@ogm_ge_.register_fake
+def _(grads, group, coeffs, noise, seed, offset):
+    _ogm_ge_check(grads, group, coeffs)

@@ -32,6 +32,9 @@ __all__ = [
     "shapley_combine_ref",
     "ogm_coefficients_ref",
     "ogm_scores_ref",
+    "philox4x32_ref",
+    "philox_normal_ref",
+    "ogm_ge_ref",
 ]
 
 # The reference clamps the softmax probability at 1e-8 before the log.
@@ -291,7 +294,7 @@ def ogm_coefficients_ref(scores: Tensor, alpha: float, continuous: bool = False)
     M = 2 (reference): ``rho = s_1 / s_0``; rho > 1 damps modality 1 with ``1 - tanh(alpha * relu(rho))``, otherwise
     modality 0 with ``1 - tanh(alpha * relu(1 / rho))`` (a tie damps modality 0). M > 2:
     ``rho_m = s_m / mean_{j!=m} s_j`` and every m with rho_m > 1 is damped. ``continuous=True`` uses ``rho - 1``
-    inside the relu.
+    inside the relu. Any non-finite score makes every coefficient NaN.
 
     Args:
         scores: ``[M]`` softmax-at-label sums.
@@ -310,10 +313,13 @@ def ogm_coefficients_ref(scores: Tensor, alpha: float, continuous: bool = False)
         k_dom = 1 - torch.tanh(alpha * torch.relu(rho - shift))
         k_sub = 1 - torch.tanh(alpha * torch.relu(1 / rho - shift))
         one = torch.ones_like(rho)
-        return torch.stack([torch.where(damp1, one, k_sub), torch.where(damp1, k_dom, one)])
-    rho = s / ((s.sum() - s) / (M - 1))
-    k = 1 - torch.tanh(alpha * torch.relu(rho - shift))
-    return torch.where(rho > 1, k, torch.ones_like(k))
+        k = torch.stack([torch.where(damp1, one, k_sub), torch.where(damp1, k_dom, one)])
+    else:
+        rho = s / ((s.sum() - s) / (M - 1))
+        k = 1 - torch.tanh(alpha * torch.relu(rho - shift))
+        k = torch.where(rho > 1, k, torch.ones_like(k))
+    # A non-finite score makes every coefficient NaN, so that a step with overflowing logits cannot pass silently.
+    return torch.where(torch.isfinite(s).all(), k, torch.full_like(k, float("nan")))
 
 
 def ogm_scores_ref(logits: Tensor, labels: Tensor, alpha: float, continuous: bool = False) -> Tuple[Tensor, Tensor]:
@@ -331,3 +337,104 @@ def ogm_scores_ref(logits: Tensor, labels: Tensor, alpha: float, continuous: boo
     idx = labels.view(1, -1, 1).expand(p.shape[0], -1, 1)
     scores = p.gather(-1, idx).squeeze(-1).sum(dim=1)
     return scores, ogm_coefficients_ref(scores, alpha, continuous)
+
+
+# OGM-GE noise: Philox4x32-10 normals and the in-place noisy gradient scaling
+
+_MASK32 = 0xFFFFFFFF
+# Philox4x32 multipliers and Weyl key increments (Salmon et al., SC 2011).
+_PHILOX_M0, _PHILOX_M1 = 0xD2511F53, 0xCD9E8D57
+_PHILOX_W0, _PHILOX_W1 = 0x9E3779B9, 0xBB67AE85
+
+
+def _mulhilo32(a: int, b: Tensor) -> Tuple[Tensor, Tensor]:
+    """High and low 32-bit words of ``a * b`` for a 32-bit constant ``a`` and int64 ``b`` in [0, 2^32).
+
+    ``b`` is split in 16-bit halves so that no int64 product overflows: ``a * b = t * 2^16 + (a * b_lo mod 2^16)``
+    with ``t = a * b_hi + (a * b_lo >> 16) < 2^49``.
+    """
+    p_lo = a * (b & 0xFFFF)
+    t = a * (b >> 16) + (p_lo >> 16)
+    return t >> 16, ((t & 0xFFFF) << 16) | (p_lo & 0xFFFF)
+
+
+def philox4x32_ref(counters: Tensor, key: Sequence[int]) -> Tensor:
+    """Philox4x32-10 on a batch of 128-bit counters.
+
+    Args:
+        counters: ``[..., 4]`` int64 tensor, each word in [0, 2^32).
+        key: two Python ints, the 32-bit key words ``(k0, k1)``.
+
+    Returns:
+        ``[..., 4]`` int64 tensor of output words in [0, 2^32).
+    """
+    c0, c1, c2, c3 = counters.to(torch.int64).unbind(-1)
+    k0, k1 = int(key[0]) & _MASK32, int(key[1]) & _MASK32
+    for _ in range(10):
+        hi0, lo0 = _mulhilo32(_PHILOX_M0, c0)
+        hi1, lo1 = _mulhilo32(_PHILOX_M1, c2)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0 = (k0 + _PHILOX_W0) & _MASK32
+        k1 = (k1 + _PHILOX_W1) & _MASK32
+    return torch.stack([c0, c1, c2, c3], dim=-1)
+
+
+def philox_normal_ref(numel: int, seed: int, offset: int, index: int, device=None) -> Tensor:
+    """The standard normal noise of tensor ``index`` under ``(seed, offset)``, as the kernels draw it.
+
+    Element ``e`` belongs to counter ``q = e // 4``: ``(q, index, offset & 0xFFFFFFFF, offset >> 32)`` under the key
+    ``(seed & 0xFFFFFFFF, seed >> 32)``. The output words ``x0..x3`` give elements ``4q..4q+3`` by Box-Muller on
+    24-bit uniforms, in float32: for the pairs ``(x0, x1)`` and ``(x2, x3)``, ``u1 = ((xa >> 8) + 1) 2^-24``,
+    ``u2 = (xb >> 8) 2^-24``, ``r = sqrt(-2 ln u1)``, ``z_a = r cos(2 pi u2)``, ``z_b = r sin(2 pi u2)``.
+
+    Args:
+        numel: number of elements N.
+        seed: the noise seed (its low 64 bits are used).
+        offset: the noise offset (its low 64 bits are used).
+        index: the tensor's position in the gradient list (its low 32 bits are used).
+        device: where to compute.
+
+    Returns:
+        ``[N]`` float32.
+    """
+    nq = (numel + 3) // 4
+    q = torch.arange(nq, dtype=torch.int64, device=device)
+    words = (index & _MASK32, offset & _MASK32, (offset >> 32) & _MASK32)
+    counters = torch.stack([q & _MASK32] + [torch.full_like(q, w) for w in words], dim=-1)
+    x = philox4x32_ref(counters, (seed & _MASK32, (seed >> 32) & _MASK32))
+    # 24-bit integers and a power-of-two scale: the uniforms are exact in float32.
+    u1 = ((x[:, 0::2] >> 8) + 1).to(torch.float32) * 2.0**-24
+    u2 = (x[:, 1::2] >> 8).to(torch.float32) * 2.0**-24
+    r = torch.sqrt(-2.0 * torch.log(u1))
+    theta = u2 * (2.0 * math.pi)
+    z = torch.stack([r * torch.cos(theta), r * torch.sin(theta)], dim=-1)
+    return z.reshape(-1)[:numel]
+
+
+def ogm_ge_ref(
+    grads: Sequence[Tensor], group: Sequence[int], coeffs: Tensor, noise: bool, seed: int, offset: int
+) -> None:
+    """OGM / OGM-GE gradient update, in place, for tensor i of modality ``m = group[i]``.
+
+    OGM: ``g <- coeffs[m] * g``. OGM-GE: ``g <- coeffs[m] * g + sigma * z`` with
+    ``sigma = std_unbiased(g before scaling) + 1e-8`` and ``z = philox_normal_ref(g.numel(), seed, offset, i)``.
+    The unbiased std of a one-element tensor is undefined; it is taken as 0. A non-finite gradient gives a NaN std,
+    so the tensor stays non-finite. Computed in float32 and written back in g's dtype.
+
+    Args:
+        grads: contiguous float tensors, modified in place.
+        group: ``len(grads)`` modality indices.
+        coeffs: ``[M]`` coefficients (indexed on the device: no host sync).
+        noise: add the noise (OGM-GE) or only scale (OGM).
+        seed, offset: the noise key (see :func:`philox_normal_ref`).
+    """
+    for i, g in enumerate(grads):
+        x = g.reshape(-1).to(torch.float32)
+        k = coeffs[group[i]].to(torch.float32)
+        if noise:
+            std = torch.std(x) if x.numel() > 1 else x.new_zeros(())
+            z = philox_normal_ref(x.numel(), seed, offset, i, device=g.device)
+            y = k * x + (std + 1e-8) * z
+        else:
+            y = k * x
+        g.copy_(y.view_as(g))

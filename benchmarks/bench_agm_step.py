@@ -1,0 +1,335 @@
+"""Whole AGM training step (forward, scores, coefficients, backward, optimizer step) against the reference style.
+
+Models:
+    resnet2-concat       two small ResNet-style conv encoders with BatchNorm (M = 2), concat (nn.Linear) head
+    resnet2-mlp          the same encoders, MLP head over the concatenated features
+    transformer3-concat  three small Transformer encoders with dropout (M = 3), concat head
+
+Providers:
+    baseline          benchmarks/baselines/agm_reference_style.py: 2^M - 1 full model passes, per-sample score loop
+                      with .item(), Python-float coefficients, backward hooks
+    batched           agm_fast.AGM(model, strategy="batched"): every masked pass stacked into one model call
+    factorized        agm_fast.AGM(encoders=..., fusion=...): each encoder once per mode, closed form for a concat head
+    factorized-train  factorized with masked_mode="train" (masked passes share the train-mode features; a documented
+                      deviation, so it is checked for finiteness only, not against the baseline)
+    joint             plain training without AGM (the cost floor)
+
+Every AGM provider is checked against the baseline (coefficients and parameter gradients of one step from the same
+weights and dropout seed) before it is timed; a provider that fails is not timed. The encoder-pass columns count
+the encoder calls of one step and the samples they process in units of the batch size B (a muted encoder's single
+zero sample adds 1/B).
+
+Run: ``python -m agm_fast.benchmarks.bench_agm_step [--device cuda] [--quick] [--threads N] [--markdown FILE]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+from agm_fast.benchmarks.baselines.agm_reference_style import ReferenceAGMState, ReferenceGradMod, reference_agm_step
+from agm_fast.benchmarks.harness import append_jsonl, check_close, machine_line, print_table, time_fn
+from torch import Tensor, nn
+
+import agm_fast
+
+PROVIDERS = ("baseline", "batched", "factorized", "factorized-train", "joint")
+CASES = ("resnet2-concat", "resnet2-mlp", "transformer3-concat")
+ALPHA = 1.5
+
+
+class BasicBlock(nn.Module):
+    """conv-BN-ReLU-conv-BN plus a (projected) shortcut."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.short = None
+        if stride != 1 or cin != cout:
+            self.short = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = torch.relu(self.bn1(self.conv1(x)))
+        y = self.bn2(self.conv2(y))
+        return torch.relu(y + (x if self.short is None else self.short(x)))
+
+
+class ConvEncoder(nn.Module):
+    """Small ResNet: stem, three basic blocks (widths w, 2w, 4w), global average pool -> ``[B, 4w]``."""
+
+    def __init__(self, in_channels: int, width: int) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
+        self.blocks = nn.Sequential(
+            BasicBlock(width, width, 1), BasicBlock(width, 2 * width, 2), BasicBlock(2 * width, 4 * width, 2)
+        )
+        self.out_dim = 4 * width
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.blocks(self.stem(x)).mean(dim=(2, 3))
+
+
+class TokenEncoder(nn.Module):
+    """Linear projection, a Transformer encoder with dropout, mean pool over tokens -> ``[B, d_model]``."""
+
+    def __init__(self, d_in: int, d_model: int, layers: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(d_in, d_model)
+        layer = nn.TransformerEncoderLayer(d_model, 4, 2 * d_model, dropout=0.1, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.out_dim = d_model
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.encoder(self.proj(x)).mean(dim=1)
+
+
+class MLPHead(nn.Module):
+    """``fusion(*features)``: Linear-ReLU-Linear over the concatenated features."""
+
+    def __init__(self, d_in: int, hidden: int, num_classes: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(d_in, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
+
+    def forward(self, *features: Tensor) -> Tensor:
+        return self.net(torch.cat(features, dim=1))
+
+
+class JointModel(nn.Module):
+    """``model(*inputs) = fusion(enc_0(x_0), ..., enc_{M-1}(x_{M-1}))`` (an nn.Linear fusion takes the concat)."""
+
+    def __init__(self, encoders: Sequence[nn.Module], fusion: nn.Module) -> None:
+        super().__init__()
+        self.encoders = nn.ModuleList(encoders)
+        self.fusion = fusion
+
+    def forward(self, *inputs: Tensor) -> Tensor:
+        feats = [enc(x) for enc, x in zip(self.encoders, inputs)]
+        if isinstance(self.fusion, nn.Linear):
+            return self.fusion(torch.cat(feats, dim=1))
+        return self.fusion(*feats)
+
+
+def make_case(name: str, quick: bool, device: torch.device, seed: int = 0) -> Dict[str, object]:
+    """Build one benchmark model with its batch: ``{"model", "inputs", "labels", "M", "B"}``."""
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    num_classes = 10
+    if name.startswith("resnet2"):
+        B, side, width = (8, 8, 4) if quick else (32, 16, 24)
+        encoders = [ConvEncoder(1, width), ConvEncoder(3, width)]
+        inputs = [torch.randn(B, 1, side, side, generator=gen), torch.randn(B, 3, side, side, generator=gen)]
+    elif name.startswith("transformer3"):
+        B, T, d_model, layers = (8, 6, 16, 1) if quick else (64, 8, 192, 2)
+        dims = (20, 32, 48)
+        encoders = [TokenEncoder(d, d_model, layers) for d in dims]
+        inputs = [torch.randn(B, T, d, generator=gen) for d in dims]
+    else:
+        raise ValueError(f"unknown case {name!r}; choose from {CASES}")
+    feat = sum(e.out_dim for e in encoders)
+    fusion = MLPHead(feat, 64, num_classes) if name.endswith("mlp") else nn.Linear(feat, num_classes)
+    model = JointModel(encoders, fusion).to(device)
+    labels = torch.randint(0, num_classes, (B,), generator=gen)
+    return {
+        "model": model,
+        "inputs": [x.to(device) for x in inputs],
+        "labels": labels.to(device),
+        "M": len(encoders),
+        "B": B,
+    }
+
+
+def make_provider(name: str, model: JointModel, M: int) -> Callable[..., Optional[List[float]]]:
+    """A training-step function ``step(inputs, labels, optimizer, apply=True) -> coeffs or None`` on ``model``.
+
+    With ``apply=False`` the gradients are left in place (zeroed first) and the optimizer is not stepped.
+    """
+    ce = nn.functional.cross_entropy
+    if name == "baseline":
+        wrapper = ReferenceGradMod(model, M)
+        state = ReferenceAGMState(M, ALPHA)
+
+        def step(inputs, labels, optimizer, apply=True):
+            optimizer.zero_grad()
+            coeffs, _, _ = reference_agm_step(wrapper, state, inputs, labels, optimizer if apply else None)
+            return coeffs
+
+        return step
+    if name == "joint":
+
+        def step(inputs, labels, optimizer, apply=True):
+            optimizer.zero_grad()
+            ce(model(*inputs), labels).backward()
+            if apply:
+                optimizer.step()
+            return None
+
+        return step
+    if name == "batched":
+        agm = agm_fast.AGM(model, num_modalities=M, alpha=ALPHA, strategy="batched")
+    elif name == "factorized":
+        agm = agm_fast.AGM(encoders=list(model.encoders), fusion=model.fusion, alpha=ALPHA)
+    elif name == "factorized-train":
+        agm = agm_fast.AGM(encoders=list(model.encoders), fusion=model.fusion, alpha=ALPHA, masked_mode="train")
+    else:
+        raise ValueError(f"unknown provider {name!r}; choose from {PROVIDERS}")
+
+    def step(inputs, labels, optimizer, apply=True):
+        res = agm(*inputs, target=labels)
+        optimizer.zero_grad()
+        ce(res.logits, labels).backward()
+        if apply:
+            optimizer.step()
+        return res.coeffs
+
+    return step
+
+
+def _count_encoder_passes(model: JointModel, fn: Callable[[], object], batch: int):
+    calls, samples = [0], [0]
+
+    def hook(module, args):
+        calls[0] += 1
+        samples[0] += args[0].shape[0]
+
+    handles = [enc.register_forward_pre_hook(hook) for enc in model.encoders]
+    try:
+        out = fn()
+    finally:
+        for h in handles:
+            h.remove()
+    return out, calls[0], samples[0] / batch
+
+
+def _timings(fns: Dict[str, Callable[[], object]], device: torch.device, rep: int) -> Dict[str, Dict[str, float]]:
+    """Time every provider; on CPU the steps are interleaved (one step of each provider per round) so that load
+    from other processes hits every provider alike, and the quantiles are taken over the rounds."""
+    if device.type == "cuda":
+        return {name: time_fn(fn, device) for name, fn in fns.items()}
+    for fn in fns.values():
+        for _ in range(2):
+            fn()
+    samples: Dict[str, List[float]] = {name: [] for name in fns}
+    for _ in range(rep):
+        for name, fn in fns.items():
+            samples[name].append(time_fn(fn, device, warmup=0, rep=1)["median_ms"])
+    out = {}
+    for name, ts in samples.items():
+        t = torch.tensor(ts)
+        out[name] = {"median_ms": float(t.median()), "p20_ms": float(t.quantile(0.2)), "p80_ms": float(t.quantile(0.8))}
+    return out
+
+
+def run_case(case_name: str, device: torch.device, quick: bool, providers: Sequence[str], rep: int) -> List[Dict]:
+    """Check every provider against the baseline, then time the ones that pass; returns the table rows."""
+    case = make_case(case_name, quick, device)
+    base_model, inputs, labels, M, B = case["model"], case["inputs"], case["labels"], case["M"], case["B"]
+    rows = []
+    timed = {}
+    want = None
+    # The baseline always runs first: every other provider is checked against it.
+    for prov in ["baseline"] + [p for p in providers if p != "baseline"]:
+        model = copy.deepcopy(base_model)
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+        step = make_provider(prov, model, M)
+        torch.manual_seed(1)
+        coeffs, calls, samples = _count_encoder_passes(model, lambda: step(inputs, labels, opt, apply=False), B)
+        grads = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in model.parameters()]
+        if prov == "baseline":
+            want = (torch.tensor(coeffs, dtype=torch.float32), grads)
+            check = "reference"
+        elif prov == "joint":
+            check = "finite (not AGM)" if all(torch.isfinite(g).all() for g in grads) else "NON-FINITE"
+        elif prov == "factorized-train":
+            ok = torch.isfinite(coeffs).all() and all(torch.isfinite(g).all() for g in grads)
+            check = "finite (deviation)" if ok else "NON-FINITE"
+        else:
+            err = check_close(f"{prov} coeffs", coeffs.cpu(), want[0], rtol=1e-4, atol=1e-5)
+            err = err or check_close(
+                f"{prov} grads", [g.cpu() for g in grads], [g.cpu() for g in want[1]], rtol=1e-3, atol=1e-5
+            )
+            check = "ok" if err is None else err
+        rows.append({"case": case_name, "provider": prov, "M": M, "B": B, "enc_calls": calls,
+                     "enc_samples_xB": round(samples, 3), "check": check})
+        if check in ("ok", "reference", "finite (deviation)", "finite (not AGM)"):
+            # The timed steps start from the checked state; the optimizer steps on, as in training.
+            timed[prov] = lambda step=step, opt=opt: step(inputs, labels, opt)
+    times = _timings(timed, device, rep)
+    for r in rows:
+        r.update(times.get(r["provider"], {}))
+    base = times.get("baseline")
+    joint = times.get("joint")
+    for r in rows:
+        if "median_ms" not in r:
+            continue
+        if base is not None:
+            r["speedup_vs_baseline"] = base["median_ms"] / r["median_ms"]
+        if joint is not None:
+            r["ratio_vs_joint"] = r["median_ms"] / joint["median_ms"]
+    return rows
+
+
+LEGEND = (
+    "speedup_vs_baseline = baseline median / provider median (higher is faster); ratio_vs_joint = provider median / "
+    "median of plain joint training without AGM (1.0 = the cost of training without AGM). enc_calls = encoder "
+    "forward calls per step; enc_samples_xB = samples through the encoders per step, in units of the batch size B "
+    "(a muted encoder's single zero sample adds 1/B). Providers are timed interleaved, one step each per round, in "
+    "one run; the ratios are the result, absolute times only mean something on the machine named above. "
+    "factorized-train (masked_mode='train') is a documented deviation and is checked for finiteness only."
+)
+
+COLUMNS = ("provider", "median_ms", "p20_ms", "p80_ms", "speedup_vs_baseline", "ratio_vs_joint", "enc_calls",
+           "enc_samples_xB", "check")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the benchmark; returns 0 when every provider passed its check."""
+    parser = argparse.ArgumentParser(prog="bench_agm_step", description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (a smoke run)")
+    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
+    parser.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS)
+    parser.add_argument("--rep", type=int, default=None, help="timed steps per provider (CPU; default 15, quick 3)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--no-save", action="store_true", help="do not append JSON lines to benchmarks/results/")
+    parser.add_argument("--markdown", default=None, help="also write the printed tables to this file")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    rep = args.rep if args.rep is not None else (3 if args.quick else 15)
+    machine = machine_line(device)
+    print(machine)
+    text = [machine, "", f"command: python -m agm_fast.benchmarks.bench_agm_step {' '.join(argv)}".rstrip(), ""]
+    if hasattr(os, "getloadavg"):
+        text += [f"load average at start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores", ""]
+    text += [LEGEND, ""]
+    records = []
+    status = 0
+    for case_name in args.cases:
+        rows = run_case(case_name, device, args.quick, args.providers, rep)
+        M, B = rows[0]["M"], rows[0]["B"]
+        title = f"AGM training step: {case_name} (M={M}, B={B}{', quick' if args.quick else ''})"
+        text.append(print_table(title, rows, COLUMNS))
+        records.extend(dict(r, quick=args.quick) for r in rows)
+        if any("median_ms" not in r for r in rows):
+            status = 1
+    if not args.no_save:
+        append_jsonl("agm_step", records, machine)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write("\n".join(text))
+    return status
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

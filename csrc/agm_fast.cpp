@@ -1,0 +1,52 @@
+// Bindings of the agm_fast C++ extension.
+//
+// The kernels are registered with the PyTorch dispatcher as private ops of the agm_fast namespace, one
+// implementation per dispatch key (csrc/cpu, csrc/cuda). All registrations live here, so that the kernel files do
+// not include torch/library.h (it makes the nvcc compile several times slower). The public op agm_fast::ogm_ge_ is
+// the Python torch.library.custom_op of agm_fast/ops.py, which calls agm_fast::_ogm_ge_impl; C++ users of the CMake
+// library call the same op through the dispatcher.
+//
+// Built by setup.py this file is also the Python module agm_fast._C (TORCH_EXTENSION_NAME is defined there); built
+// by CMakeLists.txt it is part of a plain libtorch library, loadable with torch.ops.load_library.
+
+#include <torch/library.h>
+
+#include "ogm_ge.h"
+
+#ifdef TORCH_EXTENSION_NAME
+#include <pybind11/pybind11.h>
+#endif
+
+namespace agm_fast {
+
+// Whether the CUDA kernels were compiled into this build.
+bool with_cuda() {
+#ifdef AGM_FAST_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+}  // namespace agm_fast
+
+TORCH_LIBRARY_FRAGMENT(agm_fast, m) {
+  m.def("_ogm_ge_impl(Tensor(a!)[] grads, int[] group, Tensor coeffs, bool noise, int seed, int offset) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(agm_fast, CPU, m) {
+  m.impl("_ogm_ge_impl", &agm_fast::ogm_ge_cpu);
+}
+
+#ifdef AGM_FAST_WITH_CUDA
+TORCH_LIBRARY_IMPL(agm_fast, CUDA, m) {
+  m.impl("_ogm_ge_impl", &agm_fast::ogm_ge_cuda);
+}
+#endif
+
+#ifdef TORCH_EXTENSION_NAME
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
+  module.doc() = "agm_fast C++ extension: registers agm_fast::_ogm_ge_impl (CPU, and CUDA when built with it)";
+  module.def("with_cuda", &agm_fast::with_cuda, "True when the CUDA kernels were compiled into this build");
+}
+#endif

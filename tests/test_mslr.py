@@ -1,0 +1,160 @@
+"""MSLR and MSES (SPEC 1.7): the 5-epoch accuracy memory, early stopping and best-state restore."""
+
+import pytest
+import torch
+from torch import nn
+
+import agm_fast
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.audio = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+        self.visual = nn.Linear(5, 3)
+        self.text = nn.Linear(2, 3)
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, a, v, t):
+        return self.head(self.audio(a) + self.visual(v) + self.text(t))
+
+
+def backward(net, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    net.zero_grad()
+    out = net(torch.randn(6, 4, generator=g), torch.randn(6, 5, generator=g), torch.randn(6, 2, generator=g))
+    out.square().sum().backward()
+    return {n: p.grad.clone() for n, p in net.named_parameters()}
+
+
+def test_mslr_ratio_follows_the_window_memory_exactly():
+    net = Net()
+    init = [1.0, 0.5, 2.0]
+    mslr = agm_fast.MSLR({"a": net.audio, "v": "visual", "t": net.text.parameters()}, init_lr_scales=init, model=net)
+    accs = [
+        [0.50, 0.40, 0.30],
+        [0.55, 0.42, 0.31],
+        [0.60, 0.41, 0.35],
+        [0.58, 0.45, 0.36],
+        [0.62, 0.47, 0.40],
+        [0.70, 0.46, 0.41],
+        [0.66, 0.50, 0.45],
+        [0.64, 0.52, 0.00],
+    ]
+    for e, acc in enumerate(accs):
+        ratios = mslr.epoch_end({"a": acc[0], "v": acc[1], "t": acc[2]})
+        for m in range(3):
+            if e < 5:
+                want = 1.0
+            else:
+                past = [accs[j][m] for j in range(e - 5, e)]
+                want = acc[m] / (sum(past) / 5)
+            assert ratios[m] == pytest.approx(want, rel=1e-15, abs=0)
+        raw = backward(net, e)
+        mslr.scale_gradients_()
+        for name, p in net.named_parameters():
+            m = {"audio": 0, "visual": 1, "text": 2}.get(name.split(".")[0])
+            scale = 1.0 if m is None else init[m] * ratios[m]
+            torch.testing.assert_close(p.grad, raw[name] * scale, rtol=1e-6, atol=0)
+    assert len(mslr.history[0]) == 5
+    state = mslr.state_dict()
+    fresh = agm_fast.MSLR([net.audio, net.visual, net.text], init_lr_scales=init)
+    with pytest.raises(ValueError, match="modalities"):
+        fresh.load_state_dict(state)
+    again = agm_fast.MSLR({"a": net.audio, "v": net.visual, "t": net.text}, init_lr_scales=init)
+    again.load_state_dict(state)
+    assert again.epoch_end([0.7, 0.5, 0.4]) == mslr.epoch_end([0.7, 0.5, 0.4])
+
+
+def test_mslr_window_and_selection_errors():
+    net = Net()
+    mslr = agm_fast.MSLR([net.audio, net.visual], window=2)
+    assert mslr.epoch_end(torch.tensor([0.2, 0.4])) == [1.0, 1.0]
+    assert mslr.epoch_end([0.4, 0.4]) == [1.0, 1.0]
+    assert mslr.epoch_end([0.6, 0.2]) == pytest.approx([0.6 / 0.3, 0.2 / 0.4])
+    with pytest.raises(ValueError, match="matches no trainable"):
+        agm_fast.MSLR({"a": "audio", "x": "video"}, model=net)
+    # Prefixes are plain name prefixes, as in OGMGE: "aud" also selects audio.*, so it overlaps "audio".
+    with pytest.raises(ValueError, match="belongs to modalities"):
+        agm_fast.MSLR({"a": "audio", "x": "aud"}, model=net)
+    with pytest.raises(ValueError, match="empty prefix"):
+        agm_fast.MSLR({"a": ""}, model=net)
+    # A DataParallel-style "module." wrapper prefix is ignored.
+    wrapped = nn.Sequential()
+    wrapped.add_module("module", net)
+    dp = agm_fast.MSLR({"a": "audio."}, model=wrapped)
+    assert [id(p) for p in dp._params[0]] == [id(p) for p in net.audio.parameters()]
+    with pytest.raises(ValueError, match="model="):
+        agm_fast.MSLR({"a": "audio"})
+    with pytest.raises(ValueError, match="belongs to modalities"):
+        agm_fast.MSLR({"a": net.audio, "b": net.audio[0]})
+    with pytest.raises(TypeError, match="modalities must be"):
+        agm_fast.MSLR(net.audio)
+    with pytest.raises(ValueError, match="2 values"):
+        mslr.epoch_end([0.1])
+    with pytest.raises(ValueError, match="non-finite"):
+        mslr.epoch_end([0.1, float("nan")])
+    with pytest.raises(ValueError, match="window"):
+        agm_fast.MSLR([net.audio], window=0)
+
+
+def test_mses_stops_at_the_right_epoch_and_restores_the_best_state():
+    torch.manual_seed(0)
+    net = Net()
+    mses = agm_fast.MSES({"a": "audio", "v": "visual"}, patience=2, model=net)
+    # Raw losses; smoothed Ls(e) = 0.6 L(e-1) + 0.4 L(e), Ls(0) = L(0).
+    audio = [1.0, 0.8, 0.9, 0.95, 0.97, 0.99, 0.5]
+    visual = [1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4]
+    smoothed = [audio[0]] + [0.6 * audio[e - 1] + 0.4 * audio[e] for e in range(1, len(audio))]
+    # 0.6 * 0.8 + 0.4 * 0.9 = 0.84 at epoch 2 beats 1.0, 0.92, and then 0.92, 0.958, 0.978: patience 2 runs out at
+    # epoch 5, before the late improvement of epoch 6 (0.794) is seen.
+    best, stop_at = 2, 5
+    assert min(range(stop_at + 1), key=lambda e: (smoothed[e], e)) == best and smoothed[6] < smoothed[best]
+    snapshots = {}
+    for e in range(len(audio)):
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+            net.audio[1].running_mean.add_(1.0)
+        snapshots[e] = {k: v.clone() for k, v in net.audio.state_dict().items()}
+        stopped = mses.epoch_end([audio[e], visual[e]])
+        assert stopped == (["a"] if e == stop_at else [])
+        assert mses.stopped == [e >= stop_at, False]
+        assert mses.smoothed[0][e] == pytest.approx(smoothed[e], abs=1e-15)
+        if e == stop_at:
+            for k, v in net.audio.state_dict().items():
+                assert torch.equal(v, snapshots[best][k]), k
+    assert mses.best_epoch[0] == best and mses.stop_epoch[0] == stop_at
+    restored = [p.detach().clone() for p in net.audio.parameters()]
+    opt = torch.optim.Adam(net.parameters(), lr=0.1)
+    for step in range(2):
+        backward(net, step)
+        mses.scale_gradients_()
+        assert all(p.grad is None for p in net.audio.parameters())
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.visual.parameters())
+        opt.step()
+    # The optimizer skips the stopped modality: its parameters stay at the restored best state.
+    for p, r in zip(net.audio.parameters(), restored):
+        assert torch.equal(p.detach(), r)
+
+
+def test_mses_zero_mode_state_dict_and_errors():
+    net = Net()
+    mses = agm_fast.MSES([net.audio, net.visual], patience=0, skip_optimizer=False)
+    mses.epoch_end([1.0, 1.0])
+    assert mses.epoch_end([2.0, 0.5]) == ["0"]
+    backward(net)
+    mses.scale_gradients_()
+    assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in net.audio.parameters())
+    state = mses.state_dict()
+    other = agm_fast.MSES([net.audio, net.visual], patience=0, skip_optimizer=False)
+    other.load_state_dict(state)
+    assert other.stopped == [True, False] and other.best_epoch == mses.best_epoch
+    for a, b in zip(other._best_state[0], mses._best_state[0]):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="patience"):
+        agm_fast.MSES([net.audio], patience=-1)
+    with pytest.raises(ValueError, match="smoothing"):
+        agm_fast.MSES([net.audio], patience=1, smoothing=1.5)
+    with pytest.raises(ValueError, match="no value"):
+        agm_fast.MSES({"a": net.audio}, patience=1).epoch_end({"b": 1.0})

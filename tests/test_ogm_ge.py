@@ -1,0 +1,413 @@
+"""agm_fast::ogm_ge_: in-place OGM / OGM-GE gradient scaling with Philox noise.
+
+The compiled extension is checked against the pure-PyTorch reference (exactly without noise, to float rounding with
+noise), the reference's Philox against the published known-answer vectors and a plain-Python implementation, and the
+noise statistically (mean, std, independence).
+"""
+
+import contextlib
+import math
+import random
+
+import pytest
+import torch
+
+from agm_fast import _backend, functional, ops
+from agm_fast import reference as ref
+
+EXT_REASON = (
+    f"agm_fast._C is not built ({_backend.backend_info()['ext_error']}); "
+    "build it with `pip install --no-build-isolation -e .`"
+)
+needs_ext = pytest.mark.skipif(not _backend.has_ext(), reason=EXT_REASON)
+BACKENDS = ["torch", pytest.param("ext", marks=needs_ext)]
+
+MASK32 = 0xFFFFFFFF
+
+
+@pytest.fixture
+def backend(request, monkeypatch):
+    monkeypatch.setenv("AGM_FAST_BACKEND", request.param)
+    return request.param
+
+
+def run(name, monkeypatch, grads, group, coeffs, noise, seed=0, offset=0):
+    """functional.ogm_ge_ on clones of ``grads`` with the backend ``name`` forced; returns the clones."""
+    monkeypatch.setenv("AGM_FAST_BACKEND", name)
+    out = [g.clone() for g in grads]
+    functional.ogm_ge_(out, group, coeffs, noise=noise, seed=seed, offset=offset)
+    return out
+
+
+def random_grads(num, sizes, dtypes, seed):
+    """``num`` tensors with sizes and dtypes drawn from the lists, some of them 2-D."""
+    rng = random.Random(seed)
+    grads = []
+    for _ in range(num):
+        n = rng.choice(sizes)
+        shape = (n,) if n % 7 != 0 or rng.random() < 0.5 else (7, n // 7)
+        g = (torch.randn(shape) * rng.uniform(0.1, 3.0) + rng.uniform(-1, 1)).to(rng.choice(dtypes))
+        grads.append(g)
+    return grads
+
+
+# Philox4x32-10
+
+
+def _philox_python(ctr, key):
+    """Philox4x32-10 with Python ints (the definition, for checking the vectorised reference)."""
+    c0, c1, c2, c3 = ctr
+    k0, k1 = key
+    for _ in range(10):
+        p0, p1 = 0xD2511F53 * c0, 0xCD9E8D57 * c2
+        c0, c1, c2, c3 = (p1 >> 32) ^ c1 ^ k0, p1 & MASK32, (p0 >> 32) ^ c3 ^ k1, p0 & MASK32
+        k0, k1 = (k0 + 0x9E3779B9) & MASK32, (k1 + 0xBB67AE85) & MASK32
+    return [c0, c1, c2, c3]
+
+
+def test_philox_known_answers():
+    # Known-answer vectors of Random123 (philox4x32, 10 rounds).
+    cases = [
+        ([0, 0, 0, 0], (0, 0), [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]),
+        ([MASK32] * 4, (MASK32, MASK32), [0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD]),
+        (
+            [0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344],
+            (0xA4093822, 0x299F31D0),
+            [0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1],
+        ),
+    ]
+    for ctr, key, want in cases:
+        assert ref.philox4x32_ref(torch.tensor([ctr]), key)[0].tolist() == want
+        assert _philox_python(ctr, key) == want
+
+
+def test_philox_ref_matches_python_ints():
+    rng = random.Random(1)
+    key = (rng.getrandbits(32), rng.getrandbits(32))
+    ctrs = [[rng.getrandbits(32) for _ in range(4)] for _ in range(200)] + [[MASK32, 0, MASK32, 0]]
+    got = ref.philox4x32_ref(torch.tensor(ctrs), key).tolist()
+    assert got == [_philox_python(c, key) for c in ctrs]
+
+
+def test_philox_normal_ref_by_hand():
+    # Counter (q, index, offset lo, offset hi), key (seed lo, seed hi); Box-Muller on 24-bit uniforms, in float64.
+    seed, offset, index, numel = (7 << 32) | 123, (5 << 32) | 9, 3, 10
+    want = []
+    for q in range((numel + 3) // 4):
+        x = _philox_python([q, index, offset & MASK32, offset >> 32], (seed & MASK32, seed >> 32))
+        for a, b in ((x[0], x[1]), (x[2], x[3])):
+            r = math.sqrt(-2 * math.log(((a >> 8) + 1) * 2.0**-24))
+            want += [r * math.cos(2 * math.pi * (b >> 8) * 2.0**-24), r * math.sin(2 * math.pi * (b >> 8) * 2.0**-24)]
+    got = ref.philox_normal_ref(numel, seed, offset, index)
+    assert got.dtype == torch.float32 and got.shape == (numel,)
+    torch.testing.assert_close(got.double(), torch.tensor(want[:numel], dtype=torch.float64), rtol=1e-5, atol=1e-5)
+
+
+# The extension against the reference
+
+
+@needs_ext
+@pytest.mark.parametrize("num", [1, 2, 13, 60])
+def test_ogm_ext_equals_reference_exactly(num, monkeypatch):
+    grads = random_grads(num, [1, 7, 1000, 65537], [torch.float32, torch.float16, torch.bfloat16], seed=num)
+    group = [i % 3 for i in range(num)]
+    coeffs = torch.tensor([0.37, 1.0, 2.5])[: max(group) + 1].contiguous()
+    want = [g.float() * coeffs[m] for g, m in zip(grads, group)]
+    got_ext = run("ext", monkeypatch, grads, group, coeffs, noise=False)
+    got_ref = run("torch", monkeypatch, grads, group, coeffs, noise=False)
+    for g, e, r, w in zip(grads, got_ext, got_ref, want):
+        assert e.dtype == g.dtype and e.shape == g.shape
+        torch.testing.assert_close(e, r, rtol=0, atol=0)
+        torch.testing.assert_close(e, w.to(g.dtype), rtol=0, atol=0)
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_ge_ext_matches_reference(dtype, monkeypatch):
+    grads = random_grads(9, [1, 7, 1000, 65537], [dtype], seed=5)
+    group = [0, 1, 1, 0, 1, 0, 0, 1, 1]
+    coeffs = torch.tensor([0.6, 1.0])
+    got_ext = run("ext", monkeypatch, grads, group, coeffs, noise=True, seed=11, offset=4)
+    got_ref = run("torch", monkeypatch, grads, group, coeffs, noise=True, seed=11, offset=4)
+    # Both compute in float32 and round once to the gradient dtype: at most one rounding step of it apart.
+    rtol = {torch.float32: 1.3e-6, torch.float16: 2**-10, torch.bfloat16: 2**-7}[dtype]
+    for e, r in zip(got_ext, got_ref):
+        torch.testing.assert_close(e.float(), r.float(), rtol=rtol, atol=1e-5)
+
+
+@needs_ext
+def test_ext_noise_equals_reference_noise(monkeypatch):
+    # k = 0 on constant tensors (std 0) leaves 1e-8 * z: the raw noise of every tensor index.
+    grads = [torch.full((n,), 2.0) for n in (1, 7, 1000, 65537)]
+    coeffs = torch.zeros(1)
+    got = run("ext", monkeypatch, grads, [0] * 4, coeffs, noise=True, seed=2**40 + 3, offset=2**33 + 1)
+    for i, g in enumerate(got):
+        z = ref.philox_normal_ref(g.numel(), 2**40 + 3, 2**33 + 1, i)
+        torch.testing.assert_close(g / 1e-8, z, rtol=1e-5, atol=1e-5)
+
+
+# The noise: statistics, keys, reproducibility
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_noise_statistics(backend):
+    n = 1 << 17
+    base = [torch.randn(n) * 2.0 + 3.0, torch.rand(n) * 5.0]
+    sigma = [g.double().std().item() + 1e-8 for g in base]
+    grads = [g.clone() for g in base]
+    functional.ogm_ge_(grads, [0, 0], torch.zeros(1), noise=True, seed=5, offset=1)
+    z = [g.double() / s for g, s in zip(grads, sigma)]
+    for zi in z:
+        # mean 0 and std 1 within 5 standard errors
+        assert abs(zi.mean().item()) < 5 / math.sqrt(n)
+        assert abs(zi.std().item() - 1) < 5 / math.sqrt(2 * n)
+        # Gaussian: the CDF at a few points
+        for t in (-2.0, -1.0, 0.0, 0.5, 1.5):
+            p = torch.special.ndtr(torch.tensor(t, dtype=torch.float64)).item()
+            assert abs((zi <= t).double().mean().item() - p) < 5 * math.sqrt(p * (1 - p) / n)
+        # neighbours (same Box-Muller pair, same counter, next counter) are uncorrelated
+        for lag in (1, 2, 3, 4, 5):
+            assert abs(torch.corrcoef(torch.stack([zi[:-lag], zi[lag:]]))[0, 1].item()) < 5 / math.sqrt(n)
+    # different tensors are uncorrelated
+    assert abs(torch.corrcoef(torch.stack(z))[0, 1].item()) < 5 / math.sqrt(n)
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_noise_keys(backend):
+    g = torch.zeros(4099)
+    coeffs = torch.ones(1)
+
+    def noise(seed, offset, index=0):
+        grads = [torch.zeros(1) for _ in range(index)] + [g.clone()]
+        functional.ogm_ge_(grads, [0] * len(grads), coeffs, noise=True, seed=seed, offset=offset)
+        return grads[-1]
+
+    first = noise(3, 8)
+    assert torch.equal(first, noise(3, 8))
+    for other in (noise(3, 9), noise(4, 8), noise(3, 8, index=1), noise(3, 8 + 2**32), noise(3 + 2**32, 8)):
+        assert (other != first).float().mean().item() > 0.99
+
+
+@needs_ext
+def test_ext_bitwise_reproducible_any_thread_count(monkeypatch):
+    grads = random_grads(12, [7, 1000, 65537, 100003], [torch.float32, torch.bfloat16], seed=3)
+    group = [i % 2 for i in range(12)]
+    coeffs = torch.tensor([0.8, 1.0])
+    threads = torch.get_num_threads()
+    try:
+        outs = []
+        for n in (threads, 1, threads):
+            torch.set_num_threads(n)
+            outs.append(run("ext", monkeypatch, grads, group, coeffs, noise=True, seed=1, offset=2))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b, c in zip(*outs):
+        assert torch.equal(a, b) and torch.equal(a, c)
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_one_element_tensor(backend):
+    # The unbiased std of one element is undefined; it is taken as 0, so sigma = 1e-8.
+    g = torch.tensor([[0.75]])
+    grads = [torch.ones(3), g.clone()]
+    functional.ogm_ge_(grads, [0, 1], torch.tensor([1.0, 2.0]), noise=True, seed=9, offset=2)
+    z = ref.philox_normal_ref(1, 9, 2, 1)
+    torch.testing.assert_close(grads[1], (2.0 * g + 1e-8 * z).view(1, 1))
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_stays_non_finite(backend, bad):
+    for noise in (False, True):
+        g = torch.randn(1001)
+        g[17] = bad
+        grads = [g, torch.tensor([bad]), torch.randn(5)]
+        functional.ogm_ge_(grads, [0, 0, 1], torch.tensor([0.5, 1.0]), noise=noise, seed=0, offset=0)
+        assert not torch.isfinite(grads[0][17]) and not torch.isfinite(grads[1]).any()
+        assert torch.isfinite(grads[2]).all()
+        if noise:
+            # a NaN std spreads NaN over the whole tensor
+            assert torch.isnan(grads[0]).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_statistics_in_float32(backend, dtype):
+    # Mean 300 over 65537 elements: a float16 sum would overflow (max 65504); in float32 the std is exact enough.
+    g = (300.0 + torch.randn(65537)).to(dtype)
+    sigma = g.double().std().item() + 1e-8
+    grads = [g.clone()]
+    functional.ogm_ge_(grads, [0], torch.zeros(1), noise=True, seed=4, offset=0)
+    want = sigma * ref.philox_normal_ref(g.numel(), 4, 0, 0).double()
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(grads[0].double(), want, rtol=eps, atol=1e-3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_std_is_numerically_stable(backend):
+    # Mean 1e4, std 1e-2: the sum of squares minus the square of the sum would lose every digit in float32.
+    g = 1e4 + 1e-2 * torch.randn(100003)
+    sigma = g.double().std().item() + 1e-8
+    grads = [g.clone()]
+    functional.ogm_ge_(grads, [0], torch.zeros(1), noise=True, seed=6, offset=0)
+    z = ref.philox_normal_ref(g.numel(), 6, 0, 0).double()
+    torch.testing.assert_close(grads[0].double(), sigma * z, rtol=1e-4, atol=1e-8)
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_coefficients_read_from_tensor_memory(backend, monkeypatch):
+    g = torch.randn(257)
+    coeffs = torch.tensor([0.5, 1.0])
+    # No host read of any tensor value on the hot path.
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        monkeypatch.setattr(torch.Tensor, name, lambda *a, **k: pytest.fail("host sync in ogm_ge_"))
+    first = [g.clone()]
+    functional.ogm_ge_(first, [1], coeffs, noise=False)
+    coeffs[1] = 3.0
+    second = [g.clone()]
+    functional.ogm_ge_(second, [1], coeffs, noise=False)
+    monkeypatch.undo()
+    torch.testing.assert_close(first[0], g, rtol=0, atol=0)
+    torch.testing.assert_close(second[0], 3.0 * g, rtol=0, atol=0)
+
+
+# Errors
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_errors(backend):
+    g = [torch.randn(4), torch.randn(3)]
+    c = torch.ones(2)
+    cases = [
+        (ValueError, "coeffs", (g, [0, 1], torch.ones(3))),
+        (ValueError, "coeffs", (g, [0, 0], c)),
+        (ValueError, "one device", ([g[0], torch.randn(3, device="meta")], [0, 1], c)),
+        (TypeError, "float32, float16 or bfloat16", ([g[0], torch.ones(3, dtype=torch.int64)], [0, 1], c)),
+        (TypeError, "float32, float16 or bfloat16", ([g[0], torch.ones(3, dtype=torch.float64)], [0, 1], c)),
+        (ValueError, "contiguous", ([g[0], torch.randn(3, 4).t()], [0, 1], c)),
+        (ValueError, "group", (g, [0], c)),
+        (ValueError, "group\\[1\\]", (g, [1, -1], c)),
+        (ValueError, "empty", ([g[0], torch.randn(0)], [0, 1], c)),
+        (ValueError, "at least one", ([], [], c)),
+        (TypeError, "coeffs", (g, [0, 1], torch.ones(2, dtype=torch.float64))),
+        (ValueError, "coeffs", (g, [0, 1], torch.ones(2, device="meta"))),
+        (TypeError, "grads\\[1\\]", ([g[0], None], [0, 1], c)),
+        (TypeError, "grads", (g[0], [0], c)),
+        (TypeError, "group\\[0\\]", (g, [0.0, 1], c)),
+    ]
+    for exc, match, args in cases:
+        with pytest.raises(exc, match=match):
+            functional.ogm_ge_(*args)
+    with pytest.raises(ValueError, match="seed"):
+        functional.ogm_ge_(g, [0, 1], c, seed=-1)
+    with pytest.raises(ValueError, match="offset"):
+        functional.ogm_ge_(g, [0, 1], c, offset=2**63)
+    with pytest.raises(TypeError, match="noise"):
+        functional.ogm_ge_(g, [0, 1], c, noise=1)
+    # the op itself gives the same errors
+    with pytest.raises(ValueError, match="coeffs"):
+        torch.ops.agm_fast.ogm_ge_(g, [0, 1], torch.ones(3), True, 0, 0)
+    with pytest.raises(ValueError, match="one device"):
+        torch.ops.agm_fast.ogm_ge_([g[0], torch.randn(3, device="meta")], [0, 1], c, True, 0, 0)
+    # 2^34 elements overflow the Philox counter (checked on metadata only)
+    with pytest.raises(ValueError, match="2\\^34"):
+        functional.ogm_ge_([torch.empty(2**34, device="meta")], [0], torch.ones(1, device="meta"))
+
+
+@needs_ext
+def test_ext_checks_its_arguments():
+    with pytest.raises(RuntimeError, match="coeffs must have shape"):
+        torch.ops.agm_fast._ogm_ge_impl([torch.randn(3)], [0], torch.ones(2), True, 0, 0)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        torch.ops.agm_fast._ogm_ge_impl([torch.randn(3, 4).t()], [0], torch.ones(1), True, 0, 0)
+    with pytest.raises(RuntimeError, match="float32, float16 or bfloat16"):
+        torch.ops.agm_fast._ogm_ge_impl([torch.ones(3, dtype=torch.int32)], [0], torch.ones(1), True, 0, 0)
+    with pytest.raises(RuntimeError, match="group\\[0\\]"):
+        torch.ops.agm_fast._ogm_ge_impl([torch.randn(3)], [-1], torch.ones(1), True, 0, 0)
+
+
+# torch.library and torch.compile
+
+
+def test_schema():
+    # The contract other modules rely on. seed and offset are SymInts so that a per-step offset does not recompile.
+    assert str(torch.ops.agm_fast.ogm_ge_.default._schema) == (
+        "agm_fast::ogm_ge_(Tensor(a!)[] grads, int[] group, Tensor coeffs, bool noise, SymInt seed, SymInt offset)"
+        " -> ()"
+    )
+    assert "ogm_ge_" in ops.__all__ and "ogm_ge_" in functional.__all__
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+@pytest.mark.parametrize("noise", [False, True])
+def test_opcheck(backend, noise):
+    grads = [torch.randn(7), torch.randn(3, 5, dtype=torch.bfloat16), torch.randn(1), torch.randn(2, 3).half()]
+    args = (grads, [0, 1, 1, 0], torch.tensor([0.5, 2.0]), noise, 1, 2)
+    torch.library.opcheck(torch.ops.agm_fast.ogm_ge_.default, args)
+
+
+def _model():
+    torch.manual_seed(0)
+    return torch.nn.ModuleDict(
+        dict(audio=torch.nn.Linear(4, 8), visual=torch.nn.Linear(3, 8), head=torch.nn.Linear(16, 5))
+    )
+
+
+def _loss(model, xa, xv, y):
+    feats = torch.cat([torch.relu(model["audio"](xa)), torch.relu(model["visual"](xv))], dim=1)
+    return torch.nn.functional.cross_entropy(model["head"](feats), y)
+
+
+def _modulate_and_step(model, coeffs, offset):
+    """OGM-GE on the encoders' gradients, then an SGD step."""
+    params = list(model.parameters())
+    grads = [p.grad for p in params]
+    functional.ogm_ge_(grads[:4], [0, 0, 1, 1], coeffs, noise=True, seed=7, offset=offset)
+    with torch.no_grad():
+        torch._foreach_add_(params, grads, alpha=-0.1)
+    for p in params:
+        p.grad = None
+
+
+def _train_step(model, xa, xv, y, coeffs, offset):
+    loss = _loss(model, xa, xv, y)
+    loss.backward()
+    _modulate_and_step(model, coeffs, offset)
+    return loss.detach()
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_compiled_training_step_equals_eager(backend):
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    xa, xv, y = torch.randn(6, 4), torch.randn(6, 3), torch.randint(0, 5, (6,))
+    coeffs = torch.tensor([0.4, 1.0])
+    eager, compiled = _model(), _model()
+    counter = CompileCounterWithBackend("aot_eager")
+    if hasattr(torch._dynamo.config, "trace_autograd_ops"):
+        # Dynamo traces loss.backward(): the whole step (forward, backward, ogm_ge_, SGD) is one graph.
+        patch = torch._dynamo.config.patch(trace_autograd_ops=True)
+        whole = torch.compile(_train_step, fullgraph=True, backend=counter)
+    else:
+        # Older torch: backward runs eagerly between two full graphs.
+        patch = contextlib.nullcontext()
+        fwd = torch.compile(_loss, fullgraph=True, backend=counter)
+        upd = torch.compile(_modulate_and_step, fullgraph=True, backend=counter)
+
+        def whole(model, xa, xv, y, coeffs, offset):
+            loss = fwd(model, xa, xv, y)
+            loss.backward()
+            upd(model, coeffs, offset)
+            return loss.detach()
+
+    with patch:
+        for offset in range(4):
+            want = _train_step(eager, xa, xv, y, coeffs, offset)
+            got = whole(compiled, xa, xv, y, coeffs, offset)
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+    for (name, a), b in zip(eager.named_parameters(), compiled.parameters()):
+        torch.testing.assert_close(b, a, rtol=0, atol=0, msg=name)
+    # the step-dependent offset is a SymInt: one recompile (to dynamic), not one per step
+    assert counter.frame_count <= 3
+    torch._dynamo.reset()
