@@ -22,7 +22,11 @@ How the subset outputs f(S) are evaluated (``strategy``, one result up to float 
   ``nn.Linear`` over the concatenated features, or any module with ``contributions(*features) -> (pieces, bias)``
   such that ``fusion(*features) == sum(pieces) + bias``) needs no subset evaluation of the head: f(S) is assembled
   from per-modality ``[B, C]`` pieces.
-- ``"auto"``: factorized when encoders and fusion are given, batched for a black-box model.
+- ``"auto"``: factorized when encoders and fusion are given, batched for a black-box model (choose ``"sequential"``
+  for a model whose eval-mode output mixes samples, e.g. one that normalises over the batch in eval mode).
+
+``max_batch`` bounds the rows of a stacked call: the masked subsets are split into chunks of at most
+``max_batch // B`` subsets (at least one).
 
 The full pass always runs first, so masked eval-mode passes see the BatchNorm running statistics after this step's
 update, and it is the only pass that updates them or draws dropout masks. No pass is detached.
@@ -43,6 +47,26 @@ Parity switches and behaviour beyond the reference (all documented here and in t
   step) and the running state (running means, count, last coefficients) is left unchanged.
 - The running state is updated only in training mode (``module.train()``); a call in eval mode computes the
   coefficients from the current state without changing it.
+
+Typical use::
+
+    agm = agm_fast.AGM(encoders=[audio_net, video_net], fusion=head, alpha=1.5, cap=10.0, window=(0, 70))
+    for epoch in range(epochs):
+        for audio, video, y in loader:
+            res = agm(audio, video, target=y, epoch=epoch)
+            loss = torch.nn.functional.cross_entropy(res.logits, y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+
+Porting the reference loop::
+
+    model = agm_fast.GradMod(model, num_modalities=2)
+    coeff = agm_fast.AGMCoefficients(num_modalities=2, alpha=1.5, cap=10.0)
+    m_a, m_v, out = model(audio, video)
+    loss = criterion(out, y)
+    model.update_scale(*coeff((m_a, m_v), y))
+    loss.backward()
 """
 
 from __future__ import annotations

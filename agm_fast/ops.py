@@ -267,6 +267,8 @@ def _ogm_ge_check(grads: List[Tensor], group: List[int], coeffs: Tensor) -> None
         raise ValueError(f"coeffs: expected a tensor on the grads' device {device}, got {coeffs.device}")
 
 
+# seed and offset are SymInts: under torch.compile a per-step offset then becomes a dynamic int after one recompile,
+# instead of a guard (and a recompile) per value.
 @torch.library.custom_op(
     "agm_fast::ogm_ge_",
     mutates_args={"grads"},
@@ -289,6 +291,7 @@ def ogm_ge_(grads: List[Tensor], group: List[int], coeffs: Tensor, noise: bool, 
     """
     _ogm_ge_check(grads, group, coeffs)
     if _backend.select(grads[0].device, has=("ext", "torch")) == "ext":
+        # Loading agm_fast._C registers agm_fast::_ogm_ge_impl (csrc/agm_fast.cpp) for CPU and, if built, CUDA.
         _backend.get_ext()
         torch.ops.agm_fast._ogm_ge_impl(grads, group, coeffs, noise, seed, offset)
     else:

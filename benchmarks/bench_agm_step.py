@@ -126,7 +126,7 @@ def make_case(name: str, quick: bool, device: torch.device, seed: int = 0) -> Di
         encoders = [ConvEncoder(1, width), ConvEncoder(3, width)]
         inputs = [torch.randn(B, 1, side, side, generator=gen), torch.randn(B, 3, side, side, generator=gen)]
     elif name.startswith("transformer3"):
-        B, T, d_model, layers = (8, 6, 16, 1) if quick else (64, 8, 192, 2)
+        B, T, d_model, layers = (8, 6, 16, 1) if quick else (48, 8, 256, 2)
         dims = (20, 32, 48)
         encoders = [TokenEncoder(d, d_model, layers) for d in dims]
         inputs = [torch.randn(B, T, d, generator=gen) for d in dims]

@@ -282,10 +282,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             suffix = "" if args.threads is None else f"-{args.threads}thread"
             path = os.path.join(RESULTS_DIR, f"{device.type}-ogm-ge{suffix}.md")
             with open(path, "w") as f:
-                f.write(
-                    f"{machine}\n\n{info}\n\ncommand: `python -m agm_fast.benchmarks.bench_ogm_ge "
-                    f"{' '.join(argv if argv is not None else sys.argv[1:])}`\n\n{table}\n{NOTES}"
-                )
+                given = sys.argv[1:] if argv is None else list(argv)
+                command = " ".join(["python -m agm_fast.benchmarks.bench_ogm_ge"] + given)
+                f.write(f"{machine}\n\n{info}\n\ncommand: `{command}`\n\n{table}\n{NOTES}")
             print(f"wrote {path}")
     return 1 if failed else 0
 
