@@ -4,6 +4,12 @@ Models:
     resnet2-concat       two small ResNet-style conv encoders with BatchNorm (M = 2), concat (nn.Linear) head
     resnet2-mlp          the same encoders, MLP head over the concatenated features
     transformer3-concat  three small Transformer encoders with dropout (M = 3), concat head
+    resnet18-crema-concat / resnet18-crema-mlp
+                         GPU sizes: two ResNet-18 encoders on CREMA-D-shaped inputs (audio 1x257x188, visual
+                         3x224x224), batch 64, 6 classes (the default cases with --device cuda)
+    transformer3-urfunny-concat
+                         GPU sizes: three Transformer encoders (8 layers, d=768, sequence 50; UR-Funny-shaped
+                         text/audio/video widths 300/81/371), batch 64, 2 classes
 
 Providers:
     baseline          benchmarks/baselines/agm_reference_style.py: 2^M - 1 full model passes, per-sample score loop
@@ -38,7 +44,9 @@ from torch import Tensor, nn
 import agm_fast
 
 PROVIDERS = ("baseline", "batched", "factorized", "factorized-train", "joint")
-CASES = ("resnet2-concat", "resnet2-mlp", "transformer3-concat")
+CPU_CASES = ("resnet2-concat", "resnet2-mlp", "transformer3-concat")
+GPU_CASES = ("resnet18-crema-concat", "resnet18-crema-mlp", "transformer3-urfunny-concat")
+CASES = CPU_CASES + GPU_CASES
 ALPHA = 1.5
 
 
@@ -76,13 +84,33 @@ class ConvEncoder(nn.Module):
         return self.blocks(self.stem(x)).mean(dim=(2, 3))
 
 
+class ResNet18Encoder(nn.Module):
+    """ResNet-18 trunk (7x7 stem, max pool, four stages of two basic blocks, widths 64..512), average pool ->
+    ``[B, 512]``."""
+
+    def __init__(self, in_channels: int) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(3, 2, 1)
+        )
+        blocks, cin = [], 64
+        for cout, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+            blocks += [BasicBlock(cin, cout, stride), BasicBlock(cout, cout, 1)]
+            cin = cout
+        self.blocks = nn.Sequential(*blocks)
+        self.out_dim = 512
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.blocks(self.stem(x)).mean(dim=(2, 3))
+
+
 class TokenEncoder(nn.Module):
     """Linear projection, a Transformer encoder with dropout, mean pool over tokens -> ``[B, d_model]``."""
 
-    def __init__(self, d_in: int, d_model: int, layers: int) -> None:
+    def __init__(self, d_in: int, d_model: int, layers: int, heads: int = 4, ffn: Optional[int] = None) -> None:
         super().__init__()
         self.proj = nn.Linear(d_in, d_model)
-        layer = nn.TransformerEncoderLayer(d_model, 4, 2 * d_model, dropout=0.1, batch_first=True)
+        layer = nn.TransformerEncoderLayer(d_model, heads, ffn or 2 * d_model, dropout=0.1, batch_first=True)
         self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
         self.out_dim = d_model
 
@@ -121,7 +149,16 @@ def make_case(name: str, quick: bool, device: torch.device, seed: int = 0) -> Di
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     num_classes = 10
-    if name.startswith("resnet2"):
+    if name.startswith("resnet18-crema"):
+        B, num_classes = (4 if quick else 64), 6
+        encoders = [ResNet18Encoder(1), ResNet18Encoder(3)]
+        inputs = [torch.randn(B, 1, 257, 188, generator=gen), torch.randn(B, 3, 224, 224, generator=gen)]
+    elif name.startswith("transformer3-urfunny"):
+        B, T, num_classes = (4 if quick else 64), 50, 2
+        dims = (300, 81, 371)
+        encoders = [TokenEncoder(d, 768, 8, heads=12, ffn=3072) for d in dims]
+        inputs = [torch.randn(B, T, d, generator=gen) for d in dims]
+    elif name.startswith("resnet2"):
         B, side, width = (8, 8, 4) if quick else (32, 16, 24)
         encoders = [ConvEncoder(1, width), ConvEncoder(3, width)]
         inputs = [torch.randn(B, 1, side, side, generator=gen), torch.randn(B, 3, side, side, generator=gen)]
@@ -293,7 +330,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="bench_agm_step", description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--quick", action="store_true", help="tiny sizes (a smoke run)")
-    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
+    parser.add_argument(
+        "--cases", nargs="+", default=None, choices=CASES, help="default: the small models on CPU, GPU sizes on cuda"
+    )
     parser.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS)
     parser.add_argument("--rep", type=int, default=None, help="timed steps per provider (CPU; default 15, quick 3)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -307,6 +346,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     rep = args.rep if args.rep is not None else (3 if args.quick else 15)
+    if args.cases is None:
+        args.cases = list(GPU_CASES if device.type == "cuda" else CPU_CASES)
     machine = machine_line(device)
     print(machine)
     text = [machine, "", f"command: python -m agm_fast.benchmarks.bench_agm_step {' '.join(argv)}".rstrip(), ""]

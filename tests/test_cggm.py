@@ -411,12 +411,18 @@ def test_two_ranks_give_the_single_process_coefficients(monkeypatch):
         barrier.wait()
         return total
 
-    def run(shard):
+    def build():
+        # Built in the calling (main) thread: the global RNG is shared between threads, so seeding inside the
+        # rank threads would race.
         torch.manual_seed(0)
         model = Model(2).to(DT)
         cggm = agm_fast.CGGM(
             list(model.encoders), model.out, model.dims, C, head_optimizer=torch.optim.SGD, head_lr=0.5
         )
+        return model, cggm
+
+    def run(shard, built):
+        model, cggm = built
         coeffs = []
         for xs, y in data:
             xs, y = shard(xs, y)
@@ -424,7 +430,8 @@ def test_two_ranks_give_the_single_process_coefficients(monkeypatch):
             coeffs.append(cggm.observe(hs, y).clone())
         return coeffs, [p.detach().clone() for p in cggm.heads.parameters()]
 
-    want = run(lambda xs, y: (xs, y))
+    want = run(lambda xs, y: (xs, y), build())
+    built = [build() for _ in range(world)]
     monkeypatch.setattr(agm_fast.distributed, "is_active", lambda group=None: True)
     monkeypatch.setattr(agm_fast.distributed, "global_sums", global_sums)
     monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: world)
@@ -434,7 +441,7 @@ def test_two_ranks_give_the_single_process_coefficients(monkeypatch):
         local.rank = rank
         sl = slice(rank * B // world, (rank + 1) * B // world)
         try:
-            results[rank] = run(lambda xs, y: ([x[sl] for x in xs], y[sl]))
+            results[rank] = run(lambda xs, y: ([x[sl] for x in xs], y[sl]), built[rank])
         except BaseException as exc:
             errors.append(exc)
             barrier.abort()
