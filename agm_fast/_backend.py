@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["backend_info", "get_ext", "has_ext", "has_triton", "triton_interpret", "select"]
+__all__ = ["backend_info", "get_ext", "has_ext", "has_triton", "triton_interpret", "select", "to_device"]
 
 _BACKENDS = ("torch", "triton", "ext")
 
@@ -125,6 +125,17 @@ def select(device: torch.device, has: tuple = ("torch", "triton")) -> str:
     if device.type == "cpu" and "ext" in has and _ext is not None:
         return "ext"
     return "torch"
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copy a small host tensor to ``device`` without making the host wait.
+
+    A host-to-device copy from pageable memory synchronises with the stream; from pinned memory with
+    ``non_blocking=True`` it does not.
+    """
+    if torch.device(device).type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def backend_info() -> dict:

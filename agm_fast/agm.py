@@ -77,7 +77,7 @@ from typing import Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from . import ops
+from . import distributed, ops
 from . import reference as ref
 from .functional import _agm_check_modalities, _agm_check_target
 
@@ -634,6 +634,10 @@ class AGMCoefficients(nn.Module):
         window: ``(start_epoch, end_epoch)`` inclusive, or None (always modulate).
         hold_last: outside the window keep the last coefficients instead of 1.
         task: ``"classification"`` (default) or ``"regression"``.
+        process_group: with ``torch.distributed`` initialised, the per-modality score sums and sample counts are
+            all-reduced over this group (None: the default group) in one collective of 2M numbers, so every rank
+            gets the coefficients and running means a single process computes on the global batch. Without
+            distributed nothing changes.
     """
 
     def __init__(
@@ -644,6 +648,7 @@ class AGMCoefficients(nn.Module):
         window: Optional[Tuple[int, int]] = None,
         hold_last: bool = False,
         task: str = "classification",
+        process_group=None,
     ) -> None:
         super().__init__()
         M = _agm_check_modalities(num_modalities, "sampled")
@@ -653,6 +658,7 @@ class AGMCoefficients(nn.Module):
         self.window = _check_window(window)
         self.hold_last = bool(hold_last)
         self.task = _check_choice("task", task, _TASKS)
+        self.process_group = process_group
         self.register_buffer("running", torch.zeros(M))
         self.register_buffer("count", torch.zeros(()))
         self.register_buffer("last_coeffs", torch.ones(M))
@@ -676,6 +682,13 @@ class AGMCoefficients(nn.Module):
             F, W, labels, self.running, self.count, self.last_coeffs, self.alpha, self.cap, in_window,
             self.hold_last, self.task == "regression",
         )
+        if distributed.is_active(self.process_group):
+            # The op's scores are this rank's batch means: one collective turns them into the global batch mean,
+            # and the coefficients and running means are recomputed from it (device arithmetic, no host sync).
+            scores = distributed.global_mean_scores(scores.detach(), F.shape[1], self.process_group)
+            running_new, count_new, coeffs = ref.agm_coefficients_ref(
+                scores, self.running, self.count, self.last_coeffs, self.alpha, self.cap, in_window, self.hold_last
+            )
         coeffs = coeffs.detach()
         if self.training:
             with torch.no_grad():
@@ -736,6 +749,7 @@ class AGM(_ShapleyBase):
         window: ``(start_epoch, end_epoch)`` inclusive, or None.
         hold_last: outside the window keep the last coefficients (the reference) instead of 1 (default).
         task: ``"classification"`` (default) or ``"regression"`` (MSE score; beyond the reference).
+        process_group: as :class:`AGMCoefficients` (distributed training: coefficients of the global batch).
     """
 
     def __init__(
@@ -758,12 +772,15 @@ class AGM(_ShapleyBase):
         num_permutations: int = 16,
         seed: int = 0,
         max_batch: Optional[int] = None,
+        process_group=None,
     ) -> None:
         super().__init__(
             model, num_modalities, encoders, fusion, strategy, masked_mode, shapley, mute, baselines,
             num_permutations, seed, max_batch, register_model=False,
         )
-        self.coefficients = AGMCoefficients(self.num_modalities, alpha, cap, window, hold_last, task)
+        self.coefficients = AGMCoefficients(
+            self.num_modalities, alpha, cap, window, hold_last, task, process_group=process_group
+        )
 
     @property
     def task(self) -> str:

@@ -758,8 +758,6 @@ def _resolve(args: argparse.Namespace) -> None:
             f"--method {args.method} does not support --fusion {args.fusion}; "
             f"supported: {', '.join(SUPPORT[args.method])}"
         )
-    if args.method not in _METHOD_CLASSES:
-        raise CLIError(f"--method {args.method} is not available in this installation")
     for key, methods in _APPLIES.items():
         if getattr(args, key) not in (None, _UNSET) and args.method not in methods:
             flag = "--" + key.replace("_", "-") if not key.startswith("modulation") else "--" + key

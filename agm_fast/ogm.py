@@ -33,7 +33,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from . import distributed, functional
+from . import _backend, distributed, functional
 from . import reference as ref
 from .fusion import per_modality_logits
 
@@ -183,7 +183,7 @@ def update_model_with_OGM_GE(
         params.append([p for _, p in selected])
     grads, group = _gather_grads(params)
     device = grads[0].device
-    coeffs = torch.stack([_as_coefficient(k_a, "k_a").to(device), _as_coefficient(k_v, "k_v").to(device)])
+    coeffs = torch.stack([_backend.to_device(_as_coefficient(k, n), device) for k, n in ((k_a, "k_a"), (k_v, "k_v"))])
     # The op takes one coefficient per modality index up to max(group): a modality without gradients at the end of
     # the list has none.
     functional.ogm_ge_(grads, group, coeffs[: max(group) + 1], noise=mode == "OGM_GE", seed=seed, offset=offset)

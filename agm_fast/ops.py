@@ -58,7 +58,8 @@ def subset_batch_bwd(
         return k.subset_batch_bwd(grad, mute_shape, masks, modality)
     S = len(masks)
     g = grad.reshape((S, grad.shape[0] // S) + tuple(grad.shape[1:])).to(torch.float32)
-    keep = torch.tensor([(mask >> modality) & 1 for mask in masks], dtype=torch.float32, device=grad.device)
+    bits = torch.tensor([(mask >> modality) & 1 for mask in masks], dtype=torch.float32)
+    keep = _backend.to_device(bits, grad.device)
     view = (S,) + (1,) * (g.dim() - 1)
     dx = (g * keep.view(view)).sum(0).to(grad.dtype)
     if mute_shape is None:

@@ -27,6 +27,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from agm_fast._backend import to_device
+
 __all__ = ["subset_batch_fwd", "subset_batch_bwd"]
 
 _TILE = 2048
@@ -35,7 +37,7 @@ _MAX_BLOCK_D = 1024
 
 @functools.lru_cache(maxsize=256)
 def _keep_bits_cached(keep: Tuple[int, ...], device: torch.device) -> Tensor:
-    return torch.tensor(keep, dtype=torch.int32, device=device)
+    return to_device(torch.tensor(keep, dtype=torch.int32), device)
 
 
 def _keep_bits(masks: Sequence[int], modality: int, device: torch.device) -> Tensor:

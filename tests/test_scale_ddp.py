@@ -1,0 +1,115 @@
+"""Data-parallel correctness over 2 gloo ranks spawned by the test.
+
+Each rank trains on its half of a batch of 2B with gradients averaged across ranks (what DDP does), and must end
+with the coefficients and parameters of a single process training on the whole batch. The single-process run is
+computed inside each rank with a one-rank process group, for which the classes communicate nothing. Models have no
+BatchNorm: its batch statistics differ between a shard and the whole batch (use SyncBatchNorm for that).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from test_distributed import _spawn
+from torch import nn
+
+import agm_fast
+
+B, C, STEPS_EQUAL, STEPS_NOISE = 6, 5, 5, 20
+DIMS = (7, 4)
+
+
+def _models(seed: int = 0):
+    torch.manual_seed(seed)
+    encoders = [nn.Sequential(nn.Linear(d, 8), nn.ReLU(), nn.Linear(8, 8)) for d in DIMS]
+    fusion = agm_fast.ConcatFusion([8, 8], C)
+    params = [p for m in encoders + [fusion] for p in m.parameters()]
+    return encoders, fusion, params
+
+
+def _batches(steps: int):
+    gen = torch.Generator().manual_seed(1)
+    return [
+        ([torch.randn(2 * B, d, generator=gen) for d in DIMS], torch.randint(0, C, (2 * B,), generator=gen))
+        for _ in range(steps)
+    ]
+
+
+def _average_grads(params, group) -> None:
+    if group is None:
+        for p in params:
+            dist.all_reduce(p.grad)
+            p.grad /= dist.get_world_size()
+
+
+def _train_agm(batches, shard, group, reduce_group):
+    encoders, fusion, params = _models()
+    agm = agm_fast.AGM(encoders=encoders, fusion=fusion, alpha=1.5, process_group=group)
+    opt = torch.optim.SGD(params, lr=0.5)
+    coeffs = []
+    for xs, y in batches:
+        xs, y = shard(xs, y)
+        res = agm(*xs, target=y)
+        opt.zero_grad()
+        nn.functional.cross_entropy(res.logits, y).backward()
+        _average_grads(params, reduce_group)
+        opt.step()
+        coeffs.append(res.coeffs.clone())
+    return coeffs, [p.detach().clone() for p in params], agm.state_dict()
+
+
+def _train_ogm(batches, shard, group, reduce_group, mode):
+    encoders, fusion, params = _models()
+    ogm = agm_fast.OGMGE(encoders, alpha=0.8, mode=mode, seed=5, process_group=group)
+    opt = torch.optim.SGD(params, lr=0.5)
+    coeffs = []
+    for xs, y in batches:
+        xs, y = shard(xs, y)
+        feats = [enc(x) for enc, x in zip(encoders, xs)]
+        opt.zero_grad()
+        nn.functional.cross_entropy(fusion(*feats), y).backward()
+        _average_grads(params, reduce_group)
+        coeffs.append(ogm.step_from_features(y, fusion, feats, epoch=0).clone())
+        opt.step()
+    return coeffs, [p.detach().clone() for p in params]
+
+
+def _check_ddp(rank: int, world: int) -> None:
+    own = [dist.new_group([r]) for r in range(world)][rank]
+    everything = lambda xs, y: (xs, y)  # noqa: E731
+    half = lambda xs, y: ([x[rank * B:(rank + 1) * B] for x in xs], y[rank * B:(rank + 1) * B])  # noqa: E731
+    batches = _batches(STEPS_EQUAL)
+
+    want = _train_agm(batches, everything, own, own)
+    got = _train_agm(batches, half, None, None)
+    for g, w in zip(got[0], want[0]):
+        torch.testing.assert_close(g, w)
+    for g, w in zip(got[1], want[1]):
+        torch.testing.assert_close(g, w)
+    for key in ("coefficients.running", "coefficients.count"):
+        torch.testing.assert_close(got[2][key], want[2][key])
+
+    want = _train_ogm(batches, everything, own, own, "OGM")
+    got = _train_ogm(batches, half, None, None, "OGM")
+    for g, w in zip(got[0], want[0]):
+        torch.testing.assert_close(g, w)
+    for g, w in zip(got[1], want[1]):
+        torch.testing.assert_close(g, w)
+
+    # OGM-GE: the seed is broadcast at construction and the noise drawn after the all-reduce is the same on every
+    # rank, so the replicas stay bitwise identical.
+    _, params = _train_ogm(_batches(STEPS_NOISE), half, None, None, "OGM_GE")
+    flat = torch.cat([p.flatten() for p in params])
+    gathered = [torch.empty_like(flat) for _ in range(world)]
+    dist.all_gather(gathered, flat)
+    assert torch.equal(gathered[0], gathered[1])
+
+    # The process group is respected: with each rank in its own group, the two ranks' coefficients are their own.
+    local = _train_agm(batches[:1], half, own, own)[0][0]
+    alone = _train_agm([([x[rank * B:(rank + 1) * B] for x in batches[0][0]], batches[0][1][rank * B:(rank + 1) * B])],
+                       everything, own, own)[0][0]
+    torch.testing.assert_close(local, alone)
+
+
+def test_agm_and_ogm_over_two_ranks_equal_one_process_on_the_global_batch():
+    _spawn(_check_ddp, timeout=90.0)
