@@ -67,7 +67,15 @@ def _ext_modules():
 ext_modules, cmdclass = _ext_modules()
 
 setup(
-    packages=["agm_fast", "agm_fast.kernels", "agm_fast.data", "agm_fast.benchmarks", "agm_fast.benchmarks.baselines"],
+    packages=[
+        "agm_fast",
+        "agm_fast.cli",
+        "agm_fast.methods",
+        "agm_fast.kernels",
+        "agm_fast.data",
+        "agm_fast.benchmarks",
+        "agm_fast.benchmarks.baselines",
+    ],
     package_dir={
         "agm_fast": "agm_fast",
         "agm_fast.kernels": "kernels",

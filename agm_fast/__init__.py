@@ -5,21 +5,40 @@ and any fusion module. ``import agm_fast`` works without a GPU, a compiler or th
 :func:`backend_info` says what is available.
 """
 
-from . import _backend, agm, cggm, distributed, functional, fusion, metrics, mslr, ogm, opm, ops, reference
+from . import (
+    _backend,
+    agm,
+    cggm,
+    distributed,
+    functional,
+    fusion,
+    methods,
+    metrics,
+    models,
+    mslr,
+    ogm,
+    opm,
+    ops,
+    reference,
+    window,
+)
 from ._backend import backend_info, get_ext
 from .agm import *  # noqa: F401,F403
 from .cggm import *  # noqa: F401,F403
 from .distributed import *  # noqa: F401,F403
 from .fusion import *  # noqa: F401,F403
+from .methods import Method, StepOutput, training_step
 from .metrics import *  # noqa: F401,F403
 from .mslr import *  # noqa: F401,F403
 from .ogm import *  # noqa: F401,F403
 from .opm import *  # noqa: F401,F403
+from .window import *  # noqa: F401,F403
 
 __version__ = "0.1.0"
 
 __all__ = (
-    ["backend_info", "get_ext", "functional", "ops", "reference", "__version__"]
+    ["backend_info", "get_ext", "functional", "methods", "models", "ops", "reference", "__version__"]
+    + ["Method", "StepOutput", "training_step"]
     + agm.__all__
     + cggm.__all__
     + distributed.__all__
@@ -28,5 +47,6 @@ __all__ = (
     + mslr.__all__
     + ogm.__all__
     + opm.__all__
+    + window.__all__
 )
 del _backend

@@ -1,4 +1,4 @@
-"""CGGM: classifier-guided gradient modulation (Guo et al., NeurIPS 2024; SPEC section 4).
+"""CGGM: classifier-guided gradient modulation (Guo et al., NeurIPS 2024; docs/methods.md, section 4).
 
 One classifier head per modality learns on the detached encoder features. From the change of each head's metric
 between consecutive steps, CGGM derives per-modality coefficients ``B_m`` that rescale the encoders' gradients
@@ -14,7 +14,9 @@ import torch.nn.functional as Fn
 from torch import Tensor, nn
 
 from . import distributed as dist_helpers
-from .mslr import resolve_modalities
+from ._select import resolve_modalities
+from ._validate import check_choice, check_float, check_int
+from .fusion import output_layer
 
 __all__ = ["CGGM"]
 
@@ -25,20 +27,10 @@ _TASKS = ("classification", "regression")
 _DIRECTIONS = ("weights", "gradient")
 
 
-def _output_layer(head: nn.Module) -> nn.Linear:
-    """The output layer of a head: the head itself if it is a Linear, else its last Linear submodule."""
-    if isinstance(head, nn.Linear):
-        return head
-    linears = [m for m in head.modules() if isinstance(m, nn.Linear)]
-    if not linears:
-        raise ValueError(f"head {type(head).__name__} has no nn.Linear to use as its output layer")
-    return linears[-1]
-
-
 class CGGM:
     """Classifier-guided gradient modulation for any number of modalities.
 
-    Per training step t, on the current batch (SPEC 4):
+    Per training step t, on the current batch (docs/methods.md, section 4):
 
     - ``metric_m(t)``: the metric of head m (accuracy; sign accuracy ``pred > 0`` vs ``y > 0`` for regression;
       or a user callable such as Dice), computed from the head outputs **before** the head's update of this step.
@@ -151,30 +143,35 @@ class CGGM:
         model: Optional[nn.Module] = None,
         process_group=None,
     ):
-        if direction not in _DIRECTIONS:
-            raise ValueError(f"direction must be one of {_DIRECTIONS}, got {direction!r}")
-        if task not in _TASKS:
-            raise ValueError(f"task must be one of {_TASKS}, got {task!r}")
-        if bound is not None and not float(bound) > 0:
-            raise ValueError(f"bound must be a positive float or None, got {bound!r}")
-        if not isinstance(num_classes, int) or num_classes < 1:
-            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
-        self.names, self._params, _ = resolve_modalities(encoders, model)
+        check_choice("direction", direction, _DIRECTIONS)
+        check_choice("task", task, _TASKS)
+        rho = check_float("rho", rho, low=0.0, low_open=True)
+        lam = check_float("lam", lam, low=0.0)
+        bound = check_float("bound", bound, low=0.0, low_open=True, allow_none=True)
+        num_classes = check_int("num_classes", num_classes, low=1)
+        if head_lr is not None:
+            head_lr = check_float("head_lr", head_lr, low=0.0, low_open=True)
+        self.names, self._params, _ = resolve_modalities(encoders, model, arg="encoders")
         M = len(self.names)
         if M < 2:
-            raise ValueError(f"CGGM needs at least 2 modalities, got {M}")
+            raise ValueError(f"encoders: expected at least 2 modalities, got {M}")
         dims = [int(d) for d in feature_dims]
         if len(dims) != M or any(d < 1 for d in dims):
-            raise ValueError(f"feature_dims must hold {M} positive sizes (one per encoder), got {list(feature_dims)}")
+            raise ValueError(f"feature_dims: expected {M} positive sizes (one per encoder), got {list(feature_dims)}")
 
         weight = fusion_out if isinstance(fusion_out, Tensor) else getattr(fusion_out, "weight", None)
         if not isinstance(weight, Tensor) or weight.dim() != 2:
-            raise TypeError("fusion_out must be an nn.Linear, a module with a 2-D .weight, or a 2-D weight tensor")
+            raise TypeError(
+                f"fusion_out: expected an nn.Linear, a module with a 2-D .weight, or a 2-D weight tensor, got "
+                f"{type(fusion_out).__name__}"
+            )
         if not weight.requires_grad:
-            raise ValueError("the fusion output layer's weight does not require grad")
+            raise ValueError("fusion_out: expected a weight that requires grad, got one that does not")
         C, D = weight.shape
         if C != num_classes:
-            raise ValueError(f"the fusion output layer's weight is [{C}, {D}] but num_classes={num_classes}")
+            raise ValueError(
+                f"num_classes: expected {C} (the fusion output layer's weight is [{C}, {D}]), got {num_classes}"
+            )
         if D == sum(dims):
             offsets = [sum(dims[:m]) for m in range(M)]
             self._slices = [slice(o, o + d) for o, d in zip(offsets, dims)]
@@ -182,16 +179,16 @@ class CGGM:
             self._slices = [slice(0, D)] * M
         else:
             raise ValueError(
-                f"cannot match the fusion output layer (weight [{C}, {D}]) with feature_dims {dims}: expected "
-                f"D == sum(feature_dims) (a concat head) or every feature dim == D"
+                f"feature_dims: expected sizes that match the fusion output layer (weight [{C}, {D}]): their sum "
+                f"== {D} (a concat head) or each == {D}; got {dims}"
             )
 
         if heads is None:
             heads = [nn.Linear(d, C, device=weight.device, dtype=weight.dtype) for d in dims]
         elif len(heads) != M:
-            raise ValueError(f"heads must hold {M} modules (one per modality), got {len(heads)}")
+            raise ValueError(f"heads: expected {M} modules (one per modality), got {len(heads)}")
         self.heads = heads if isinstance(heads, nn.ModuleList) else nn.ModuleList(heads)
-        self._head_out = [_output_layer(h) for h in self.heads]
+        self._head_out = [output_layer(h, f"heads[{m}]") for m, h in enumerate(self.heads)]
         for m, (layer, sl) in enumerate(zip(self._head_out, self._slices)):
             want = (C, sl.stop - sl.start)
             if tuple(layer.weight.shape) != want:
@@ -203,10 +200,16 @@ class CGGM:
         if head_optimizer is None:
             self.head_optimizer = None
         elif isinstance(head_optimizer, torch.optim.Optimizer):
-            raise TypeError("head_optimizer must be a callable that builds an optimizer (e.g. torch.optim.Adam)")
+            raise TypeError(
+                "head_optimizer: expected a callable that builds an optimizer (e.g. torch.optim.Adam), got an "
+                "optimizer instance"
+            )
         else:
             if head_lr is None:
-                raise ValueError("pass head_lr (the reference uses half the main learning rate) or head_optimizer=None")
+                raise ValueError(
+                    "head_lr: expected a learning rate for the heads (the reference uses half the main one) when "
+                    "head_optimizer is given, got None"
+                )
             self.head_optimizer = head_optimizer(self.heads.parameters(), lr=head_lr)
 
         self._groups: List[Dict[tuple, List[Tensor]]] = []
@@ -270,25 +273,30 @@ class CGGM:
     def _check_observe(self, features: Sequence[Tensor], labels: Tensor) -> None:
         M = self.num_modalities
         if len(features) != M:
-            raise ValueError(f"observe() expects {M} feature tensors (one per modality), got {len(features)}")
+            raise ValueError(f"features: expected {M} feature tensors (one per modality), got {len(features)}")
         for m, (f, d) in enumerate(zip(features, self.feature_dims)):
             if not isinstance(f, Tensor) or f.dim() < 2 or f.shape[-1] != d:
                 shape = tuple(f.shape) if isinstance(f, Tensor) else type(f).__name__
-                raise ValueError(f"features[{m}] must be [B, ..., {d}], got {shape}")
+                raise ValueError(f"features[{m}]: expected shape [B, ..., {d}], got {shape}")
             if f.shape[0] != features[0].shape[0]:
-                raise ValueError(f"features[{m}] has batch size {f.shape[0]}, features[0] has {features[0].shape[0]}")
+                raise ValueError(
+                    f"features[{m}]: expected batch size {features[0].shape[0]} (that of features[0]), got {f.shape[0]}"
+                )
         if not isinstance(labels, Tensor) or labels.shape[0] != features[0].shape[0]:
             shape = tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__
-            raise ValueError(f"labels must have batch size {features[0].shape[0]}, got {shape}")
+            raise ValueError(f"labels: expected batch size {features[0].shape[0]}, got shape {shape}")
         if self.task == "classification" and self._metric_fn is None:
-            if labels.dtype != torch.int64 or labels.dim() != 1:
-                raise ValueError(
-                    f"classification labels must be a [B] int64 tensor, got {labels.dtype} {tuple(labels.shape)}"
-                )
+            if labels.dtype != torch.int64:
+                raise TypeError(f"labels: expected int64 class indices, got {labels.dtype}")
+            if labels.dim() != 1:
+                raise ValueError(f"labels: expected shape [B] (one class index per sample), got {tuple(labels.shape)}")
             # A value check reads the labels, so it runs only on CPU tensors (no host sync on CUDA).
             on_cpu = labels.device.type == "cpu" and labels.numel() > 0
             if on_cpu and (labels.min() < 0 or labels.max() >= self.num_classes):
-                raise ValueError(f"labels must lie in [0, {self.num_classes}), got [{labels.min()}, {labels.max()}]")
+                raise ValueError(
+                    f"labels: expected class indices in [0, {self.num_classes}), got values in "
+                    f"[{int(labels.min())}, {int(labels.max())}]"
+                )
 
     def observe(self, features: Sequence[Tensor], labels: Tensor) -> Tensor:
         """Run and train the heads on this batch, update the metrics and the coefficients B, store l_gm's inputs.
@@ -373,12 +381,19 @@ class CGGM:
             fused = self._pending["fusion"] + (W - W.detach())
         else:
             if task_loss is None:
-                raise ValueError('direction="gradient" needs the task loss: call loss_term(task_loss)')
+                raise ValueError(
+                    'task_loss: expected the task loss with direction="gradient" (loss_term(task_loss)), got None'
+                )
             if not task_loss.requires_grad:
-                raise ValueError("task_loss does not require grad, so the fusion weight's gradient cannot be taken")
+                raise ValueError(
+                    "task_loss: expected a loss that requires grad (the fusion weight's gradient is taken), got one "
+                    "that does not"
+                )
             (fused,) = torch.autograd.grad(task_loss, W, create_graph=True, allow_unused=True)
             if fused is None:
-                raise ValueError("the task loss does not depend on the fusion output layer's weight")
+                raise ValueError(
+                    "task_loss: expected a loss that depends on the fusion output layer's weight, got one that does not"
+                )
         cos = torch.stack(
             [
                 Fn.cosine_similarity(t.reshape(-1), fused[:, sl].reshape(-1), dim=0)
@@ -430,9 +445,9 @@ class CGGM:
     def load_state_dict(self, state: Mapping[str, object]) -> None:
         """Restore what :meth:`state_dict` returned (tensors are moved to the fusion weight's device)."""
         if list(state["names"]) != self.names:
-            raise ValueError(f"state_dict is for modalities {list(state['names'])}, this CGGM has {self.names}")
+            raise ValueError(f"state: expected the state of modalities {self.names}, got {list(state['names'])}")
         if state["direction"] != self.direction:
-            raise ValueError(f"state_dict is for direction={state['direction']!r}, this CGGM has {self.direction!r}")
+            raise ValueError(f"state: expected the state of direction={self.direction!r}, got {state['direction']!r}")
         dev = self.prev_metric.device
 
         def to_dev(t):

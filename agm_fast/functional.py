@@ -66,7 +66,7 @@ def ogm_scores(logits: Tensor, labels: Tensor, alpha: float, continuous: bool = 
 
     ``s_m = sum_b softmax(out_m)[b, y_b]``; M = 2: ``rho = s_1 / s_0`` and the dominant modality gets
     ``1 - tanh(alpha * relu(rho))`` (``relu(rho - 1)`` with ``continuous``), the other 1, a tie damping modality 0;
-    M > 2: ``rho_m = s_m / mean_{j != m} s_j`` and every m with ``rho_m > 1`` is damped (SPEC section 2).
+    M > 2: ``rho_m = s_m / mean_{j != m} s_j`` and every m with ``rho_m > 1`` is damped (docs/methods.md, section 2).
     The logits are treated as constants (no gradient flows through the scores).
 
     Args:
@@ -165,7 +165,9 @@ def shapley_scores(
     hold_last: bool = False,
     task: str = "classification",
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """The AGM step on stacked subset logits, on their device with no host synchronisation (SPEC 1.3-1.4).
+    """The AGM step on stacked subset logits, on their device with no host synchronisation.
+
+    The maths is in docs/methods.md, sections 1.3 and 1.4.
 
     ``psi[m] = sum_s W[m, s] F[s]``; ``s_m = mean_b -log(max(softmax(psi_m)[b, y_b], 1e-8))`` (regression: the mean
     squared error); ``c_m = exp(alpha * min(rbar_m - r_m, cap))`` with ``rbar`` from the running means before this
@@ -221,7 +223,8 @@ def shapley_scores(
 def shapley_combine(F: Tensor, W: Tensor, coeffs: Tensor, full_index: int) -> Tensor:
     """AGM loss logits: value ``F[full_index]`` (the full pass), gradient routed through the scaled mono-modal outputs.
 
-    ``out = sum_m c_m psi_m + stopgrad(f(A) - sum_m c_m psi_m)``, so ``dF[s] = (sum_m c_m W[m, s]) g`` (SPEC 1.5).
+    ``out = sum_m c_m psi_m + stopgrad(f(A) - sum_m c_m psi_m)``, so ``dF[s] = (sum_m c_m W[m, s]) g``
+    (docs/methods.md, section 1.5).
 
     Args:
         F: ``[S, B, C]`` subset logits.
@@ -302,7 +305,7 @@ def shapley_subsets(
     num_permutations: int = 16,
     generator: Optional[torch.Generator] = None,
 ) -> Tuple[List[int], Tensor]:
-    """The subsets whose outputs a Shapley variant needs, and its weight matrix (SPEC 1.3).
+    """The subsets whose outputs a Shapley variant needs, and its weight matrix (docs/methods.md, section 1.3).
 
     Args:
         num_modalities: M >= 2 (at most 8 for ``"reference"`` and ``"exact"``).
@@ -366,7 +369,7 @@ def shapley_outputs(
 
 
 def agm_scores(psi: Tensor, labels: Tensor, task: str = "classification") -> Tensor:
-    """Per-modality AGM scores of one batch (SPEC 1.4).
+    """Per-modality AGM scores of one batch (docs/methods.md, section 1.4).
 
     Classification: ``s_m = mean_b -log(max(softmax(psi_m)[b, y_b], 1e-8))``; regression (beyond the reference):
     ``s_m = mean((psi_m - y)^2)``. Non-finite outputs give a NaN score.
@@ -402,7 +405,7 @@ def agm_coefficients(
     in_window: bool = True,
     hold_last: bool = False,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    """AGM coefficients of one step and the running-mean update (SPEC 1.4).
+    """AGM coefficients of one step and the running-mean update (docs/methods.md, section 1.4).
 
     ``r_m = exp(mean_{j!=m} s_j - s_m)``, ``rbar_m`` the same on the running means before this step,
     ``c_m = exp(alpha * min(rbar_m - r_m, cap))``; outside the window 1 (``hold_last``: ``prev_coeffs``). Then

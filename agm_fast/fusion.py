@@ -28,6 +28,7 @@ __all__ = [
     "FiLMFusion",
     "FUSION_METHODS",
     "build_fusion",
+    "output_layer",
     "per_modality_logits",
 ]
 
@@ -304,8 +305,42 @@ def build_fusion(method: str, dims: Sequence[int], num_classes: int, **kwargs) -
     return FUSION_METHODS[method](dims, num_classes, **kwargs)
 
 
-def per_modality_logits(fusion: nn.Module, features: Sequence[Tensor], head: Optional[str] = None) -> Tensor:
-    """Per-modality logits ``[M, B, C]`` of any fusion head (SPEC section 2).
+def output_layer(module: nn.Module, name: str = "fusion") -> nn.Linear:
+    """The output layer of a head: the module itself if it is an ``nn.Linear``, else its last ``nn.Linear``.
+
+    Every head of this module ends in its output layer (concat: ``fc``, MLP: ``net[2]``, gated and FiLM:
+    ``fc_out``); CGGM compares its per-modality heads with it.
+
+    Args:
+        module: the head.
+        name: the argument's name for the error message.
+
+    Returns:
+        The ``nn.Linear`` output layer.
+    """
+    if isinstance(module, nn.Linear):
+        return module
+    linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError(f"{name}: expected a module with an nn.Linear output layer, got {type(module).__name__}")
+    return linears[-1]
+
+
+class _PerModalityLogits(nn.Module):
+    # A module around per_modality_logits, so that torch.func.functional_call can swap in detached parameters.
+    def __init__(self, fusion: nn.Module, head: Optional[str]):
+        super().__init__()
+        self.fusion = fusion
+        self.head = head
+
+    def forward(self, *features: Tensor) -> Tensor:
+        return per_modality_logits(self.fusion, features, self.head)
+
+
+def per_modality_logits(
+    fusion: nn.Module, features: Sequence[Tensor], head: Optional[str] = None, detach_params: bool = False
+) -> Tensor:
+    """Per-modality logits ``[M, B, C]`` of any fusion head (docs/methods.md, section 2).
 
     The rule, unless ``head`` names one:
 
@@ -314,12 +349,15 @@ def per_modality_logits(fusion: nn.Module, features: Sequence[Tensor], head: Opt
     - anything else: zero-out, one call of ``fusion`` per modality with the other modalities' features set to
       zero (one call each, so heads with batch statistics see ordinary batches).
 
-    Gradients flow through the result; wrap the call in ``torch.no_grad()`` for scores only.
+    Gradients flow through the result; wrap the call in ``torch.no_grad()`` for scores only, or pass
+    ``detach_params=True`` to run the head with its parameters detached (a detached copy of the head, as the journal
+    code scores OPM): gradients then reach the features only.
 
     Args:
         fusion: the head, called as ``fusion(*features) -> [B, C]``.
         features: M tensors ``[B, d_m]``.
         head: force a rule: ``"concat"`` (needs a ``weight [C, sum d_m]`` and optional ``bias``) or ``"zero_out"``.
+        detach_params: run the head with detached parameters.
 
     Returns:
         ``[M, B, C]`` tensor.
@@ -328,6 +366,9 @@ def per_modality_logits(fusion: nn.Module, features: Sequence[Tensor], head: Opt
     _check_features(features, None)
     if head not in (None, "concat", "zero_out"):
         raise ValueError(f"head: expected None, 'concat' or 'zero_out', got {head!r}")
+    if detach_params:
+        params = {f"fusion.{name}": p.detach() for name, p in fusion.named_parameters()}
+        return torch.func.functional_call(_PerModalityLogits(fusion, head), params, tuple(features))
     if head is None and hasattr(fusion, "per_modality_logits"):
         return fusion.per_modality_logits(*features)
     if head == "concat" or (head is None and isinstance(fusion, nn.Linear)):

@@ -1,4 +1,6 @@
-"""Analysis metrics of modality imbalance: competition strength (SPEC 1.6) and Shapley attribution of accuracy.
+"""Analysis metrics of modality imbalance: competition strength and Shapley attribution of accuracy.
+
+Competition strength is defined in docs/methods.md, section 1.6.
 
 - :func:`competition_strength`: how much of a unimodal "concept" (the features of a separately trained unimodal
   model) the fused multimodal feature contains linearly; lower means more.
@@ -57,7 +59,9 @@ def competition_strength(
     concept_test: Concepts,
     ridge_alpha: float = 120.0,
 ) -> Union[Tensor, Dict[str, Tensor]]:
-    """Competition strength d_m of one or several modalities (the AGM paper's "mono-modal concept", SPEC 1.6).
+    """Competition strength d_m of one or several modalities (the AGM paper's "mono-modal concept").
+
+    The definition is in docs/methods.md, section 1.6.
 
     A ridge regression with an unpenalised intercept is fitted from the fused feature F to the concept Y (the
     features of a separately trained unimodal model) on the train split, in closed form on centred data:

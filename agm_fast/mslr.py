@@ -1,4 +1,4 @@
-"""MSLR and MSES, the two baselines the AGM paper compares with (SPEC 1.7).
+"""MSLR and MSES, the two baselines the AGM paper compares with (docs/methods.md, section 1.7).
 
 Both work on the gradients of named groups of parameters, one group per modality, between ``loss.backward()``
 and ``optimizer.step()``:
@@ -9,144 +9,22 @@ and ``optimizer.step()``:
   for ``patience`` epochs: its gradients are removed from then on and its best parameters are restored.
 
 A modality is named by a module, by a parameter-name prefix of ``model``, by an iterable of parameters, or by an
-optimizer-style param group (a dict with ``"params"``). Prefixes follow :class:`agm_fast.OGMGE`: a parameter is
-selected when its name, after an optional DataParallel ``module.`` prefix, starts with the prefix (``"audio"``
-selects ``audio_net.*``; end a prefix with ``"."`` to match one module exactly). A selection that matches no
-trainable parameter, an empty prefix, or a parameter claimed by two modalities is an error.
+optimizer-style param group (a dict with ``"params"``), by the selection rule every method shares
+(:func:`agm_fast._select.resolve_modalities`).
 """
 
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
+from ._select import per_modality_values, resolve_modalities
+from ._validate import check_bool, check_float, check_floats, check_int
+
 __all__ = ["MSLR", "MSES"]
-
-Selection = Union[nn.Module, str, Iterable[Tensor], Mapping[str, object]]
-
-
-def _named(modalities) -> "OrderedDict[str, Selection]":
-    if isinstance(modalities, Mapping):
-        items = OrderedDict((str(k), v) for k, v in modalities.items())
-    elif isinstance(modalities, (list, tuple)):
-        items = OrderedDict((str(i), v) for i, v in enumerate(modalities))
-    else:
-        raise TypeError(
-            "modalities must be a dict name -> module / name prefix / parameters, or a list of them, "
-            f"got {type(modalities).__name__}"
-        )
-    if len(items) == 0:
-        raise ValueError("modalities is empty: name at least one modality")
-    return items
-
-
-_DP_PREFIX = "module."
-
-
-def _matches(name: str, prefix: str) -> bool:
-    # The selection rule of agm_fast.OGMGE: a plain name prefix, after an optional (Distributed)DataParallel
-    # "module." wrapper prefix.
-    if name.startswith(_DP_PREFIX):
-        name = name[len(_DP_PREFIX) :]
-    return name.startswith(prefix)
-
-
-def resolve_modalities(
-    modalities, model: Optional[nn.Module] = None, with_buffers: bool = False
-) -> Tuple[List[str], List[List[Tensor]], List[List[Tensor]]]:
-    """Turn the user's modality selections into lists of parameters (and buffers).
-
-    Args:
-        modalities: dict name -> selection, or a list of selections (named ``"0"``, ``"1"``, ...). A selection is
-            an ``nn.Module`` (all its trainable parameters), a name prefix of ``model`` (the parameters whose name,
-            less a leading ``module.``, starts with it), an iterable of parameters, or a dict with ``"params"``.
-        model: the model that name prefixes refer to.
-        with_buffers: also collect the buffers of module and prefix selections (BatchNorm statistics).
-
-    Returns:
-        ``(names, params, buffers)``: M names, M lists of trainable parameters, M lists of buffers (empty lists when
-        ``with_buffers`` is False or the selection is a plain parameter list).
-
-    Raises:
-        ValueError: a selection matches no trainable parameter, a prefix is given without ``model``, or a parameter
-            belongs to two modalities.
-        TypeError: a selection of an unsupported type.
-    """
-    items = _named(modalities)
-    names, params, buffers = [], [], []
-    owner: Dict[int, str] = {}
-    for name, sel in items.items():
-        bufs: List[Tensor] = []
-        if isinstance(sel, nn.Module):
-            ps = [p for p in sel.parameters() if p.requires_grad]
-            if with_buffers:
-                bufs = list(sel.buffers())
-        elif isinstance(sel, str):
-            if not sel:
-                raise ValueError(f"modality {name!r}: an empty prefix would select the whole model")
-            if model is None:
-                raise ValueError(f"modality {name!r} is the name prefix {sel!r}: pass model= to resolve it")
-            ps = [p for n, p in model.named_parameters() if p.requires_grad and _matches(n, sel)]
-            if with_buffers:
-                bufs = [b for n, b in model.named_buffers() if _matches(n, sel)]
-        elif isinstance(sel, Mapping):
-            if "params" not in sel:
-                raise TypeError(f"modality {name!r}: a param-group dict needs a 'params' entry")
-            group = sel["params"]
-            ps = [group] if isinstance(group, Tensor) else list(group)
-        elif isinstance(sel, Tensor):
-            ps = [sel]
-        else:
-            try:
-                ps = list(sel)
-            except TypeError:
-                raise TypeError(
-                    f"modality {name!r}: expected a module, a name prefix, parameters or a param group, "
-                    f"got {type(sel).__name__}"
-                ) from None
-        for p in ps:
-            if not isinstance(p, Tensor):
-                raise TypeError(f"modality {name!r}: expected parameters (tensors), got {type(p).__name__}")
-        ps = [p for p in ps if p.requires_grad]
-        if not ps:
-            raise ValueError(f"modality {name!r}: the selection {sel!r:.80} matches no trainable parameter")
-        for p in ps:
-            if id(p) in owner and owner[id(p)] != name:
-                raise ValueError(
-                    f"a parameter of shape {tuple(p.shape)} belongs to modalities {owner[id(p)]!r} and {name!r}"
-                )
-            owner[id(p)] = name
-        names.append(name)
-        params.append(ps)
-        buffers.append(bufs)
-    return names, params, buffers
-
-
-def _per_modality(values, names: Sequence[str], what: str) -> List[float]:
-    """Read one float per modality from a dict, a sequence or a 1-D tensor (epoch-level: reading values is fine)."""
-    if isinstance(values, Mapping):
-        missing = [n for n in names if n not in values and (not n.isdigit() or int(n) not in values)]
-        if missing:
-            raise ValueError(f"{what}: no value for modalities {missing}")
-        out = [values[n] if n in values else values[int(n)] for n in names]
-    elif isinstance(values, Tensor):
-        if values.dim() != 1 or values.numel() != len(names):
-            raise ValueError(f"{what}: expected a [{len(names)}] tensor, got shape {tuple(values.shape)}")
-        out = values.detach().to("cpu", torch.float64).tolist()
-    else:
-        out = list(values)
-        if len(out) != len(names):
-            raise ValueError(f"{what}: expected {len(names)} values (one per modality), got {len(out)}")
-    out = [float(v) for v in out]
-    bad = [n for n, v in zip(names, out) if not math.isfinite(v)]
-    if bad:
-        raise ValueError(f"{what}: non-finite value for modalities {bad}")
-    return out
-
 
 def _grads(params: Sequence[Tensor]) -> List[Tensor]:
     return [p.grad for p in params if p.grad is not None]
@@ -157,8 +35,8 @@ class MSLR:
 
     ``ratio_m`` is recomputed at the end of each epoch from that epoch's accuracy ``a_m(e)`` of modality m
     (validation or training accuracy of its unimodal branch, the user's choice):
-    ``ratio_m = a_m(e) / mean(a_m(e-window), ..., a_m(e-1))``, the mean over the ``window`` epochs recorded
-    *before* this one. Until ``window`` epochs are stored the ratio is 1.0 (the first ``window`` calls of
+    ``ratio_m = a_m(e) / mean(a_m(e-history), ..., a_m(e-1))``, the mean over the ``history`` epochs recorded
+    *before* this one. Until ``history`` epochs are stored the ratio is 1.0 (the first ``history`` calls of
     :meth:`epoch_end` return ratio 1; the next one is the first informative ratio). A mean of exactly 0 gives ratio 1.
     The ratio set at the end of epoch e scales the gradients of epoch e + 1.
 
@@ -176,9 +54,9 @@ class MSLR:
     Args:
         modalities: dict name -> module / name prefix / parameters / param group, or a list of them (see
             :func:`resolve_modalities`).
-        init_lr_scales: ``init_m`` per modality (dict or sequence); default 1.0 for every modality.
+        init_lr_scales: ``init_m > 0`` per modality (dict or sequence); default 1.0 for every modality.
         model: the model that name prefixes refer to.
-        window: how many past epochs the ratio averages over (5 in the AGM paper).
+        history: how many past epochs the ratio averages over (5 in the AGM paper).
     """
 
     def __init__(
@@ -186,17 +64,16 @@ class MSLR:
         modalities,
         init_lr_scales: Optional[Union[Mapping[str, float], Sequence[float]]] = None,
         model: Optional[nn.Module] = None,
-        window: int = 5,
+        history: int = 5,
     ):
-        if not isinstance(window, int) or window < 1:
-            raise ValueError(f"window must be a positive int, got {window!r}")
+        self.history_length = check_int("history", history, low=1)
         self.names, self._params, _ = resolve_modalities(modalities, model)
         M = len(self.names)
         if init_lr_scales is None:
             self.init_lr_scales = [1.0] * M
         else:
-            self.init_lr_scales = _per_modality(init_lr_scales, self.names, "init_lr_scales")
-        self.window = window
+            values = per_modality_values(init_lr_scales, self.names, "init_lr_scales")
+            self.init_lr_scales = list(check_floats("init_lr_scales", values, M, low=0.0, low_open=True))
         self.history: List[List[float]] = [[] for _ in range(M)]
         self.ratios: List[float] = [1.0] * M
         self.epochs = 0
@@ -216,16 +93,16 @@ class MSLR:
         Returns:
             The new ratios, one per modality.
         """
-        acc = _per_modality(accuracies, self.names, "accuracies")
+        acc = per_modality_values(accuracies, self.names, "accuracies")
         for m, a in enumerate(acc):
             past = self.history[m]
-            if len(past) >= self.window:
-                mean = sum(past[-self.window :]) / self.window
+            if len(past) >= self.history_length:
+                mean = sum(past[-self.history_length :]) / self.history_length
                 self.ratios[m] = a / mean if mean != 0 else 1.0
             else:
                 self.ratios[m] = 1.0
             past.append(a)
-            del past[: -self.window]
+            del past[: -self.history_length]
         self.epochs += 1
         return list(self.ratios)
 
@@ -262,12 +139,13 @@ class MSES:
     """Modality-specific early stopping on smoothed per-modality validation losses.
 
     At the end of epoch e (counted from 0) with raw validation loss ``L_m(e)`` of modality m, the smoothed loss is
-    ``Ls_m(e) = smoothing * L_m(e-1) + (1 - smoothing) * L_m(e)`` (the previous **raw** loss, SPEC 1.7), and
+    ``Ls_m(e) = smoothing * L_m(e-1) + (1 - smoothing) * L_m(e)`` (the previous **raw** loss; docs/methods.md,
+    section 1.7), and
     ``Ls_m(0) = L_m(0)``. The best epoch is the first epoch with the smallest smoothed loss; whenever it changes, a
     copy of the modality's parameters and buffers is kept. When ``e - best_epoch > patience`` the modality stops: its
     best state is copied back into its parameters and buffers, and from then on :meth:`scale_gradients_` removes its
     gradients. With ``skip_optimizer=True`` (default) they are set to None, so optimizers skip those parameters and
-    they stay at the restored state; with False they are zeroed (the SPEC's literal "gradients become 0"), in which
+    they stay at the restored state; with False they are zeroed (the literal "gradients become 0"), in which
     case momentum or weight decay in the optimizer may still move them.
 
     Example::
@@ -283,7 +161,7 @@ class MSES:
 
     Args:
         modalities: dict name -> module / name prefix / parameters / param group, or a list of them.
-        patience: epochs without improvement of the smoothed loss that are tolerated.
+        patience: epochs without improvement of the smoothed loss that are tolerated (default 5).
         smoothing: weight of the previous raw loss (0.6 in the AGM paper).
         model: the model that name prefixes refer to.
         skip_optimizer: set a stopped modality's gradients to None (True) or to zero (False).
@@ -296,15 +174,14 @@ class MSES:
     def __init__(
         self,
         modalities,
-        patience: int,
+        patience: int = 5,
         smoothing: float = 0.6,
         model: Optional[nn.Module] = None,
         skip_optimizer: bool = True,
     ):
-        if not isinstance(patience, int) or patience < 0:
-            raise ValueError(f"patience must be a non-negative int, got {patience!r}")
-        if not 0.0 <= float(smoothing) <= 1.0:
-            raise ValueError(f"smoothing must lie in [0, 1], got {smoothing!r}")
+        patience = check_int("patience", patience, low=0)
+        smoothing = check_float("smoothing", smoothing, low=0.0, high=1.0)
+        skip_optimizer = check_bool("skip_optimizer", skip_optimizer)
         self.names, self._params, self._buffers = resolve_modalities(modalities, model, with_buffers=True)
         M = len(self.names)
         self.patience = patience
@@ -332,7 +209,7 @@ class MSES:
         Returns:
             The names of the modalities stopped at this epoch.
         """
-        losses = _per_modality(val_losses, self.names, "val_losses")
+        losses = per_modality_values(val_losses, self.names, "val_losses")
         e = self.epochs
         newly = []
         for m, raw in enumerate(losses):

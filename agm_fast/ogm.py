@@ -2,7 +2,7 @@
 
 On-the-fly gradient modulation: after ``backward()`` and before ``optimizer.step()``, the gradients of the dominant
 modality's encoder are scaled down by ``k_m = 1 - tanh(alpha * relu(rho))``; OGM-GE also adds Gaussian noise with the
-std of each gradient tensor, to every modulated modality (SPEC sections 2 and 3).
+std of each gradient tensor, to every modulated modality (docs/methods.md, sections 2 and 3).
 
 Two forms:
 
@@ -27,7 +27,6 @@ Typical use::
 
 from __future__ import annotations
 
-import math
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
@@ -35,38 +34,18 @@ from torch import Tensor, nn
 
 from . import _backend, distributed, functional
 from . import reference as ref
+from ._select import resolve_modalities
+from ._validate import check_bool, check_choice, check_float, check_int, check_seed
 from .fusion import per_modality_logits
+from .window import Window, WindowLike
 
 __all__ = ["MODULATION_MODES", "calculate_coefficient", "update_model_with_OGM_GE", "OGMGE"]
 
 # The reference's --modulation flag values.
 MODULATION_MODES = ("Normal", "OGM", "OGM_GE")
 
-_DP_PREFIX = "module."
-
-
 def _check_mode(mode: str) -> str:
-    if mode not in MODULATION_MODES:
-        raise ValueError(f"mode: expected one of {MODULATION_MODES}, got {mode!r}")
-    return mode
-
-
-def _strip_data_parallel(name: str) -> str:
-    # DataParallel / DistributedDataParallel register the wrapped model under "module."
-    return name[len(_DP_PREFIX) :] if name.startswith(_DP_PREFIX) else name
-
-
-def _select_by_prefix(model: nn.Module, prefix: str, conv_only: bool) -> List[Tuple[str, nn.Parameter]]:
-    return [
-        (name, p)
-        for name, p in model.named_parameters()
-        if _strip_data_parallel(name).startswith(prefix) and p.requires_grad and (not conv_only or p.dim() == 4)
-    ]
-
-
-def _selection_error(what: str, conv_only: bool) -> ValueError:
-    kind = "4-D (conv) parameter" if conv_only else "trainable parameter"
-    return ValueError(f"{what} selects no {kind}; OGM would silently modulate nothing")
+    return check_choice("mode", mode, MODULATION_MODES)
 
 
 def _gather_grads(params: Sequence[Sequence[nn.Parameter]]) -> Tuple[List[Tensor], List[int]]:
@@ -173,14 +152,10 @@ def update_model_with_OGM_GE(
         return
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
-    params = []
     for what, prefix in (("audio", audio), ("visual", visual)):
         if not isinstance(prefix, str) or not prefix:
             raise ValueError(f"{what}: expected a non-empty parameter-name prefix, got {prefix!r}")
-        selected = _select_by_prefix(model, prefix, conv_only)
-        if not selected:
-            raise _selection_error(f"{what}={prefix!r}", conv_only)
-        params.append([p for _, p in selected])
+    _, params, _ = resolve_modalities({"audio": audio, "visual": visual}, model, conv_only=conv_only, arg="")
     grads, group = _gather_grads(params)
     device = grads[0].device
     coeffs = torch.stack([_backend.to_device(_as_coefficient(k, n), device) for k, n in ((k_a, "k_a"), (k_v, "k_v"))])
@@ -189,36 +164,30 @@ def update_model_with_OGM_GE(
     functional.ogm_ge_(grads, group, coeffs[: max(group) + 1], noise=mode == "OGM_GE", seed=seed, offset=offset)
 
 
-def _damped_modalities(scores: Tensor) -> Tensor:
-    """``[M]`` bool: which modalities OGM damps (the dominant ones), by the rule of :func:`ogm_coefficients_ref`."""
-    s = scores.to(torch.float32)
-    M = s.shape[0]
-    if M == 2:
-        damp1 = s[1] / s[0] > 1
-        return torch.stack([~damp1, damp1])
-    return s / ((s.sum() - s) / (M - 1)) > 1
-
-
 EncoderSpec = Union[nn.Module, str]
 
 
 class OGMGE:
-    """OGM / OGM-GE for any number of modalities, and the journal version (warm-up, ``ogm_plus``).
+    """OGM / OGM-GE for any number of modalities, and the journal version (warm-up, tie rule, OGM+).
 
     Each call of :meth:`step` (between ``loss.backward()`` and ``optimizer.step()``) computes the scores and
     coefficients on the device in one op and modulates every selected gradient in place with one more op: OGM
     ``g <- k_m g``, OGM-GE ``g <- k_m g + N(0, (std(g) + 1e-8)^2)`` with noise on every modulated modality, including
-    the one with ``k = 1`` (SPEC section 2). Nothing synchronises with the host.
+    the one with ``k = 1`` (docs/methods.md, section 2). Nothing synchronises with the host.
 
-    Modulation happens only for epochs inside ``window = (start, end)`` (inclusive) and at or after
-    ``warmup_epochs``; other steps leave the gradients untouched and return coefficients 1 (the reference keeps the
-    last value instead; see the parity switches).
+    Modulation happens only in the epochs of ``window`` (an :class:`agm_fast.Window`, inclusive, after the warm-up);
+    other steps leave the gradients untouched and return coefficients 1.
 
-    Parameter selection: each modality's encoder is a module (all its trainable parameters) or a parameter-name
-    prefix in ``model`` (a DataParallel ``module.`` prefix is ignored); ``conv_only=True`` keeps 4-D weights only,
-    the reference's choice. A modality that selects no parameter raises at construction; parameters whose
-    ``grad`` is None in a step (unused by that forward) are skipped, and a step where no selected parameter has a
-    gradient raises.
+    The journal version (``journal=True``, docs/methods.md section 3): no modulation in the first ``warmup_epochs``
+    epochs (6 by default in journal mode, 0 otherwise), and on an exact score tie between two modalities modality 1 is
+    damped (the CVPR code damps modality 0). ``ogm_plus=True`` (the journal's OGM+) replaces the damping: the dominant
+    modality's coefficient is 1 and the weak modality's is ``plus_factor`` (4).
+
+    Parameter selection: each modality's encoder is a module (all its trainable parameters), a parameter-name prefix
+    in ``model`` (a DataParallel ``module.`` prefix is ignored), parameters or a param group; ``conv_only=True`` keeps
+    4-D weights only, the reference's choice. A modality that selects no parameter raises at construction;
+    parameters whose ``grad`` is None in a step (unused by that forward) are skipped, and a step where no selected
+    parameter has a gradient raises.
 
     Noise: Philox keyed on ``(seed, offset, tensor index, element index)``, the offset advancing by one per
     modulated step, so a run is reproducible, every data-parallel replica with the same seed draws the same noise,
@@ -227,16 +196,19 @@ class OGMGE:
     Args:
         encoders: modality -> encoder, as a list (modality m = position m) or a dict (modality m = m-th key); each
             an ``nn.Module`` or a parameter-name prefix (prefixes need ``model``).
-        alpha: modulation strength >= 0 (CREMA-D 0.8, VGGSound 0.1; journal CREMA-D 2.6).
+        alpha: modulation strength >= 0 (default 0.8, CREMA-D; VGGSound 0.1; journal CREMA-D 2.6).
         mode: ``"Normal"`` (no modulation), ``"OGM"`` or ``"OGM_GE"`` (the reference's ``--modulation``).
-        window: ``(modulation_starts, modulation_ends)`` in epochs, inclusive. Default: every epoch.
+        window: the modulation window (:class:`agm_fast.Window` or ``(modulation_starts, modulation_ends)``,
+            inclusive epochs), or None (default: every epoch).
         conv_only: modulate only 4-D parameters (the reference's selection). Default False: every parameter.
         continuous: use ``relu(rho - 1)`` in the coefficient (the reference before May 2022).
-        seed: noise seed.
+        seed: noise seed, an int in [0, 2**63).
         model: the model in which string prefixes are looked up.
-        ogm_plus: journal OGM+: the weak (undamped) modalities' gradients are multiplied by ``plus_factor``.
-        warmup_epochs: no modulation before this epoch (journal default 6; 0 reproduces the CVPR code).
-        plus_factor: the ``ogm_plus`` multiplier (4 in the journal).
+        journal: the journal code's rules (tie damps modality 1; a 6-epoch warm-up unless ``warmup_epochs`` says).
+        ogm_plus: the journal's OGM+: dominant modalities get 1, the others ``plus_factor``.
+        warmup_epochs: no modulation before this epoch (the window starts at ``max(window.start, warmup_epochs)``);
+            None: 6 with ``journal=True``, else 0.
+        plus_factor: the OGM+ coefficient of the weak modalities (4 in the journal), finite and > 0.
         process_group: the ``torch.distributed`` group of data-parallel replicas (None: the default group). When
             distributed is initialised with more than one rank, the seed is broadcast from rank 0 at construction
             and the scores are summed over the group before the coefficients are computed, so every replica uses
@@ -246,58 +218,43 @@ class OGMGE:
     def __init__(
         self,
         encoders: Union[Sequence[EncoderSpec], Mapping[str, EncoderSpec]],
-        alpha: float,
+        alpha: float = 0.8,
         mode: str = "OGM_GE",
-        window: Tuple[float, float] = (0, math.inf),
+        window: WindowLike = None,
         conv_only: bool = False,
         continuous: bool = False,
         seed: int = 0,
         model: Optional[nn.Module] = None,
+        journal: bool = False,
         ogm_plus: bool = False,
-        warmup_epochs: int = 0,
+        warmup_epochs: Optional[int] = None,
         plus_factor: float = 4.0,
         process_group=None,
     ):
         self.mode = _check_mode(mode)
-        self.alpha = functional._check_alpha(alpha)
+        self.alpha = check_float("alpha", alpha, low=0.0)
+        self.conv_only = check_bool("conv_only", conv_only)
+        self.continuous = check_bool("continuous", continuous)
+        self.journal = check_bool("journal", journal)
+        self.ogm_plus = check_bool("ogm_plus", ogm_plus)
+        self.plus_factor = check_float("plus_factor", plus_factor, low=0.0, low_open=True)
+        if warmup_epochs is None:
+            warmup_epochs = 6 if self.journal else 0
+        self.warmup_epochs = check_int("warmup_epochs", warmup_epochs, low=0)
+        self.window = Window.of(window).starting_at(self.warmup_epochs)
         if isinstance(encoders, Mapping):
             self.modalities = list(encoders.keys())
-            targets = list(encoders.values())
-        elif isinstance(encoders, (list, tuple)):
+        elif isinstance(encoders, (list, tuple, nn.ModuleList)):
             self.modalities = list(range(len(encoders)))
-            targets = list(encoders)
         else:
-            raise TypeError(f"encoders: expected a list or dict of modules / name prefixes, got {type(encoders)}")
-        if len(targets) < 2:
-            raise ValueError(f"encoders: OGM needs at least two modalities, got {len(targets)}")
-        if not (isinstance(window, (tuple, list)) and len(window) == 2 and window[0] <= window[1]):
-            raise ValueError(f"window: expected (start, end) epochs with start <= end, got {window!r}")
-        if not isinstance(warmup_epochs, int) or warmup_epochs < 0:
-            raise ValueError(f"warmup_epochs: expected an int >= 0, got {warmup_epochs!r}")
-        if not isinstance(plus_factor, (int, float)) or not math.isfinite(plus_factor) or plus_factor <= 0:
-            raise ValueError(f"plus_factor: expected a finite value > 0, got {plus_factor!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 1 << 63:
-            raise ValueError(f"seed: expected an int in [0, 2**63), got {seed!r}")
-        self.window = (window[0], window[1])
-        self.conv_only = bool(conv_only)
-        self.continuous = bool(continuous)
+            raise TypeError(
+                f"encoders: expected a list or dict of modules / name prefixes, got {type(encoders).__name__}"
+            )
+        if len(self.modalities) < 2:
+            raise ValueError(f"encoders: expected at least two modalities, got {len(self.modalities)}")
+        _, self.params, _ = resolve_modalities(encoders, model, conv_only=self.conv_only, arg="encoders")
         self.process_group = process_group
-        self.seed = distributed.broadcast_seed(seed, process_group)
-        self.ogm_plus = bool(ogm_plus)
-        self.warmup_epochs = warmup_epochs
-        self.plus_factor = float(plus_factor)
-        self.params: List[List[nn.Parameter]] = [
-            self._select(name, target, model) for name, target in zip(self.modalities, targets)
-        ]
-        owner: Dict[int, object] = {}
-        for name, ps in zip(self.modalities, self.params):
-            for p in ps:
-                if id(p) in owner and owner[id(p)] != name:
-                    raise ValueError(
-                        f"encoders: a parameter of shape {tuple(p.shape)} is selected by both modality "
-                        f"{owner[id(p)]!r} and modality {name!r}"
-                    )
-                owner[id(p)] = name
+        self.seed = distributed.broadcast_seed(check_seed("seed", seed), process_group)
         self.offset = 0
         self.steps = 0
         self.modulated_steps = 0
@@ -309,27 +266,14 @@ class OGMGE:
         """M."""
         return len(self.params)
 
-    def _select(self, name, target: EncoderSpec, model: Optional[nn.Module]) -> List[nn.Parameter]:
-        if isinstance(target, nn.Module):
-            selected = [p for p in target.parameters() if p.requires_grad and (not self.conv_only or p.dim() == 4)]
-            what = f"the encoder of modality {name!r}"
-        elif isinstance(target, str):
-            if not target:
-                raise ValueError(f"encoders[{name!r}]: an empty prefix would select the whole model")
-            if not isinstance(model, nn.Module):
-                raise ValueError(f"encoders[{name!r}]: the prefix {target!r} needs model= (the module to search)")
-            selected = [p for _, p in _select_by_prefix(model, target, self.conv_only)]
-            what = f"the prefix {target!r} of modality {name!r}"
-        else:
-            raise TypeError(f"encoders[{name!r}]: expected an nn.Module or a name prefix, got {type(target).__name__}")
-        if not selected:
-            raise _selection_error(what, self.conv_only)
-        return selected
-
     def active(self, epoch: int) -> bool:
-        """Whether :meth:`step` modulates in ``epoch``: mode is not Normal, epoch in the window, warm-up over."""
-        start, end = self.window
-        return self.mode != "Normal" and start <= epoch <= end and epoch >= self.warmup_epochs
+        """Whether :meth:`step` modulates in ``epoch``: mode is not Normal and the epoch lies in the window."""
+        return self.mode != "Normal" and self.window.contains(epoch)
+
+    def coefficients(self, scores: Tensor) -> Tensor:
+        """``[M]`` float32 coefficients from ``[M]`` scores by this object's rules (tie rule, continuous, OGM+)."""
+        plus = self.plus_factor if self.ogm_plus else None
+        return ref.ogm_coefficients_ref(scores, self.alpha, self.continuous, self.journal, plus)
 
     def _stack_logits(self, logits: Sequence[Tensor]) -> Tensor:
         if len(logits) == 1 and isinstance(logits[0], Tensor) and logits[0].dim() == 3:
@@ -369,15 +313,14 @@ class OGMGE:
 
         Returns:
             ``[M]`` float32 coefficients on the logits' device (ones when this step does not modulate; with
-            ``ogm_plus`` the weak modalities carry ``plus_factor``).
+            ``ogm_plus``, 1 for the dominant modalities and ``plus_factor`` for the others).
         """
         logits = self._stack_logits(per_modality_logits)
         functional._check_ogm_logits(logits, "per_modality_logits")
         functional._check_class_labels(labels, logits.shape[1], logits.shape[2], logits.device)
-        if isinstance(epoch, bool) or not isinstance(epoch, (int, float)):
-            raise TypeError(f"epoch: expected a number, got {type(epoch).__name__}")
+        modulate = self.active(epoch)
         self.steps += 1
-        if not self.active(epoch):
+        if not modulate:
             coeffs = torch.ones(self.num_modalities, dtype=torch.float32, device=logits.device)
             self.last_coeffs = coeffs
             return coeffs
@@ -385,10 +328,10 @@ class OGMGE:
         if distributed.is_active(self.process_group):
             # The softmax-at-label sums of the global batch; the coefficients follow from them (M numbers).
             scores = distributed.global_sums(scores, self.process_group)
-            coeffs = ref.ogm_coefficients_ref(scores, self.alpha, self.continuous)
-        if self.ogm_plus:
-            # Undamped coefficients are exactly 1 (or NaN for non-finite scores, which stays NaN).
-            coeffs = torch.where(_damped_modalities(scores), coeffs, coeffs * self.plus_factor)
+            coeffs = self.coefficients(scores)
+        elif self.journal or self.ogm_plus:
+            # The fused op implements the CVPR rule; the journal tie rule and OGM+ are M-element device arithmetic.
+            coeffs = self.coefficients(scores)
         grads, group = _gather_grads(self.params)
         # Sliced to the modalities up to max(group): trailing modalities without gradients in this step have none.
         functional.ogm_ge_(
@@ -450,6 +393,6 @@ class OGMGE:
         sizes = ", ".join(f"{name}: {len(ps)} tensors" for name, ps in zip(self.modalities, self.params))
         return (
             f"OGMGE(mode={self.mode!r}, alpha={self.alpha}, window={self.window}, conv_only={self.conv_only}, "
-            f"continuous={self.continuous}, ogm_plus={self.ogm_plus}, warmup_epochs={self.warmup_epochs}, "
+            f"continuous={self.continuous}, journal={self.journal}, ogm_plus={self.ogm_plus}, "
             f"{sizes})"
         )

@@ -1,27 +1,32 @@
-"""OPM: on-the-fly prediction modulation (Wei et al., arXiv 2410.11582, SPEC section 3).
+"""OPM: on-the-fly prediction modulation (Wei et al., arXiv 2410.11582; docs/methods.md, section 3).
 
 A feed-forward counterpart of OGM: instead of damping the dominant modality's gradients, OPM drops its features.
-From OGM-style scores ``s [M]`` (``s_m = sum_b softmax(out_m)[b, y_b]`` on a detached head):
+From OGM-style scores ``s [M]`` (``s_m = sum_b softmax(out_m)[b, y_b]`` on a detached copy of the head):
 
 - ``rho_m = s_m / mean_{j != m} s_j``, ``r_m = tanh(relu(rho_m - 1))``;
 - drop probability ``q_m = q_base (1 + lam r_m)`` if ``r_m > 0`` else 0, clipped to [0, 1];
 - with probability ``p_exe`` per step, each sample drops each modality independently with probability ``q_m``
   (its whole feature vector is zeroed), and every feature is scaled by ``1 / (1 - theta)``,
   ``theta = sum_m d_m q_m / sum_m d_m``, in forward and backward;
-- evaluation never drops.
+- nothing is dropped outside the modulation window (the journal's 6-epoch warm-up by default) or in evaluation.
 
 The reference removes the samples whose every modality was dropped, which changes the batch size with the data.
 Here those samples stay in the batch with loss weight 0 and the loss is the mean over the kept samples
 (:func:`opm_loss`): the loss value and the gradient are the same as removing them, with static shapes and no host
 synchronisation. (A fusion head with batch statistics, e.g. BatchNorm, still sees the zeroed samples.)
 
+The reference's theta gradient (``theta_grad="reference"``, the default): its scaling function returns theta itself
+as the gradient of theta, and theta is built from scores of the un-detached features, so the encoders receive an
+extra gradient ``theta * d theta / d h``. Computing the scores with :func:`opm_scores` keeps that path; with
+``theta_grad="none"`` theta is a constant. The extra term is not a gradient of the loss, so a loss scaler does not
+scale it.
+
 Typical use::
 
-    opm = agm_fast.OPM([512, 512])
+    opm = agm_fast.OPM([512, 512])                      # no dropping in epochs 0-5, as the reference
     h = [model.audio_net(x_a), model.visual_net(x_v)]
-    with torch.no_grad():
-        scores, _ = agm_fast.functional.ogm_scores(agm_fast.per_modality_logits(model.fusion, h), y, alpha=0.0)
-    h, weight = opm(*h, scores=scores)
+    scores = agm_fast.opm_scores(model.fusion, h, y)     # the head's weights detached, the features not
+    h, weight = opm(*h, scores=scores, epoch=epoch)
     loss = agm_fast.opm_loss(model.fusion(*h), y, weight)
 """
 
@@ -34,27 +39,39 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["OPM", "opm_drop_probs", "opm_theta", "opm_apply", "opm_loss"]
+from . import reference as ref
+from ._seed import step_seed
+from ._validate import check_choice, check_float, check_int, check_seed
+from .fusion import per_modality_logits
+from .window import Window, WindowLike
 
-_MASK64 = (1 << 64) - 1
+__all__ = ["OPM", "opm_drop_probs", "opm_theta", "opm_apply", "opm_loss", "opm_scores", "THETA_GRADS"]
 
-
-def _splitmix64(x: int) -> int:
-    x = (x + 0x9E3779B97F4A7C15) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return x ^ (x >> 31)
-
-
-def _step_seed(seed: int, step: int) -> int:
-    # A well-mixed 63-bit generator seed per (seed, step), so that consecutive steps draw unrelated streams.
-    return _splitmix64(_splitmix64(seed & _MASK64) ^ (step & _MASK64)) >> 1
+# "reference": theta's gradient is theta itself (the released code); "none": theta is a constant.
+THETA_GRADS = ("reference", "none")
 
 
 def _check_unit(value: float, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-        raise ValueError(f"{name}: expected a number in [0, 1], got {value!r}")
-    return float(value)
+    return check_float(name, value, low=0.0, high=1.0)
+
+
+def opm_scores(fusion: nn.Module, features: Sequence[Tensor], labels: Tensor) -> Tensor:
+    """OGM-style scores ``s_m = sum_b softmax(out_m)[b, y_b]`` for OPM, from a detached copy of the head.
+
+    The per-modality logits come from :func:`agm_fast.fusion.per_modality_logits` with the head's parameters
+    detached and the features not, as the journal code computes them: the scores carry a gradient to the encoders,
+    which the reference's theta gradient uses (``theta_grad="reference"``).
+
+    Args:
+        fusion: the fusion head, ``fusion(*features) -> [B, C]``.
+        features: M feature tensors ``[B, d_m]``.
+        labels: ``[B]`` int64 class indices.
+
+    Returns:
+        ``[M]`` float32 scores.
+    """
+    logits = per_modality_logits(fusion, features, detach_params=True)
+    return ref.ogm_scores_ref(logits, labels, 0.0)[0]
 
 
 def opm_drop_probs(scores: Tensor, q_base: float = 0.5, lam: float = 0.5) -> Tensor:
@@ -69,19 +86,17 @@ def opm_drop_probs(scores: Tensor, q_base: float = 0.5, lam: float = 0.5) -> Ten
         lam: how much the imbalance raises it (default 0.5).
 
     Returns:
-        ``[M]`` float32 drop probabilities.
+        ``[M]`` float32 drop probabilities, differentiable with respect to ``scores``.
     """
     if not isinstance(scores, Tensor) or scores.dim() != 1 or scores.shape[0] < 2:
         got = tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__
         raise ValueError(f"scores: expected a tensor [M] with M >= 2, got {got}")
     if not scores.is_floating_point():
         raise TypeError(f"scores: expected a floating-point tensor, got {scores.dtype}")
-    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam) or lam < 0:
-        raise ValueError(f"lam: expected a finite value >= 0, got {lam!r}")
+    lam = check_float("lam", lam, low=0.0)
     q_base = _check_unit(q_base, "q_base")
-    s = scores.detach().to(torch.float32)
-    M = s.shape[0]
-    rho = s / ((s.sum() - s) / (M - 1))
+    s = scores.to(torch.float32)
+    rho = s / ref.mean_of_others(s)
     r = torch.tanh(torch.relu(rho - 1))
     q = torch.where(r > 0, q_base * (1 + lam * r), torch.zeros_like(r))
     return q.clamp(0.0, 1.0)
@@ -128,21 +143,48 @@ def _check_features(features: Sequence[Tensor], dims: Optional[Sequence[int]]) -
     return batch
 
 
-def opm_apply(features: Sequence[Tensor], keep: Tensor, theta: Union[Tensor, float]) -> Tuple[List[Tensor], Tensor]:
+class _ThetaScale(torch.autograd.Function):
+    """``out_m = h_m / (1 - theta)`` for every modality, in forward and backward.
+
+    With ``reference=True`` the gradient of theta is theta itself, whatever reaches the outputs: the released code's
+    scaling function does this, and theta built from un-detached scores passes it on to the encoders.
+    """
+
+    @staticmethod
+    def forward(ctx, theta: Tensor, reference: bool, *features: Tensor):
+        scale = torch.where(theta < 1, 1 / (1 - theta), torch.ones_like(theta))
+        ctx.save_for_backward(theta, scale)
+        ctx.reference = reference
+        return tuple(h * scale.to(h.dtype) for h in features)
+
+    @staticmethod
+    def backward(ctx, *grads: Tensor):
+        theta, scale = ctx.saved_tensors
+        dtheta = theta.clone() if ctx.reference and ctx.needs_input_grad[0] else None
+        return (dtheta, None, *[None if g is None else g * scale.to(g.dtype) for g in grads])
+
+
+def opm_apply(
+    features: Sequence[Tensor], keep: Tensor, theta: Union[Tensor, float], theta_grad: str = "reference"
+) -> Tuple[List[Tensor], Tensor]:
     """The deterministic part of OPM: zero the dropped features and scale everything by ``1 / (1 - theta)``.
 
-    ``out_m[b] = h_m[b] * keep[b, m] / (1 - theta)``; the scale applies to the gradient as well (it is a product).
-    ``theta >= 1`` (every modality dropped with probability 1) uses scale 1: every feature is zero then anyway.
+    ``out_m[b] = h_m[b] * keep[b, m] / (1 - theta)``; the gradient of the features is scaled the same way.
+    ``theta >= 1`` (every modality dropped with probability 1) uses scale 1: every feature is zero then anyway. When
+    ``theta`` requires grad and ``theta_grad="reference"``, its gradient is theta itself (the released code's quirk;
+    docs/methods.md, section 3); with ``"none"`` theta is a constant.
 
     Args:
         features: M tensors ``[B, ...]``.
         keep: ``[B, M]`` bool (or 0/1) keep decisions.
         theta: 0-d tensor or float in [0, 1].
+        theta_grad: ``"reference"`` (default) or ``"none"``.
 
     Returns:
         ``(outs, sample_weight)``: M tensors shaped like ``features``, and ``[B]`` float32 weights, 1 where a
         sample keeps at least one modality, else 0.
     """
+    check_choice("theta_grad", theta_grad, THETA_GRADS)
     B = _check_features(features, None)
     M = len(features)
     if not isinstance(keep, Tensor) or tuple(keep.shape) != (B, M):
@@ -150,12 +192,11 @@ def opm_apply(features: Sequence[Tensor], keep: Tensor, theta: Union[Tensor, flo
         raise ValueError(f"keep: expected shape [{B}, {M}], got {got}")
     device = features[0].device
     theta = torch.as_tensor(theta, dtype=torch.float32, device=device)
-    scale = torch.where(theta < 1, 1 / (1 - theta), torch.ones_like(theta))
-    factors = keep.to(device=device, dtype=torch.float32) * scale
-    outs = []
-    for m, h in enumerate(features):
-        f = factors[:, m].to(h.dtype).view((B,) + (1,) * (h.dim() - 1))
-        outs.append(h * f)
+    if theta_grad == "none":
+        theta = theta.detach()
+    keep_f = keep.to(device=device, dtype=torch.float32)
+    masked = [h * keep_f[:, m].to(h.dtype).view((B,) + (1,) * (h.dim() - 1)) for m, h in enumerate(features)]
+    outs = list(_ThetaScale.apply(theta, theta_grad == "reference", *masked))
     weight = keep.to(device=device).bool().any(dim=1).to(torch.float32)
     return outs, weight
 
@@ -187,36 +228,53 @@ def opm_loss(logits: Tensor, labels: Tensor, sample_weight: Tensor) -> Tensor:
 class OPM(nn.Module):
     """On-the-fly prediction modulation: drop the dominant modality's features per sample.
 
-    In training mode, :meth:`forward` with ``scores`` computes the drop probabilities (:func:`opm_drop_probs`); with
-    probability ``p_exe`` it draws per-sample, per-modality keep decisions (Bernoulli(1 - q_m)), zeros the dropped
-    feature vectors and scales every feature by ``1 / (1 - theta)``. Otherwise (eval mode, no scores, or the
-    ``p_exe`` draw says no) the features pass through unchanged. Nothing synchronises with the host.
+    In training mode and inside the modulation window, :meth:`forward` with ``scores`` computes the drop
+    probabilities (:func:`opm_drop_probs`); with probability ``p_exe`` it draws per-sample, per-modality keep
+    decisions (Bernoulli(1 - q_m)), zeros the dropped feature vectors and scales every feature by
+    ``1 / (1 - theta)``. Otherwise (eval mode, outside the window, no scores, or the ``p_exe`` draw says no) the
+    features pass through unchanged. Nothing synchronises with the host.
 
-    Randomness: each training step seeds a generator on the features' device from ``(seed, step)``, so a run is
+    Randomness: each dropping step seeds a generator on the features' device from ``(seed, step)``, so a run is
     reproducible and the step counter, in ``state_dict()``, resumes it.
 
     Args:
         dims: the M feature dimensions ``d_m`` (features per sample), which weight theta.
-        q_base: base drop probability (default 0.5).
-        lam: imbalance gain of the drop probability (default 0.5).
-        p_exe: probability that a step drops at all (default 0.7).
-        seed: the random seed.
+        q_base: base drop probability in [0, 1] (default 0.5).
+        lam: imbalance gain of the drop probability, >= 0 (default 0.5).
+        p_exe: probability in [0, 1] that a step drops at all (default 0.7).
+        seed: the random seed, an int in [0, 2**63).
+        window: the modulation window (:class:`agm_fast.Window` or ``(start, end)`` inclusive epochs), or None (every
+            epoch); the warm-up moves its start.
+        warmup_epochs: no dropping before this epoch (default 6, the journal code's warm-up; 0 turns it off).
+        theta_grad: ``"reference"`` (default: theta's gradient is theta, as the released code) or ``"none"``
+            (theta a constant); see the module docstring.
     """
 
-    def __init__(self, dims: Sequence[int], q_base: float = 0.5, lam: float = 0.5, p_exe: float = 0.7, seed: int = 0):
+    def __init__(
+        self,
+        dims: Sequence[int],
+        q_base: float = 0.5,
+        lam: float = 0.5,
+        p_exe: float = 0.7,
+        seed: int = 0,
+        window: WindowLike = None,
+        warmup_epochs: int = 6,
+        theta_grad: str = "reference",
+    ):
         super().__init__()
-        dims = [int(d) for d in dims]
-        if len(dims) < 2 or any(d <= 0 for d in dims):
+        if isinstance(dims, (str, bytes)) or not isinstance(dims, Sequence):
+            raise TypeError(f"dims: expected a sequence of feature dimensions, got {type(dims).__name__}")
+        dims = [check_int(f"dims[{m}]", d, low=1) for m, d in enumerate(dims)]
+        if len(dims) < 2:
             raise ValueError(f"dims: expected at least two positive feature dimensions, got {dims}")
-        if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam) or lam < 0:
-            raise ValueError(f"lam: expected a finite value >= 0, got {lam!r}")
-        if not isinstance(seed, int):
-            raise TypeError(f"seed: expected an int, got {type(seed).__name__}")
         self.dims = dims
         self.q_base = _check_unit(q_base, "q_base")
-        self.lam = float(lam)
+        self.lam = check_float("lam", lam, low=0.0)
         self.p_exe = _check_unit(p_exe, "p_exe")
-        self.seed = seed
+        self.seed = check_seed("seed", seed)
+        self.warmup_epochs = check_int("warmup_epochs", warmup_epochs, low=0)
+        self.window = Window.of(window).starting_at(self.warmup_epochs)
+        self.theta_grad = check_choice("theta_grad", theta_grad, THETA_GRADS)
         self.step_count = 0
         self._generators: Dict[torch.device, torch.Generator] = {}
         self._dim_weights: Dict[torch.device, Tensor] = {}
@@ -224,7 +282,10 @@ class OPM(nn.Module):
         self.last_theta: Optional[Tensor] = None
 
     def extra_repr(self) -> str:
-        return f"dims={self.dims}, q_base={self.q_base}, lam={self.lam}, p_exe={self.p_exe}, seed={self.seed}"
+        return (
+            f"dims={self.dims}, q_base={self.q_base}, lam={self.lam}, p_exe={self.p_exe}, seed={self.seed}, "
+            f"window={self.window}, theta_grad={self.theta_grad!r}"
+        )
 
     def get_extra_state(self) -> Dict[str, int]:
         return {"seed": self.seed, "step": self.step_count}
@@ -237,23 +298,33 @@ class OPM(nn.Module):
         """``[M]`` drop probabilities for ``scores [M]`` with this module's ``q_base`` and ``lam``."""
         return opm_drop_probs(scores, self.q_base, self.lam)
 
+    def active(self, epoch: Optional[int]) -> bool:
+        """Whether a training step in ``epoch`` drops (training mode and inside the window)."""
+        return self.training and self.window.contains(epoch)
+
     def _generator(self, device: torch.device) -> torch.Generator:
         gen = self._generators.get(device)
         if gen is None:
             gen = torch.Generator(device=device)
             self._generators[device] = gen
-        gen.manual_seed(_step_seed(self.seed, self.step_count))
+        gen.manual_seed(step_seed(self.seed, self.step_count))
         return gen
 
     def forward(
-        self, *features: Tensor, scores: Optional[Tensor] = None, drop_probs: Optional[Tensor] = None
+        self,
+        *features: Tensor,
+        scores: Optional[Tensor] = None,
+        drop_probs: Optional[Tensor] = None,
+        epoch: Optional[int] = None,
     ) -> Tuple[List[Tensor], Tensor]:
         """Drop and rescale the features of one training step.
 
         Args:
             *features: M tensors ``[B, ...]`` with ``d_m`` features per sample (or one list of them).
-            scores: ``[M]`` OGM-style scores of this batch, from which q is computed.
+            scores: ``[M]`` OGM-style scores of this batch, from which q is computed (:func:`opm_scores` keeps the
+                path that the reference's theta gradient takes).
             drop_probs: ``[M]`` drop probabilities to use instead of ``scores``.
+            epoch: the current epoch, compared with the window (required unless the window is every epoch).
 
         Returns:
             ``(features_out, sample_weight)``: M tensors shaped like the inputs, and ``[B]`` float32 loss weights
@@ -264,8 +335,8 @@ class OPM(nn.Module):
         B = _check_features(features, self.dims)
         device = features[0].device
         if scores is not None and drop_probs is not None:
-            raise ValueError("pass either scores or drop_probs, not both")
-        if not self.training or (scores is None and drop_probs is None):
+            raise ValueError("scores: expected either scores or drop_probs, got both")
+        if not self.active(epoch) or (scores is None and drop_probs is None):
             return list(features), torch.ones(B, dtype=torch.float32, device=device)
         M = len(self.dims)
         if drop_probs is None:
@@ -274,7 +345,7 @@ class OPM(nn.Module):
             if not isinstance(drop_probs, Tensor) or tuple(drop_probs.shape) != (M,):
                 got = tuple(drop_probs.shape) if isinstance(drop_probs, Tensor) else type(drop_probs).__name__
                 raise ValueError(f"drop_probs: expected a tensor [{M}], got {got}")
-            q = drop_probs.detach().to(torch.float32)
+            q = drop_probs.to(torch.float32)
             if q.device.type == "cpu" and not torch.compiler.is_compiling() and not bool(((q >= 0) & (q <= 1)).all()):
                 raise ValueError(f"drop_probs: expected values in [0, 1], got {q.tolist()}")
         q = q.to(device)
@@ -283,7 +354,7 @@ class OPM(nn.Module):
         gate = torch.rand((), generator=gen, device=device)
         u = torch.rand((B, M), generator=gen, device=device)
         execute = gate < self.p_exe
-        keep = (u >= q) | ~execute
+        keep = (u >= q.detach()) | ~execute
         weights = self._dim_weights.get(device)
         if weights is None:
             # Cached per device: a fresh host-to-device copy every step could stall the stream.
@@ -291,5 +362,5 @@ class OPM(nn.Module):
             self._dim_weights[device] = weights
         theta = torch.where(execute, (q * weights).sum(), torch.zeros((), device=device))
         self.last_keep = keep
-        self.last_theta = theta
-        return opm_apply(features, keep, theta)
+        self.last_theta = theta.detach()
+        return opm_apply(features, keep, theta, self.theta_grad)

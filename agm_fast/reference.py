@@ -219,9 +219,8 @@ def agm_coefficients_ref(
     """
     s = scores.to(torch.float32)
     S = running.to(torch.float32)
-    M = s.shape[0]
-    others = (s.sum() - s) / (M - 1)
-    others_run = (S.sum() - S) / (M - 1)
+    others = mean_of_others(s)
+    others_run = mean_of_others(S)
     diff = torch.exp(others_run - S) - torch.exp(others - s)
     if cap is not None:
         diff = torch.clamp(diff, max=cap)
@@ -288,18 +287,50 @@ def shapley_combine_ref(F: Tensor, W: Tensor, coeffs: Tensor, full_index: int) -
     return scaled + (F[full_index] - scaled).detach()
 
 
-def ogm_coefficients_ref(scores: Tensor, alpha: float, continuous: bool = False) -> Tensor:
-    """OGM coefficients from per-modality scores.
+def mean_of_others(values: Tensor) -> Tensor:
+    """``[M]``: entry m is the mean of every entry but m, ``(sum_j v_j - v_m) / (M - 1)`` (the leave-one-out mean that
+    AGM's ratios, OGM's M > 2 rule and OPM's drop probabilities compare each modality with)."""
+    return (values.sum() - values) / (values.shape[0] - 1)
 
-    M = 2 (reference): ``rho = s_1 / s_0``; rho > 1 damps modality 1 with ``1 - tanh(alpha * relu(rho))``, otherwise
-    modality 0 with ``1 - tanh(alpha * relu(1 / rho))`` (a tie damps modality 0). M > 2:
-    ``rho_m = s_m / mean_{j!=m} s_j`` and every m with rho_m > 1 is damped. ``continuous=True`` uses ``rho - 1``
-    inside the relu. Any non-finite score makes every coefficient NaN.
+
+def ogm_damped_ref(scores: Tensor, journal: bool = False) -> Tensor:
+    """``[M]`` bool: which modalities OGM damps (the dominant ones).
+
+    M = 2, CVPR code: modality 1 when ``s_1 / s_0 > 1``, else modality 0, so a tie damps modality 0. M = 2, journal
+    code (``journal=True``): modality 0 when ``s_0 / s_1 > 1``, else modality 1, so a tie damps modality 1. M > 2:
+    every m with ``s_m / mean_{j != m} s_j > 1`` (no modality on an exact tie).
+    """
+    s = scores.to(torch.float32)
+    if s.shape[0] == 2:
+        if journal:
+            damp0 = s[0] / s[1] > 1
+            return torch.stack([damp0, ~damp0])
+        damp1 = s[1] / s[0] > 1
+        return torch.stack([~damp1, damp1])
+    return s / mean_of_others(s) > 1
+
+
+def ogm_coefficients_ref(
+    scores: Tensor,
+    alpha: float,
+    continuous: bool = False,
+    journal: bool = False,
+    plus_factor: Optional[float] = None,
+) -> Tensor:
+    """OGM coefficients from per-modality scores (docs/methods.md, sections 2 and 3).
+
+    M = 2: the damped modality m (see :func:`ogm_damped_ref`; the tie rule follows ``journal``) gets
+    ``1 - tanh(alpha * relu(rho_m))`` with ``rho_m = s_m / s_other`` (``relu(rho_m - 1)`` with ``continuous``), the
+    other 1. M > 2: ``rho_m = s_m / mean_{j!=m} s_j`` and every m with ``rho_m > 1`` is damped. With ``plus_factor``
+    (the journal's OGM+) the damping is replaced: damped modalities get 1 and the others ``plus_factor``. Any
+    non-finite score makes every coefficient NaN.
 
     Args:
         scores: ``[M]`` softmax-at-label sums.
         alpha: the modulation strength.
         continuous: use ``relu(rho - 1)`` (continuous at rho = 1).
+        journal: the journal code's tie rule (M = 2: a tie damps modality 1).
+        plus_factor: OGM+'s coefficient of the weak modalities, or None for OGM.
 
     Returns:
         ``[M]`` float32 coefficients.
@@ -307,17 +338,22 @@ def ogm_coefficients_ref(scores: Tensor, alpha: float, continuous: bool = False)
     s = scores.to(torch.float32)
     M = s.shape[0]
     shift = 1.0 if continuous else 0.0
-    if M == 2:
-        rho = s[1] / s[0]
-        damp1 = rho > 1
-        k_dom = 1 - torch.tanh(alpha * torch.relu(rho - shift))
-        k_sub = 1 - torch.tanh(alpha * torch.relu(1 / rho - shift))
-        one = torch.ones_like(rho)
-        k = torch.stack([torch.where(damp1, one, k_sub), torch.where(damp1, k_dom, one)])
+    damped = ogm_damped_ref(s, journal)
+    if plus_factor is not None:
+        k = torch.where(damped, torch.ones_like(s), torch.full_like(s, float(plus_factor)))
+    elif M == 2:
+        # rho_m of each modality against the other, in the form the reference computes it: s_1 / s_0 and its
+        # reciprocal (CVPR), or s_0 / s_1 and its reciprocal (journal).
+        if journal:
+            rho0 = s[0] / s[1]
+            rho = torch.stack([rho0, 1 / rho0])
+        else:
+            rho1 = s[1] / s[0]
+            rho = torch.stack([1 / rho1, rho1])
+        k = torch.where(damped, 1 - torch.tanh(alpha * torch.relu(rho - shift)), torch.ones_like(s))
     else:
-        rho = s / ((s.sum() - s) / (M - 1))
-        k = 1 - torch.tanh(alpha * torch.relu(rho - shift))
-        k = torch.where(rho > 1, k, torch.ones_like(k))
+        rho = s / mean_of_others(s)
+        k = torch.where(damped, 1 - torch.tanh(alpha * torch.relu(rho - shift)), torch.ones_like(s))
     # A non-finite score makes every coefficient NaN, so that a step with overflowing logits cannot pass silently.
     return torch.where(torch.isfinite(s).all(), k, torch.full_like(k, float("nan")))
 

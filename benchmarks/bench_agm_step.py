@@ -33,12 +33,11 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import sys
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 from agm_fast.benchmarks.baselines.agm_reference_style import ReferenceAGMState, ReferenceGradMod, reference_agm_step
-from agm_fast.benchmarks.harness import append_jsonl, check_close, machine_line, print_table, time_fn
+from agm_fast.benchmarks.harness import Outcome, bench_main, bench_parser, check_close, print_table, time_interleaved
 from torch import Tensor, nn
 
 import agm_fast
@@ -244,25 +243,6 @@ def _count_encoder_passes(model: JointModel, fn: Callable[[], object], batch: in
     return out, calls[0], samples[0] / batch
 
 
-def _timings(fns: Dict[str, Callable[[], object]], device: torch.device, rep: int) -> Dict[str, Dict[str, float]]:
-    """Time every provider; on CPU the steps are interleaved (one step of each provider per round) so that load
-    from other processes hits every provider alike, and the quantiles are taken over the rounds."""
-    if device.type == "cuda":
-        return {name: time_fn(fn, device) for name, fn in fns.items()}
-    for fn in fns.values():
-        for _ in range(2):
-            fn()
-    samples: Dict[str, List[float]] = {name: [] for name in fns}
-    for _ in range(rep):
-        for name, fn in fns.items():
-            samples[name].append(time_fn(fn, device, warmup=0, rep=1)["median_ms"])
-    out = {}
-    for name, ts in samples.items():
-        t = torch.tensor(ts)
-        out[name] = {"median_ms": float(t.median()), "p20_ms": float(t.quantile(0.2)), "p80_ms": float(t.quantile(0.8))}
-    return out
-
-
 def run_case(case_name: str, device: torch.device, quick: bool, providers: Sequence[str], rep: int) -> List[Dict]:
     """Check every provider against the baseline, then time the ones that pass; returns the table rows."""
     case = make_case(case_name, quick, device)
@@ -297,7 +277,8 @@ def run_case(case_name: str, device: torch.device, quick: bool, providers: Seque
         if check in ("ok", "reference", "finite (deviation)", "finite (not AGM)"):
             # The timed steps start from the checked state; the optimizer steps on, as in training.
             timed[prov] = lambda step=step, opt=opt: step(inputs, labels, opt)
-    times = _timings(timed, device, rep)
+    # Two untimed steps of each provider first; on CPU the providers then take turns, one step each per round.
+    times = time_interleaved(timed, device, warmup=2, rep=rep)
     for r in rows:
         r.update(times.get(r["provider"], {}))
     base = times.get("baseline")
@@ -325,51 +306,45 @@ COLUMNS = ("provider", "median_ms", "p20_ms", "p80_ms", "speedup_vs_baseline", "
            "enc_samples_xB", "check")
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Run the benchmark; returns 0 when every provider passed its check."""
-    parser = argparse.ArgumentParser(prog="bench_agm_step", description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    parser.add_argument("--quick", action="store_true", help="tiny sizes (a smoke run)")
-    parser.add_argument(
-        "--cases", nargs="+", default=None, choices=CASES, help="default: the small models on CPU, GPU sizes on cuda"
-    )
-    parser.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS)
-    parser.add_argument("--rep", type=int, default=None, help="timed steps per provider (CPU; default 15, quick 3)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--no-save", action="store_true", help="do not append JSON lines to benchmarks/results/")
-    parser.add_argument("--markdown", default=None, help="also write the printed tables to this file")
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(argv)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is available")
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+def _bench(args: argparse.Namespace, device: torch.device, machine: str) -> Outcome:
     rep = args.rep if args.rep is not None else (3 if args.quick else 15)
-    if args.cases is None:
-        args.cases = list(GPU_CASES if device.type == "cuda" else CPU_CASES)
-    machine = machine_line(device)
-    print(machine)
-    text = [machine, "", f"command: python -m agm_fast.benchmarks.bench_agm_step {' '.join(argv)}".rstrip(), ""]
+    cases = args.cases or list(GPU_CASES if device.type == "cuda" else CPU_CASES)
+    text = [machine, "", f"command: {args.command}", ""]
     if hasattr(os, "getloadavg"):
         text += [f"load average at start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores", ""]
     text += [LEGEND, ""]
     records = []
-    status = 0
-    for case_name in args.cases:
+    failed = False
+    for case_name in cases:
         rows = run_case(case_name, device, args.quick, args.providers, rep)
         M, B = rows[0]["M"], rows[0]["B"]
         title = f"AGM training step: {case_name} (M={M}, B={B}{', quick' if args.quick else ''})"
         text.append(print_table(title, rows, COLUMNS))
         records.extend(dict(r, quick=args.quick) for r in rows)
-        if any("median_ms" not in r for r in rows):
-            status = 1
-    if not args.no_save:
-        append_jsonl("agm_step", records, machine)
+        failed = failed or any("median_ms" not in r for r in rows)
     if args.markdown:
         with open(args.markdown, "w") as f:
             f.write("\n".join(text))
-    return status
+    return Outcome(records=records, failed=failed)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the benchmark.
+
+    Args:
+        argv: command-line arguments (default ``sys.argv[1:]``).
+
+    Returns:
+        0 when every provider passed its check, 1 otherwise, 2 when ``--out`` is not writable.
+    """
+    parser = bench_parser("bench_agm_step", __doc__, quick="tiny sizes (a smoke run)")
+    parser.add_argument(
+        "--cases", nargs="+", default=None, choices=CASES, help="default: the small models on CPU, GPU sizes on cuda"
+    )
+    parser.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS)
+    parser.add_argument("--rep", type=int, default=None, help="timed steps per provider (CPU; default 15, quick 3)")
+    parser.add_argument("--markdown", default=None, help="also write the printed tables to this file")
+    return bench_main("bench_agm_step", parser, argv, _bench)
 
 
 if __name__ == "__main__":

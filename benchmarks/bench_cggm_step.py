@@ -29,13 +29,13 @@ import argparse
 import copy
 import os
 import sys
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as Fn
 from agm_fast.benchmarks.baselines.cggm_reference_style import ReferenceStyleCGGM
 from agm_fast.benchmarks.bench_agm_step import make_case
-from agm_fast.benchmarks.harness import RESULTS_DIR, append_jsonl, check_close, machine_line, print_table, time_fn
+from agm_fast.benchmarks.harness import Outcome, bench_main, bench_parser, check_close, print_table, time_interleaved
 from torch import Tensor, nn
 
 import agm_fast
@@ -161,27 +161,6 @@ def check(state: Dict[str, tuple], inputs: Sequence[Tensor], labels: Tensor, ste
     return msg
 
 
-def time_providers(
-    fns: Dict[str, Callable[[], None]], device: torch.device, warmup: int, rep: int
-) -> Dict[str, Dict[str, float]]:
-    """Time each function. On CPU, whose load other processes change, the providers take turns one step at a
-    time (each sample from the harness's ``time_fn``), so a load change hits all of them alike."""
-    if device.type != "cpu":
-        return {k: time_fn(fn, device, warmup=warmup, rep=rep) for k, fn in fns.items()}
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    samples: Dict[str, List[float]] = {k: [] for k in fns}
-    for _ in range(rep):
-        for k, fn in fns.items():
-            samples[k].append(time_fn(fn, device, warmup=0, rep=1)["median_ms"])
-    out = {}
-    for k, v in samples.items():
-        t = torch.tensor(v, dtype=torch.float64)
-        out[k] = {"median_ms": float(t.median()), "p20_ms": float(t.quantile(0.2)), "p80_ms": float(t.quantile(0.8))}
-    return out
-
-
 def run(device: torch.device, quick: bool, warmup: int, rep: int, models: Sequence[str]) -> List[Dict[str, object]]:
     """Check and time every provider on every model; returns the table rows."""
     rows = []
@@ -199,9 +178,9 @@ def run(device: torch.device, quick: bool, warmup: int, rep: int, models: Sequen
                 fns[k] = lambda fn=fn, hs=hs: fn(hs, labels)
         step_fns = {k: v for k, v in fns.items() if "/" not in k}
         method_fns = {k: v for k, v in fns.items() if "/" in k}
-        times = time_providers(step_fns, device, warmup, rep)
+        times = time_interleaved(step_fns, device, warmup, rep)
         # The CGGM work alone takes a few milliseconds: ten times the samples steady its quantiles.
-        times.update(time_providers(method_fns, device, warmup, 10 * rep))
+        times.update(time_interleaved(method_fns, device, warmup, 10 * rep))
         stages = (
             ("step", ("reference-style", "ours", "plain")),
             ("cggm only", ("reference-style/method", "ours/method")),
@@ -226,53 +205,41 @@ def run(device: torch.device, quick: bool, warmup: int, rep: int, models: Sequen
     return rows
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Run the benchmark; returns 0, or 1 when a provider failed its check.
-
-    Args:
-        argv: command-line arguments (default ``sys.argv[1:]``).
-    """
-    parser = argparse.ArgumentParser(
-        prog="python -m agm_fast.benchmarks.bench_cggm_step", description=__doc__.split("\n")[0]
-    )
-    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per provider (default 3)")
-    parser.add_argument("--rep", type=int, default=20, help="timed steps per provider (default 20)")
-    parser.add_argument("--quick", action="store_true", help="the AGM benchmark's quick models, 3 repetitions")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--no-save", action="store_true", help="do not write benchmarks/results/")
-    args = parser.parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is available")
+def _bench(args: argparse.Namespace, device: torch.device, machine: str) -> Outcome:
     warmup, rep = (1, 3) if args.quick else (args.warmup, args.rep)
-
-    machine = machine_line(device)
-    print(machine)
     # On a shared CPU the load says how much the absolute times mean; the ratios come from interleaved steps.
     load = f"load average at start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores" if device.type == "cpu" else ""
     rows = run(device, args.quick, warmup, rep, CASES)
     title = "CGGM training step (forward, backward, heads, scaling, Adam), bench_agm_step's models, 10 classes"
     table = print_table(title, rows, COLUMNS)
-    failed = [r for r in rows if r["check"] not in ("ok", "n/a (no CGGM)")]
-    if not args.no_save:
-        append_jsonl("cggm_step", [dict(r, quick=args.quick) for r in rows], machine)
-        if not args.quick:
-            path = os.path.join(RESULTS_DIR, f"{device.type}-cggm-step.md")
-            with open(path, "w") as f:
-                f.write(
-                    f"{machine}\n\ncommand: python -m agm_fast.benchmarks.bench_cggm_step --device {device.type}"
-                    f"{'' if args.threads is None else f' --threads {args.threads}'}\n\n{load}\n\n"
-                    "speedup: reference-style median / provider median (one run); vs_plain: provider median / "
-                    "the median of the same model trained without CGGM. The reference style makes M + 1 host "
-                    "round trips per step (labels and one argmax per modality) and scans named_parameters() "
-                    "against every encoder prefix; agm_fast.CGGM makes none and scales each encoder's gradients "
-                    f"with one multi-tensor multiply.\n\n{table}"
-                )
-            print(f"wrote {path}")
-    return 1 if failed else 0
+    text = (
+        f"{machine}\n\ncommand: {args.command}\n\n{load}\n\n"
+        "speedup: reference-style median / provider median (one run); vs_plain: provider median / "
+        "the median of the same model trained without CGGM. The reference style makes M + 1 host "
+        "round trips per step (labels and one argmax per modality) and scans named_parameters() "
+        "against every encoder prefix; agm_fast.CGGM makes none and scales each encoder's gradients "
+        f"with one multi-tensor multiply.\n\n{table}"
+    )
+    return Outcome(
+        records=[dict(r, quick=args.quick) for r in rows],
+        failed=any(r["check"] not in ("ok", "n/a (no CGGM)") for r in rows),
+        markdown=None if args.quick else (f"{device.type}-cggm-step.md", text),
+    )
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the benchmark.
+
+    Args:
+        argv: command-line arguments (default ``sys.argv[1:]``).
+
+    Returns:
+        0, 1 when a provider failed its check, 2 when ``--out`` is not writable.
+    """
+    parser = bench_parser("bench_cggm_step", __doc__, quick="the AGM benchmark's quick models, 3 repetitions")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per provider (default 3)")
+    parser.add_argument("--rep", type=int, default=20, help="timed steps per provider (default 20)")
+    return bench_main("bench_cggm_step", parser, argv, _bench)
 
 
 if __name__ == "__main__":

@@ -29,8 +29,17 @@ from agm_fast.benchmarks.baselines.ogm_ge_reference_style import (
     reference_style_modulation,
     select_conv_parameters,
 )
-from agm_fast.benchmarks.harness import RESULTS_DIR, append_jsonl, check_close, machine_line, print_table, time_fn
-from torch import nn
+from agm_fast.benchmarks.harness import (
+    Outcome,
+    add_traffic,
+    bench_main,
+    bench_parser,
+    check_close,
+    print_table,
+    run_providers,
+    time_fn,
+)
+from torch import Tensor, nn
 
 import agm_fast
 from agm_fast import _backend, functional
@@ -112,24 +121,20 @@ def fill_grads(model: nn.Module, seed: int = 0) -> Dict[str, torch.Tensor]:
     return saved
 
 
-def restore_grads(model: nn.Module, saved: Dict[str, torch.Tensor]) -> None:
+def restore_grads(model: nn.Module, saved: Dict[str, Tensor]) -> None:
+    """Put copies of the ``saved`` gradients back on ``model``'s parameters."""
     for name, p in model.named_parameters():
         p.grad = saved[name].clone()
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _check_ge(model: nn.Module, saved: Dict[str, torch.Tensor], k: Dict[str, float]) -> Optional[str]:
+def _check_ge(grads: Dict[str, Tensor], saved: Dict[str, Tensor], k: Dict[str, float]) -> Optional[str]:
     """None when the OGM-GE noise of every selected tensor has mean 0 and std ``std(g) + 1e-8`` within 6 sigma."""
     zs = []
     for prefix in ("audio", "visual"):
-        names = [n for n, p in model.named_parameters() if n.startswith(prefix) and p.dim() == 4]
+        names = [n for n, g in grads.items() if n.startswith(prefix) and g.dim() == 4]
         for name in names:
             g0 = saved[name].double()
-            noise = dict(model.named_parameters())[name].grad.double() - k[prefix] * g0
+            noise = grads[name].double() - k[prefix] * g0
             sigma = g0.std().item() + 1e-8
             n = noise.numel()
             mean, std = noise.mean().item() / sigma, noise.std().item() / sigma
@@ -139,57 +144,37 @@ def _check_ge(model: nn.Module, saved: Dict[str, torch.Tensor], k: Dict[str, flo
     z = torch.cat(zs)
     if abs(z.mean().item()) > 6 / math.sqrt(z.numel()) or abs(z.std().item() - 1) > 6 / math.sqrt(2 * z.numel()):
         return f"pooled noise: mean {z.mean().item():.3g}, std {z.std().item():.5f} (expected 0 and 1)"
-    untouched = [n for n, p in model.named_parameters() if p.dim() != 4 and not torch.equal(p.grad, saved[n])]
+    untouched = [n for n, g in grads.items() if g.dim() != 4 and not torch.equal(g, saved[n])]
     if untouched:
         return f"non-conv gradients changed: {untouched[:3]}"
     return None
 
 
-def _time_copy(numel: int, device: torch.device, timer: dict) -> Dict[str, float]:
-    """A measured copy bandwidth over as many float32 elements as the gradients, for scale."""
-    src = torch.randn(numel, device=device)
-    dst = torch.empty_like(src)
-    return time_fn(lambda: dst.copy_(src), **timer)
-
-
-def _row(stage, provider, t, base_ms=None, nbytes=None, check="ok"):
-    row = {"stage": stage, "provider": provider, "check": check}
-    if t is not None:
-        row.update(t)
-        row["speedup"] = (base_ms / t["median_ms"]) if base_ms else 1.0
-        if nbytes:
-            row["MB"] = nbytes / 1e6
-            row["GB/s"] = nbytes / (t["median_ms"] * 1e-3) / 1e9
-    return row
-
-
 def run(device: torch.device, batch: int, classes: int, alpha: float, width: int, warmup: int, rep: int) -> List[dict]:
     """Check and time every provider; returns the table rows."""
     torch.manual_seed(0)
-    rows: List[dict] = []
-    timer = dict(device=device, warmup=warmup, rep=rep)
+    timer = dict(warmup=warmup, rep=rep)
 
     # Scores + coefficients: the visual modality is made the stronger one so that both rules damp it.
     labels = torch.randint(0, classes, (batch,), device=device)
     out_a = torch.randn(batch, classes, device=device)
     out_v = torch.randn(batch, classes, device=device)
     out_v[torch.arange(batch, device=device), labels] += 2.0
-    want = reference_style_coefficients(labels, out_a, out_v, alpha)
-    got = agm_fast.calculate_coefficient(labels, out_a, out_v, alpha)
-    err = check_close("calculate_coefficient", torch.stack(got), torch.tensor(want), rtol=1e-5, atol=1e-6)
-    # The score stage is short: more repetitions for a stable median.
-    score_timer = dict(timer, rep=10 * rep)
-    t_base = time_fn(lambda: reference_style_coefficients(labels, out_a, out_v, alpha), **score_timer)
-    rows.append(_row("score+coeff", "reference-style (per-sample .item())", t_base))
-    if err is None:
-        t = time_fn(lambda: agm_fast.calculate_coefficient(labels, out_a, out_v, alpha), **score_timer)
-        rows.append(_row("score+coeff", "agm_fast.calculate_coefficient", t, t_base["median_ms"]))
-    else:
-        rows.append(_row("score+coeff", "agm_fast.calculate_coefficient", None, check=err))
+    rows = run_providers(
+        ("reference-style (per-sample .item())", reference_style_coefficients),
+        [("agm_fast.calculate_coefficient", agm_fast.calculate_coefficient)],
+        (labels, out_a, out_v, alpha),
+        device=device,
+        fields={"stage": "score+coeff"},
+        rtol=1e-5,
+        atol=1e-6,
+        # The score stage is short: more repetitions for a stable median.
+        timer=dict(timer, rep=10 * rep),
+    )
 
     model = build_model(device, width)
     saved = fill_grads(model)
-    k_a, k_v = want
+    k_a, k_v = reference_style_coefficients(labels, out_a, out_v, alpha)
     k = {"audio": k_a, "visual": k_v}
     conv = [p for prefix in ("audio", "visual") for p in select_conv_parameters(model, prefix)]
     group = [0] * len(select_conv_parameters(model, "audio")) + [1] * len(select_conv_parameters(model, "visual"))
@@ -197,96 +182,83 @@ def run(device: torch.device, batch: int, classes: int, alpha: float, width: int
     elem = conv[0].element_size()
     coeffs = torch.tensor([k_a, k_v], dtype=torch.float32, device=device)
 
-    t_copy = _time_copy(numel, device, timer)
-    rows.append(_row("copy (bandwidth ref.)", "dst.copy_(src)", t_copy, t_copy["median_ms"], 2 * numel * elem))
+    # A measured copy over as many float32 elements as the gradients, for scale.
+    src = torch.randn(numel, device=device)
+    dst = torch.empty_like(src)
+    copy_row = dict(stage="copy (bandwidth ref.)", provider="dst.copy_(src)", check="ok", speedup=1.0)
+    copy_row.update(time_fn(lambda: dst.copy_(src), device, **timer))
+    add_traffic([copy_row], 2 * numel * elem)
+    rows.append(copy_row)
 
     def raw_op(noise):
         grads = [p.grad for p in conv]
         functional.ogm_ge_(grads, group, coeffs, noise=noise, seed=0, offset=0)
 
+    def grads_after(_):
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    def check_ogm(name, got, want):
+        return check_close(name, list(got.values()), list(want.values()), rtol=0, atol=0)
+
+    def check_ogm_ge(name, got, want):
+        return _check_ge(got, saved, k)
+
     for mode, passes in (("OGM", 2), ("OGM_GE", 3)):
-        nbytes = passes * numel * elem
-        stage = f"modulate {mode}"
-        restore_grads(model, saved)
-        reference_style_modulation(model, k_a, k_v, mode)
-        want_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-        t_base = time_fn(lambda: reference_style_modulation(model, k_a, k_v, mode), **timer)
-        rows.append(_row(stage, "reference-style (per-tensor .std().item())", t_base, t_base["median_ms"], nbytes))
-        providers = [
-            ("agm_fast.update_model_with_OGM_GE", lambda: agm_fast.update_model_with_OGM_GE(model, k_a, k_v, mode)),
-            ("functional.ogm_ge_ (gathered list)", lambda: raw_op(mode == "OGM_GE")),
-        ]
-        for name, fn in providers:
-            restore_grads(model, saved)
-            fn()
-            _sync(device)
-            if mode == "OGM":
-                err = check_close(
-                    name, [p.grad for _, p in model.named_parameters()], list(want_grads.values()), rtol=0, atol=0
-                )
-            else:
-                err = _check_ge(model, saved, k)
-            if err is not None:
-                rows.append(_row(stage, name, None, check=err))
-                continue
-            restore_grads(model, saved)
-            t = time_fn(fn, **timer)
-            rows.append(_row(stage, name, t, t_base["median_ms"], nbytes))
+        stage_rows = run_providers(
+            ("reference-style (per-tensor .std().item())", lambda: reference_style_modulation(model, k_a, k_v, mode)),
+            [
+                ("agm_fast.update_model_with_OGM_GE", lambda: agm_fast.update_model_with_OGM_GE(model, k_a, k_v, mode)),
+                ("functional.ogm_ge_ (gathered list)", lambda: raw_op(mode == "OGM_GE")),
+            ],
+            device=device,
+            fields={"stage": f"modulate {mode}"},
+            # OGM is deterministic and checked bitwise; the OGM-GE noise statistically.
+            check=check_ogm if mode == "OGM" else check_ogm_ge,
+            collect=grads_after,
+            prepare=lambda: restore_grads(model, saved),
+            timer=timer,
+        )
+        add_traffic(stage_rows, passes * numel * elem)
+        rows += stage_rows
     return rows
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Run the benchmark; returns 0, or 1 when a provider failed its check.
-
-    Args:
-        argv: command-line arguments (default ``sys.argv[1:]``).
-    """
-    parser = argparse.ArgumentParser(
-        prog="python -m agm_fast.benchmarks.bench_ogm_ge", description=__doc__.split("\n")[0]
-    )
-    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    parser.add_argument("--batch", type=int, default=64, help="batch size of the score stage (default 64)")
-    parser.add_argument("--classes", type=int, default=6, help="classes of the score stage (default 6, CREMA-D)")
-    parser.add_argument("--alpha", type=float, default=0.8, help="modulation strength (default 0.8, CREMA-D)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed calls per provider (default 2)")
-    parser.add_argument("--rep", type=int, default=10, help="timed calls per provider (default 10)")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch and the extension")
-    parser.add_argument("--quick", action="store_true", help="quarter-width encoders and 3 repetitions")
-    parser.add_argument("--no-save", action="store_true", help="do not write benchmarks/results/")
-    args = parser.parse_args(argv)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is available")
+def _bench(args: argparse.Namespace, device: torch.device, machine: str) -> Outcome:
     width, warmup, rep = (16, 1, 3) if args.quick else (64, args.warmup, args.rep)
-    if args.threads is not None:
-        if args.threads < 1:
-            parser.error(f"--threads: expected a positive count, got {args.threads}")
-        torch.set_num_threads(args.threads)
-
-    machine = machine_line(device)
     backend = _backend.select(device, has=("torch", "ext"))
     conv = sum(math.prod(s) for c in (1, 3) for _, s in resnet18_shapes(c, width) if len(s) == 4)
     # The machine may be shared: the load average says how much the timings were disturbed.
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
     info = f"ogm_ge_ backend: {backend} | modulated conv weights: {conv:,} (two encoders) | load average: {load}"
-    print(machine)
     print(info)
     rows = run(device, args.batch, args.classes, args.alpha, width, warmup, rep)
     title = f"OGM-GE step, two ResNet-18 encoders (width {width}), batch {args.batch}, {args.classes} classes"
     table = print_table(title, rows, COLUMNS)
-    failed = [r for r in rows if r["check"] != "ok"]
-    if not args.no_save:
-        records = [dict(r, backend=backend, width=width, threads=torch.get_num_threads(), load=load) for r in rows]
-        append_jsonl("ogm_ge", records, machine)
-        if not args.quick:
-            suffix = "" if args.threads is None else f"-{args.threads}thread"
-            path = os.path.join(RESULTS_DIR, f"{device.type}-ogm-ge{suffix}.md")
-            with open(path, "w") as f:
-                given = sys.argv[1:] if argv is None else list(argv)
-                command = " ".join(["python -m agm_fast.benchmarks.bench_ogm_ge"] + given)
-                f.write(f"{machine}\n\n{info}\n\ncommand: `{command}`\n\n{table}\n{NOTES}")
-            print(f"wrote {path}")
-    return 1 if failed else 0
+    suffix = "" if args.threads is None else f"-{args.threads}thread"
+    text = f"{machine}\n\n{info}\n\ncommand: `{args.command}`\n\n{table}\n{NOTES}"
+    return Outcome(
+        records=[dict(r, backend=backend, width=width, threads=torch.get_num_threads(), load=load) for r in rows],
+        failed=any(r["check"] != "ok" for r in rows),
+        markdown=None if args.quick else (f"{device.type}-ogm-ge{suffix}.md", text),
+    )
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the benchmark.
+
+    Args:
+        argv: command-line arguments (default ``sys.argv[1:]``).
+
+    Returns:
+        0, 1 when a provider failed its check, 2 when ``--out`` is not writable.
+    """
+    parser = bench_parser("bench_ogm_ge", __doc__, quick="quarter-width encoders and 3 repetitions")
+    parser.add_argument("--batch", type=int, default=64, help="batch size of the score stage (default 64)")
+    parser.add_argument("--classes", type=int, default=6, help="classes of the score stage (default 6, CREMA-D)")
+    parser.add_argument("--alpha", type=float, default=0.8, help="modulation strength (default 0.8, CREMA-D)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed calls per provider (default 2)")
+    parser.add_argument("--rep", type=int, default=10, help="timed calls per provider (default 10)")
+    return bench_main("bench_ogm_ge", parser, argv, _bench)
 
 
 if __name__ == "__main__":

@@ -26,12 +26,13 @@ step python3 -m pip install --no-build-isolation --no-deps -e . -q
 step python3 -c "import agm_fast, json; print(json.dumps(agm_fast.backend_info(), indent=1))"
 step python3 -m pytest -q -p no:cacheprovider -rs tests
 # Every benchmark prints its machine line and tables; they are collected in one file (the device tool returns at
-# most 8 files).
+# most 8 files). The result files go to the repository's results folder and their JSON lines are gathered below.
+results=benchmarks/results
 for b in bench_shapley bench_ogm_scores bench_ogm_ge bench_agm_step bench_cggm_step; do
   echo "=== $b ===" >>"$out/tables.md"
-  python3 -m "agm_fast.benchmarks.$b" --device cuda 2>&1 | tee -a "$out/tables.md" "$log"
+  python3 -m "agm_fast.benchmarks.$b" --device cuda --out "$results" 2>&1 | tee -a "$out/tables.md" "$log"
   [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 done
-cat benchmarks/results/*.jsonl >"$out/results.jsonl" 2>/dev/null || true
+cat "$results"/*.jsonl >"$out/results.jsonl" 2>/dev/null || true
 echo "tables and logs in $out"
 exit $status

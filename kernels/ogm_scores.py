@@ -22,6 +22,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ._common import online_softmax_step
+
 __all__ = ["ogm_scores_fwd"]
 
 _TILE = 2048
@@ -59,13 +61,7 @@ def _ogm_scores_fwd_kernel(
         offs_c = c0 + tl.arange(0, BLOCK_C)
         col_ok = offs_c[None, :] < C
         x = tl.load(x_rows + offs_c[None, :] * stride_xc, mask=mask_b[:, None] & col_ok, other=0.0).to(tl.float32)
-        x = tl.where(col_ok, x, float("-inf"))
-        new_max = tl.maximum(row_max, tl.max(x, axis=1))
-        # A row whose maximum is still -inf has nothing to rescale; keep the exponentials finite.
-        safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
-        row_sum = row_sum * tl.exp(row_max - safe_max) + tl.sum(tl.exp(x - safe_max[:, None]), axis=1)
-        row_max = new_max
-        at_label += tl.sum(tl.where(offs_c[None, :] == labels[:, None], x, 0.0), axis=1)
+        row_max, row_sum, at_label = online_softmax_step(x, offs_c, C, labels, row_max, row_sum, at_label)
 
     # exp(x_y - max) / sum exp(x - max), the arithmetic of torch.softmax (NaN for a row of -inf or with +inf/NaN).
     prob = tl.exp(at_label - row_max) / row_sum

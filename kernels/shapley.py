@@ -29,6 +29,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ._common import online_softmax_step
+
 __all__ = ["shapley_scores_fwd", "shapley_bwd", "shapley_combine_bwd"]
 
 # Elements of the [BLOCK_M, BLOCK_B, BLOCK_C] float32 tile one program keeps in registers.
@@ -114,16 +116,8 @@ def _shapley_scores_fwd_kernel(
             d = x - y[None, :, :]
             sq_err += tl.sum(tl.where(mask3, d * d, 0.0), axis=2)
         else:
-            col_ok = mask_c[None, None, :]
-            xm = tl.where(col_ok, x, float("-inf"))
-            new_max = tl.maximum(row_max, tl.max(xm, axis=2))
-            # A row whose maximum is still -inf has nothing to rescale; keep the exponentials finite.
-            safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
-            row_sum = row_sum * tl.exp(row_max - safe_max) + tl.sum(tl.exp(xm - safe_max[:, :, None]), axis=2)
-            row_max = new_max
-            hit = offs_c[None, None, :] == labels[None, :, None]
-            at_label += tl.sum(tl.where(hit, x, 0.0), axis=2)
-            poison += tl.sum(tl.where(col_ok, x - x, 0.0), axis=2)
+            row_max, row_sum, at_label = online_softmax_step(x, offs_c, C, labels[None, :], row_max, row_sum, at_label)
+            poison += tl.sum(tl.where(mask_c[None, None, :], x - x, 0.0), axis=2)
 
     keep = mask_m[:, None] & mask_b[None, :]
     if REGRESSION:

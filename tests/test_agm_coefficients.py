@@ -1,4 +1,4 @@
-"""AGM scores, running means and coefficients against the SPEC formulas by hand (SPEC 1.4), state and resume."""
+"""AGM scores, running means and coefficients by hand against docs/methods.md (section 1.4); state and resume."""
 
 import math
 
@@ -14,7 +14,7 @@ ce = nn.functional.cross_entropy
 
 
 class HandAGM:
-    """SPEC 1.4 in float64 Python, sample by sample."""
+    """docs/methods.md section 1.4 in float64 Python, sample by sample."""
 
     def __init__(self, M, alpha, cap, window, hold_last):
         self.M, self.alpha, self.cap, self.window, self.hold_last = M, alpha, cap, window, hold_last

@@ -34,9 +34,9 @@ def test_wrong_number_of_inputs(model):
 def test_mismatched_batch_sizes(model):
     xs, y = make_batch(2)
     for agm in _agms(model):
-        with pytest.raises(ValueError, match=r"same batch size B, got batch sizes \[5, 4\]"):
+        with pytest.raises(ValueError, match=r"inputs: expected the same batch size B .*, got batch sizes \[5, 4\]"):
             agm(xs[0], xs[1][:4], target=y)
-    with pytest.raises(TypeError, match="input 1 must be a tensor"):
+    with pytest.raises(TypeError, match=r"inputs\[1\]: expected a tensor"):
         _agms(model)[0](xs[0], [1.0], target=y)
 
 
@@ -102,7 +102,7 @@ def test_fusion_output_not_b_by_c(model):
         def forward(self, *f):
             return [f]
 
-    with pytest.raises(TypeError, match="model must return a tensor of logits"):
+    with pytest.raises(TypeError, match="model: expected to return a tensor of logits"):
         agm_fast.AGM(NotTensor(), num_modalities=2)(*xs, target=y)
 
     class BadContrib(nn.Module):
@@ -112,27 +112,27 @@ def test_fusion_output_not_b_by_c(model):
         def forward(self, *f):
             return torch.cat(f, 1)[:, :4]
 
-    with pytest.raises(ValueError, match="returned 1 pieces, expected one per modality"):
+    with pytest.raises(ValueError, match="fusion.contributions: expected one piece per modality"):
         agm_fast.AGM(encoders=list(model.encoders), fusion=BadContrib())(*xs, target=y)
 
 
 def test_configuration_errors(model):
     enc, fus = list(model.encoders), model.fusion
-    with pytest.raises(ValueError, match="strategy must be one of"):
+    with pytest.raises(ValueError, match="strategy: expected one of"):
         agm_fast.AGM(model, num_modalities=2, strategy="fast")
-    with pytest.raises(ValueError, match="not both"):
+    with pytest.raises(ValueError, match="got both"):
         agm_fast.AGM(model, encoders=enc, fusion=fus)
-    with pytest.raises(ValueError, match="needs encoders"):
+    with pytest.raises(ValueError, match="strategy: expected encoders"):
         agm_fast.AGM(model, num_modalities=2, strategy="factorized")
-    with pytest.raises(ValueError, match="masked_mode='train' .* needs strategy='factorized'"):
+    with pytest.raises(ValueError, match="masked_mode: 'train' .* needs strategy='factorized'"):
         agm_fast.AGM(model, num_modalities=2, masked_mode="train")
-    with pytest.raises(ValueError, match="mute='feature' .* needs strategy='factorized'"):
+    with pytest.raises(ValueError, match="mute: 'feature' .* needs strategy='factorized'"):
         agm_fast.AGM(encoders=enc, fusion=fus, strategy="batched", mute="feature")
-    with pytest.raises(ValueError, match="need mute='feature'"):
+    with pytest.raises(ValueError, match="baselines: .* need mute='feature'"):
         agm_fast.AGM(encoders=enc, fusion=fus, baselines=[torch.zeros(6)] * 2)
     with pytest.raises(ValueError, match="one feature per modality"):
         agm_fast.AGM(encoders=enc, fusion=fus, mute="feature", baselines=[torch.zeros(6)])
-    with pytest.raises(ValueError, match="num_modalities is required"):
+    with pytest.raises(ValueError, match="num_modalities: expected the number of modalities"):
         agm_fast.AGM(model)
     with pytest.raises(ValueError, match="num_permutations"):
         agm_fast.AGM(model, num_modalities=2, shapley="sampled", num_permutations=0)
@@ -142,11 +142,13 @@ def test_configuration_errors(model):
         agm_fast.AGM(model, num_modalities=2, max_batch=0)
     with pytest.raises(TypeError, match="alpha"):
         agm_fast.AGMCoefficients(2, alpha="1")
+    with pytest.raises(ValueError, match="num_modalities: expected 2"):
+        agm_fast.AGM(encoders=enc, fusion=fus, num_modalities=3)
     xs, y = make_batch(2)
-    with pytest.raises(ValueError, match="epoch is required"):
+    with pytest.raises(ValueError, match="epoch: required"):
         agm_fast.AGM(model, num_modalities=2, window=(0, 3))(*xs, target=y)
     bad = agm_fast.AGM(encoders=enc, fusion=fus, mute="feature", baselines=[torch.zeros(5)] * 2)
-    with pytest.raises(ValueError, match=r"baselines\[0\] must have the feature shape of encoder 0, \[6\]"):
+    with pytest.raises(ValueError, match=r"baselines\[0\]: expected the feature shape of encoder 0, \[6\]"):
         bad(*xs, target=y)
     with pytest.raises(ValueError, match="expected 2 mono-modal outputs"):
         agm_fast.AGMCoefficients(2, alpha=1.0)([torch.randn(5, 4)] * 3, y)

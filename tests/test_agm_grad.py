@@ -1,4 +1,5 @@
-"""Gradient routing of AGM (SPEC 1.5): the hook form (GradMod) and the stop-gradient form (AGM) agree."""
+"""Gradient routing of AGM (docs/methods.md, section 1.5): the hook form (GradMod) and the stop-gradient form
+(AGM) agree."""
 
 import pytest
 import torch

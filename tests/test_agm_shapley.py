@@ -1,4 +1,5 @@
-"""Shapley mono-modal outputs of AGM: axioms, the reference variant, permutation sampling (SPEC 1.3)."""
+"""Shapley mono-modal outputs of AGM: axioms, the reference variant, permutation sampling (docs/methods.md,
+section 1.3)."""
 
 import itertools
 import math

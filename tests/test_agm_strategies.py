@@ -1,4 +1,4 @@
-"""The subset-evaluation strategies of AGM give one result (SPEC section 5)."""
+"""The subset-evaluation strategies of AGM give one result (docs/methods.md, section 5)."""
 
 import pytest
 import torch

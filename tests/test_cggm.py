@@ -1,4 +1,4 @@
-"""CGGM against hand computation in float64 (SPEC section 4)."""
+"""CGGM against hand computation in float64 (docs/methods.md, section 4)."""
 
 import copy
 import io
@@ -357,18 +357,29 @@ def test_clear_errors():
         agm_fast.CGGM(enc, model.out, dims, C, direction="grad", head_lr=0.1)
     with pytest.raises(ValueError, match="head_lr"):
         agm_fast.CGGM(enc, model.out, dims, C)
-    with pytest.raises(ValueError, match="at least 2"):
+    with pytest.raises(ValueError, match="encoders: expected at least 2"):
         agm_fast.CGGM(enc[:1], nn.Linear(3, C), dims[:1], C, head_lr=0.1)
     with pytest.raises(ValueError, match="feature_dims"):
         agm_fast.CGGM(enc, model.out, [3], C, head_lr=0.1)
-    with pytest.raises(ValueError, match="cannot match"):
+    with pytest.raises(ValueError, match="feature_dims: expected sizes that match the fusion output layer"):
         agm_fast.CGGM(enc, model.out, [3, 5], C, head_lr=0.1)
     with pytest.raises(ValueError, match="num_classes"):
         agm_fast.CGGM(enc, model.out, dims, C + 1, head_lr=0.1)
-    with pytest.raises(ValueError, match="matches no trainable"):
+    with pytest.raises(ValueError, match="selects no trainable parameter"):
         agm_fast.CGGM(["encoders.0", "nothing"], model.out, dims, C, model=model, head_lr=0.1)
     with pytest.raises(ValueError, match="bound"):
         agm_fast.CGGM(enc, model.out, dims, C, bound=0.0, head_lr=0.1)
+    # Hyper-parameters are checked once, at construction: non-finite, zero or negative values are refused.
+    for kwargs, exc, pattern in (
+        (dict(rho=float("nan")), ValueError, "rho: expected a finite number > 0.0, got nan"),
+        (dict(rho=0.0), ValueError, "rho: expected a finite number > 0.0"),
+        (dict(rho=float("inf")), ValueError, "rho: expected a finite number"),
+        (dict(lam=-1.0), ValueError, "lam: expected a finite number >= 0.0, got -1.0"),
+        (dict(lam="0.1"), TypeError, "lam: expected a finite number"),
+        (dict(head_lr=float("nan")), ValueError, "head_lr: expected a finite number > 0.0"),
+    ):
+        with pytest.raises(exc, match=pattern):
+            agm_fast.CGGM(enc, model.out, dims, C, **{"head_lr": 0.1, **kwargs})
     cggm = agm_fast.CGGM(enc, model.out, dims, C, head_lr=0.1)
     xs, y = batches(2, 1)[0]
     _, hs = model(xs)
@@ -378,15 +389,15 @@ def test_clear_errors():
         cggm.observe(hs[:1], y)
     with pytest.raises(ValueError, match=r"features\[1\]"):
         cggm.observe([hs[0], hs[0]], y)
-    with pytest.raises(ValueError, match="int64"):
+    with pytest.raises(TypeError, match="labels: expected int64"):
         cggm.observe(hs, y.float())
-    with pytest.raises(ValueError, match="lie in"):
+    with pytest.raises(ValueError, match=r"labels: expected class indices in \[0, 3\)"):
         cggm.observe(hs, y + C)
     with pytest.raises(ValueError, match="batch size"):
         cggm.observe(hs, y[:5])
     g = agm_fast.CGGM(enc, model.out, dims, C, direction="gradient", head_lr=0.1)
     g.observe(hs, y)
-    with pytest.raises(ValueError, match="task loss"):
+    with pytest.raises(ValueError, match="task_loss: expected the task loss"):
         g.loss_term()
     assert math.isfinite(float(g.loss_term(F.cross_entropy(model(xs)[0], y)).detach()))
 

@@ -1,4 +1,4 @@
-"""Fusion heads: forward, additive contributions, and the per-modality logits of SPEC section 2."""
+"""Fusion heads: forward, additive contributions, and the per-modality logits of docs/methods.md, section 2."""
 
 import pytest
 import torch

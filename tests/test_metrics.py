@@ -1,4 +1,4 @@
-"""Competition strength (SPEC 1.6), feature extraction and Shapley attribution of accuracy."""
+"""Competition strength (docs/methods.md, section 1.6), feature extraction and Shapley attribution of accuracy."""
 
 import itertools
 import math

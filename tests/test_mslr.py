@@ -1,4 +1,4 @@
-"""MSLR and MSES (SPEC 1.7): the 5-epoch accuracy memory, early stopping and best-state restore."""
+"""MSLR and MSES (docs/methods.md, section 1.7): the 5-epoch accuracy memory, early stopping and best-state restore."""
 
 import pytest
 import torch
@@ -66,18 +66,18 @@ def test_mslr_ratio_follows_the_window_memory_exactly():
     assert again.epoch_end([0.7, 0.5, 0.4]) == mslr.epoch_end([0.7, 0.5, 0.4])
 
 
-def test_mslr_window_and_selection_errors():
+def test_mslr_history_and_selection_errors():
     net = Net()
-    mslr = agm_fast.MSLR([net.audio, net.visual], window=2)
+    mslr = agm_fast.MSLR([net.audio, net.visual], history=2)
     assert mslr.epoch_end(torch.tensor([0.2, 0.4])) == [1.0, 1.0]
     assert mslr.epoch_end([0.4, 0.4]) == [1.0, 1.0]
     assert mslr.epoch_end([0.6, 0.2]) == pytest.approx([0.6 / 0.3, 0.2 / 0.4])
-    with pytest.raises(ValueError, match="matches no trainable"):
+    with pytest.raises(ValueError, match="the prefix 'video' selects no trainable parameter"):
         agm_fast.MSLR({"a": "audio", "x": "video"}, model=net)
     # Prefixes are plain name prefixes, as in OGMGE: "aud" also selects audio.*, so it overlaps "audio".
-    with pytest.raises(ValueError, match="belongs to modalities"):
+    with pytest.raises(ValueError, match="selected by both modality 'a' and modality 'x'"):
         agm_fast.MSLR({"a": "audio", "x": "aud"}, model=net)
-    with pytest.raises(ValueError, match="empty prefix"):
+    with pytest.raises(ValueError, match="expected a non-empty name prefix"):
         agm_fast.MSLR({"a": ""}, model=net)
     # A DataParallel-style "module." wrapper prefix is ignored.
     wrapped = nn.Sequential()
@@ -86,16 +86,27 @@ def test_mslr_window_and_selection_errors():
     assert [id(p) for p in dp._params[0]] == [id(p) for p in net.audio.parameters()]
     with pytest.raises(ValueError, match="model="):
         agm_fast.MSLR({"a": "audio"})
-    with pytest.raises(ValueError, match="belongs to modalities"):
+    with pytest.raises(ValueError, match="selected by both"):
         agm_fast.MSLR({"a": net.audio, "b": net.audio[0]})
-    with pytest.raises(TypeError, match="modalities must be"):
+    with pytest.raises(TypeError, match="modalities: expected a dict"):
         agm_fast.MSLR(net.audio)
     with pytest.raises(ValueError, match="2 values"):
         mslr.epoch_end([0.1])
     with pytest.raises(ValueError, match="non-finite"):
         mslr.epoch_end([0.1, float("nan")])
-    with pytest.raises(ValueError, match="window"):
-        agm_fast.MSLR([net.audio], window=0)
+    with pytest.raises(ValueError, match="history: expected an int >= 1, got 0"):
+        agm_fast.MSLR([net.audio], history=0)
+    # The count of past epochs is `history`; `window` is the modulation window of the method interface only.
+    with pytest.raises(TypeError, match="window"):
+        agm_fast.MSLR([net.audio], window=2)
+    for scales, exc, pattern in (
+        ([-1.0, 1.0], ValueError, r"init_lr_scales\[0\]: expected a finite number > 0.0, got -1.0"),
+        ([float("inf"), 1.0], ValueError, "init_lr_scales: expected finite values"),
+        ([0.0, 1.0], ValueError, r"init_lr_scales\[0\]: expected a finite number > 0.0"),
+        (["x", 1.0], TypeError, "init_lr_scales: expected numbers"),
+    ):
+        with pytest.raises(exc, match=pattern):
+            agm_fast.MSLR([net.audio, net.visual], init_lr_scales=scales)
 
 
 def test_mses_stops_at_the_right_epoch_and_restores_the_best_state():
@@ -156,5 +167,5 @@ def test_mses_zero_mode_state_dict_and_errors():
         agm_fast.MSES([net.audio], patience=-1)
     with pytest.raises(ValueError, match="smoothing"):
         agm_fast.MSES([net.audio], patience=1, smoothing=1.5)
-    with pytest.raises(ValueError, match="no value"):
+    with pytest.raises(ValueError, match="val_losses: expected a value for every modality"):
         agm_fast.MSES({"a": net.audio}, patience=1).epoch_end({"b": 1.0})

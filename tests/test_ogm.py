@@ -1,5 +1,5 @@
-"""OGM / OGM-GE (SPEC sections 2 and 3): coefficients by hand in float64, the reference-mirror functions, and the
-OGMGE class (selection, window, warm-up, ogm_plus, noise, state)."""
+"""OGM / OGM-GE (docs/methods.md, sections 2 and 3): coefficients by hand in float64, the reference-mirror
+functions, and the OGMGE class (selection, window, warm-up, tie rules, ogm_plus, noise, state)."""
 
 import math
 
@@ -307,22 +307,76 @@ def test_ogmge_normal_mode_is_a_no_op():
         assert torch.equal(g, before[name])
 
 
+def _journal_coeffs_by_hand(scores, alpha, plus=False):
+    """The journal code's two-modality rule (docs/methods.md, section 3): ratio_0 = s_0 / s_1; ratio_0 > 1 damps
+    modality 0, anything else (a tie included) damps modality 1. OGM+ gives the damped modality 1 and the other 4."""
+    ratio_0, ratio_1 = scores[0] / scores[1], scores[1] / scores[0]
+    if ratio_0 > 1:
+        return [1.0, 4.0] if plus else [1 - math.tanh(alpha * max(ratio_0, 0.0)), 1.0]
+    return [4.0, 1.0] if plus else [1.0, 1 - math.tanh(alpha * max(ratio_1, 0.0))]
+
+
 def test_journal_warmup_and_ogm_plus():
     net = _AVNet()
-    ogm = OGMGE([net.audio_net, net.visual_net], alpha=0.8, mode="OGM", warmup_epochs=3, ogm_plus=True)
-    assert not ogm.active(2) and ogm.active(3)
+    ogm = OGMGE([net.audio_net, net.visual_net], alpha=0.8, mode="OGM", journal=True, ogm_plus=True)
+    # Journal mode: the 6-epoch warm-up of the released code (it modulates from epoch 6 on).
+    assert ogm.warmup_epochs == 6 and not ogm.active(5) and ogm.active(6)
     h, y = _backward(net)
     before = _grads(net)
-    assert torch.equal(ogm.step_from_features(y, net.fusion, h, epoch=2), torch.ones(2))
+    assert torch.equal(ogm.step_from_features(y, net.fusion, h, epoch=5), torch.ones(2))
     assert all(torch.equal(g, before[n]) for n, g in _grads(net).items())
-    coeffs = ogm.step_from_features(y, net.fusion, h, epoch=3)
-    hand = _hand_coeffs_of(net, h, y)
-    weak = 0 if hand[0] == 1.0 else 1
-    want = [4.0 if m == weak else hand[m] for m in range(2)]
+    coeffs = ogm.step_from_features(y, net.fusion, h, epoch=6)
+    with torch.no_grad():
+        scores = _scores_by_hand(net.fusion.per_modality_logits(*h), y)
+    want = _journal_coeffs_by_hand(scores, 0.8, plus=True)
+    # OGM+ replaces the damping: the dominant modality keeps its gradient (1), the weak one gets 4.
+    assert sorted(want) == [1.0, 4.0]
     torch.testing.assert_close(coeffs, torch.tensor(want, dtype=torch.float32))
     for name, g in _grads(net).items():
         m = 0 if name.startswith("audio") else 1 if name.startswith("visual") else None
         torch.testing.assert_close(g, before[name] * (1.0 if m is None else want[m]))
+    # An explicit warm-up overrides journal mode's default, and CVPR mode has none.
+    assert OGMGE([net.audio_net, net.visual_net], journal=True, warmup_epochs=2).window.start == 2
+    assert OGMGE([net.audio_net, net.visual_net]).window.start == 0
+
+
+@pytest.mark.parametrize("strong", [0, 1])
+@pytest.mark.parametrize("alpha", [0.1, 0.8, 2.6])
+def test_journal_rule_equals_cvpr_rule_off_ties(strong, alpha):
+    logits, labels = _logits(2, strong=strong)
+    scores = _scores_by_hand(logits, labels)
+    want = _journal_coeffs_by_hand(scores, alpha)
+    torch.testing.assert_close(
+        agm_fast.reference.ogm_coefficients_ref(torch.tensor(scores), alpha, journal=True),
+        torch.tensor(want, dtype=torch.float32),
+    )
+    torch.testing.assert_close(torch.tensor(want), torch.tensor(_coeffs_by_hand(scores, alpha)), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("journal, damped", [(False, 0), (True, 1)])
+def test_exact_tie_damps_modality_0_in_cvpr_mode_and_1_in_journal_mode(journal, damped):
+    # Both modalities get the same logits, so their scores tie exactly: rho = 1.
+    encs = [nn.Linear(3, 3) for _ in range(2)]
+    for e in encs:
+        e.weight.grad = torch.ones(3, 3)
+        e.bias.grad = torch.ones(3)
+    one, labels = _logits(1)
+    logits = one.expand(2, -1, -1).clone()
+    ogm = OGMGE(encs, alpha=0.8, mode="OGM", journal=journal, warmup_epochs=0)
+    coeffs = ogm.step(labels, logits, epoch=0)
+    # By hand: the damped modality gets 1 - tanh(alpha * relu(1)) (no "-1" in either code), the other 1.
+    want = [1.0, 1.0]
+    want[damped] = 1 - math.tanh(0.8)
+    torch.testing.assert_close(coeffs, torch.tensor(want, dtype=torch.float32))
+    torch.testing.assert_close(encs[damped].weight.grad, torch.full((3, 3), want[damped]))
+    torch.testing.assert_close(encs[1 - damped].weight.grad, torch.ones(3, 3))
+    # The reference helper and the functional form agree with the class.
+    torch.testing.assert_close(
+        agm_fast.reference.ogm_coefficients_ref(ogm.last_scores, 0.8, journal=journal), torch.tensor(want)
+    )
+    # OGM+ on a tie: the journal code boosts modality 0 (its else-branch), so modality 1 counts as dominant.
+    plus = OGMGE(encs, alpha=0.8, mode="OGM", journal=True, ogm_plus=True, warmup_epochs=0)
+    torch.testing.assert_close(plus.step(labels, logits, epoch=0), torch.tensor([4.0, 1.0]))
 
 
 def test_ogm_plus_many_modalities():
@@ -331,12 +385,13 @@ def test_ogm_plus_many_modalities():
         e.weight.grad = torch.ones(3, 3)
         e.bias.grad = torch.ones(3)
     logits, labels = _logits(3, strong=2)
-    hand = _coeffs_by_hand(_scores_by_hand(logits, labels), 0.5)
     ogm = OGMGE(encs, alpha=0.5, mode="OGM", ogm_plus=True, plus_factor=2.0)
     coeffs = ogm.step(labels, logits, epoch=0)
     scores = _scores_by_hand(logits, labels)
     damped = [scores[m] / ((sum(scores) - scores[m]) / 2) > 1 for m in range(3)]
-    want = [hand[m] if damped[m] else 2.0 for m in range(3)]
+    assert damped == [False, False, True]
+    # The dominant modality is left alone (1); the weak ones get plus_factor.
+    want = [1.0 if damped[m] else 2.0 for m in range(3)]
     torch.testing.assert_close(coeffs, torch.tensor(want, dtype=torch.float32))
     for e, w in zip(encs, want):
         torch.testing.assert_close(e.weight.grad, torch.full((3, 3), w))

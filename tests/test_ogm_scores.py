@@ -113,11 +113,13 @@ def test_reduction_is_deterministic():
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
 
 
-def test_out_of_range_label_gives_nan_without_reading_out_of_bounds(monkeypatch):
+# C = 1030 has several chunks of classes; C and C + 5 fall on padding columns of the last chunk.
+@pytest.mark.parametrize("C", [10, 1030])
+def test_out_of_range_label_gives_nan_without_reading_out_of_bounds(C, monkeypatch):
     monkeypatch.setenv("AGM_FAST_BACKEND", "triton")
-    logits = torch.randn(2, 7, 10, device=DEVICE)
-    for bad in (10, -1, 1 << 40):
-        labels = torch.randint(0, 10, (7,), device=DEVICE)
+    logits = torch.randn(2, 7, C, device=DEVICE)
+    for bad in (C, C + 5, -1, 1 << 40):
+        labels = torch.randint(0, C, (7,), device=DEVICE)
         labels[2] = bad
         scores, coeffs = ops.ogm_scores(logits, labels, 0.8, False)
         assert scores.isnan().all()

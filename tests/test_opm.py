@@ -1,4 +1,5 @@
-"""OPM (SPEC section 3): drop probabilities, drop rates, the 1/(1-theta) scaling, sample weights and the loss."""
+"""OPM (docs/methods.md, section 3): drop probabilities, drop rates, the 1/(1-theta) scaling, the reference's theta
+gradient, the window and warm-up, sample weights and the loss."""
 
 import math
 
@@ -6,7 +7,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from agm_fast.opm import OPM, opm_apply, opm_drop_probs, opm_loss, opm_theta
+import agm_fast
+from agm_fast.fusion import ConcatFusion
+from agm_fast.opm import OPM as _OPM
+from agm_fast.opm import opm_apply, opm_drop_probs, opm_loss, opm_scores, opm_theta
+
+
+def OPM(*args, **kwargs):
+    # The mechanics tests run without the journal warm-up, so that epoch 0 drops.
+    kwargs.setdefault("warmup_epochs", 0)
+    return _OPM(*args, **kwargs)
 
 
 def _q_by_hand(scores, q_base=0.5, lam=0.5):
@@ -177,6 +187,72 @@ def test_loss_equals_removing_dropped_samples():
     assert empty.item() == 0.0
 
 
+def test_window_and_warmup():
+    h = [torch.randn(16, 2), torch.randn(16, 3)]
+    q = torch.tensor([0.9, 0.0])
+    # Default: the journal code's warm-up, no dropping in epochs 0-5.
+    opm = _OPM([2, 3], p_exe=1.0)
+    assert opm.window == agm_fast.Window(6, None)
+    for epoch in range(6):
+        out, weight = opm(*h, drop_probs=q, epoch=epoch)
+        assert all(o is x for o, x in zip(out, h)) and torch.equal(weight, torch.ones(16))
+    assert opm.step_count == 0
+    out, _ = opm(*h, drop_probs=q, epoch=6)
+    assert opm.step_count == 1 and any((o == 0).all(1).any() for o in out)
+    with pytest.raises(ValueError, match="epoch: required"):
+        opm(*h, drop_probs=q)
+    # A window and a warm-up: dropping only in epochs [max(start, warmup), end].
+    win = _OPM([2, 3], p_exe=1.0, window=(1, 4), warmup_epochs=3)
+    assert win.window == agm_fast.Window(3, 4)
+    assert [win.active(e) for e in range(6)] == [False, False, False, True, True, False]
+    with pytest.raises(ValueError, match="nothing of the window"):
+        _OPM([2, 3], window=(0, 4))
+
+
+def _theta_step(theta_grad, seed=0):
+    """One OPM step on a concat head with scores from the detached head (opm_scores); returns the gradients of the
+    features and of the head, and theta."""
+    torch.manual_seed(seed)
+    B, C = 12, 4
+    h = [torch.randn(B, 3, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+    fusion = ConcatFusion([3, 3], C).double()
+    with torch.no_grad():
+        # Modality 0 dominates, so q_0 > 0 and theta depends on the features.
+        fusion.fc.weight[:, :3] *= 4
+    y = torch.randint(0, C, (B,))
+    opm = OPM([3, 3], p_exe=1.0, seed=seed, theta_grad=theta_grad)
+    scores = opm_scores(fusion, h, y)
+    out, weight = opm(*h, scores=scores, epoch=0)
+    loss = opm_loss(fusion(*out), y, weight)
+    loss.backward()
+    return [x.grad.clone() for x in h], fusion.fc.weight.grad.clone(), opm.last_theta, opm.last_keep, (h, fusion, y)
+
+
+def test_reference_theta_gradient_is_theta_itself():
+    grads_ref, head_ref, theta, keep, (h, fusion, y) = _theta_step("reference")
+    grads_none, head_none, theta_none, keep_none, _ = _theta_step("none")
+    assert torch.equal(keep, keep_none) and torch.equal(theta, theta_none) and float(theta) > 0
+    # By hand: theta as a function of the features, through a detached copy of the head, as the released code
+    # builds it; its gradient theta * d theta / d h is what the encoders receive on top of the loss gradient.
+    hs = [x.detach().clone().requires_grad_() for x in h]
+    W, b = fusion.fc.weight.detach(), fusion.fc.bias.detach()
+    logits = [hs[0] @ W[:, :3].T + b / 2, hs[1] @ W[:, 3:].T + b / 2]
+    s = [torch.softmax(lg, -1).gather(1, y.view(-1, 1)).sum() for lg in logits]
+    q = []
+    for m in range(2):
+        r = torch.tanh(torch.relu(s[m] / s[1 - m] - 1))
+        q.append(0.5 * (1 + 0.5 * r) if float(r.detach()) > 0 else torch.zeros((), dtype=torch.float64))
+    theta_hand = (3 * q[0] + 3 * q[1]) / 6
+    torch.testing.assert_close(theta_hand.float(), theta)
+    extra = torch.autograd.grad(theta_hand, hs)
+    for m in range(2):
+        want = grads_none[m] + float(theta_hand.detach()) * extra[m]
+        torch.testing.assert_close(grads_ref[m], want, rtol=1e-6, atol=1e-9)
+    assert any(float(e.abs().max()) > 0 for e in extra)
+    # The head's weights are detached in the scores: the quirk never reaches them.
+    torch.testing.assert_close(head_ref, head_none, rtol=0, atol=0)
+
+
 def test_bad_inputs():
     opm = OPM([2, 3])
     h = [torch.randn(4, 2), torch.randn(4, 3)]
@@ -184,7 +260,7 @@ def test_bad_inputs():
         opm(h[0], scores=torch.ones(2))
     with pytest.raises(ValueError, match="expected 3 features per sample"):
         opm(h[0], torch.randn(4, 4), scores=torch.ones(2))
-    with pytest.raises(ValueError, match="either scores or drop_probs"):
+    with pytest.raises(ValueError, match="scores: expected either scores or drop_probs, got both"):
         opm(*h, scores=torch.ones(2), drop_probs=torch.zeros(2))
     with pytest.raises(ValueError, match=r"values in \[0, 1\]"):
         opm(*h, drop_probs=torch.tensor([0.5, 1.5]))
@@ -198,6 +274,16 @@ def test_bad_inputs():
         OPM([2, 3], q_base=-0.1)
     with pytest.raises(ValueError, match="dims"):
         OPM([2])
+    for kwargs, exc, pattern in (
+        (dict(lam=float("nan")), ValueError, "lam: expected a finite number >= 0.0, got nan"),
+        (dict(lam=-1.0), ValueError, "lam: expected a finite number >= 0.0"),
+        (dict(p_exe="0.7"), TypeError, "p_exe: expected a finite number in"),
+        (dict(theta_grad="paper"), ValueError, "theta_grad: expected one of"),
+        (dict(seed=-1), ValueError, "seed: expected an int in"),
+        (dict(warmup_epochs=-1), ValueError, "warmup_epochs: expected an int >= 0"),
+    ):
+        with pytest.raises(exc, match=pattern):
+            OPM([2, 3], **kwargs)
     with pytest.raises(ValueError, match="keep"):
         opm_apply(h, torch.ones(4, 3, dtype=torch.bool), 0.0)
     with pytest.raises(ValueError, match="sample_weight"):

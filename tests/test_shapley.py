@@ -213,10 +213,12 @@ def test_non_finite_logits_leave_state_unchanged():
     torch.testing.assert_close(got[3], count)
 
 
-def test_out_of_range_label_gives_nan_without_reading_out_of_bounds(monkeypatch):
+# C = 1030 has several chunks of classes; C and C + 5 fall on padding columns of the last chunk.
+@pytest.mark.parametrize("C", [10, 1030])
+def test_out_of_range_label_gives_nan_without_reading_out_of_bounds(C, monkeypatch):
     monkeypatch.setenv("AGM_FAST_BACKEND", "triton")
-    F, W, labels, running, count, prev = _inputs(7, 10, 2, F32)
-    for bad in (10, -1, 1 << 40):
+    F, W, labels, running, count, prev = _inputs(7, C, 2, F32)
+    for bad in (C, C + 5, -1, 1 << 40):
         y = labels.clone()
         y[3] = bad
         psi, scores, running_new, count_new, coeffs = ops.shapley_scores(

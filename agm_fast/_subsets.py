@@ -1,0 +1,423 @@
+"""Subset evaluation for AGM: every f(S) a Shapley variant needs, by one of three strategies.
+
+The maths is in docs/methods.md, section 5.
+
+
+- ``"sequential"``: one model call per subset (the reference): the full pass in the model's current mode, then every
+  masked pass in eval mode, after which each submodule gets its previous mode back.
+- ``"batched"``: the full pass, then every masked pass stacked along the batch into one eval-mode call of the model.
+  Exact for any model whose eval-mode output is per-sample (BatchNorm running stats, no dropout).
+- ``"factorized"`` (``encoders=[...]``, ``fusion=``; the model is ``fusion(enc_0(x_0), ..., enc_{M-1}(x_{M-1}))``):
+  each encoder runs on the real input once in its current mode (the full pass) and once in eval mode (the masked
+  passes), a muted encoder runs once on a single zero sample in eval mode and is broadcast, and the fusion runs once
+  in its current mode (the full set) and once in eval mode over every masked subset stacked. A linear head (an
+  ``nn.Linear`` over the concatenated features, or any module with ``contributions(*features) -> (pieces, bias)``
+  such that ``fusion(*features) == sum(pieces) + bias``) needs no subset evaluation of the head: f(S) is assembled
+  from per-modality ``[B, C]`` pieces.
+
+The full pass always runs first, so masked eval-mode passes see the BatchNorm running statistics after this step's
+update, and it is the only pass that updates them or draws dropout masks. No pass is detached.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from . import ops
+from . import reference as ref
+from ._backend import to_device
+from ._seed import step_seed
+from ._validate import check_choice, check_int, check_seed
+from .functional import _agm_check_modalities
+
+STRATEGIES = ("auto", "sequential", "batched", "factorized")
+SHAPLEY = ("reference", "exact", "sampled")
+MASKED_MODES = ("eval", "train")
+MUTES = ("input", "feature")
+
+@contextlib.contextmanager
+def _eval_mode(roots: Sequence[nn.Module]) -> Iterator[None]:
+    """Put ``roots`` in eval mode and give every submodule its own previous mode back afterwards."""
+    saved = [(mod, mod.training) for root in roots for mod in root.modules()]
+    for root in roots:
+        root.train(False)
+    try:
+        yield
+    finally:
+        for mod, flag in saved:
+            mod.training = flag
+
+
+
+
+class ShapleyBase(nn.Module):
+    """Subset evaluation and Shapley weights shared by :class:`GradMod` and :class:`AGM`."""
+
+    def __init__(
+        self,
+        model: Optional[nn.Module],
+        num_modalities: Optional[int],
+        encoders: Optional[Sequence[nn.Module]],
+        fusion: Optional[nn.Module],
+        strategy: str,
+        masked_mode: str,
+        shapley: str,
+        mute: str,
+        baselines: Optional[Sequence[Tensor]],
+        num_permutations: int,
+        seed: int,
+        max_batch: Optional[int],
+        register_model: bool,
+    ) -> None:
+        super().__init__()
+        check_choice("strategy", strategy, STRATEGIES)
+        check_choice("masked_mode", masked_mode, MASKED_MODES)
+        check_choice("shapley", shapley, SHAPLEY)
+        check_choice("mute", mute, MUTES)
+        if model is not None and (encoders is not None or fusion is not None):
+            raise ValueError(
+                "model: expected either model= (a black box) or encoders= and fusion= (factorized), got both"
+            )
+        if model is None:
+            if encoders is None or fusion is None:
+                raise ValueError(
+                    "model: expected model= (called as model(*inputs) -> [B, C]) or both encoders= and fusion=, got "
+                    "neither"
+                )
+            if isinstance(encoders, nn.Module) and not isinstance(encoders, nn.ModuleList):
+                raise TypeError(
+                    f"encoders: expected a list of M modules (one per modality), got {type(encoders).__name__}"
+                )
+            encoders = list(encoders)
+            for m, enc in enumerate(encoders):
+                if not isinstance(enc, nn.Module):
+                    raise TypeError(f"encoders[{m}]: expected an nn.Module, got {type(enc).__name__}")
+            if not isinstance(fusion, nn.Module):
+                raise TypeError(f"fusion: expected an nn.Module, got {type(fusion).__name__}")
+            if num_modalities is None:
+                num_modalities = len(encoders)
+            elif num_modalities != len(encoders):
+                raise ValueError(
+                    f"num_modalities: expected {len(encoders)} (the number of encoders), got {num_modalities}"
+                )
+        else:
+            if not isinstance(model, nn.Module):
+                raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+            if num_modalities is None:
+                raise ValueError("num_modalities: expected the number of modalities with a black-box model, got None")
+        M = _agm_check_modalities(num_modalities, shapley)
+        factorizable = model is None
+        if strategy == "auto":
+            strategy = "factorized" if factorizable else "batched"
+        if strategy == "factorized" and not factorizable:
+            raise ValueError("strategy: expected encoders=[...] and fusion= with 'factorized', got a black-box model")
+        if masked_mode == "train" and strategy != "factorized":
+            raise ValueError(
+                "masked_mode: 'train' shares encoder features and needs strategy='factorized', got "
+                f"strategy={strategy!r}"
+            )
+        if mute == "feature" and strategy != "factorized":
+            raise ValueError(
+                f"mute: 'feature' mutes encoder features and needs strategy='factorized', got strategy={strategy!r}"
+            )
+        if baselines is not None and mute != "feature":
+            raise ValueError(f"baselines: muted features that need mute='feature', got mute={mute!r}")
+        num_permutations = check_int("num_permutations", num_permutations, low=1)
+        if max_batch is not None:
+            max_batch = check_int("max_batch", max_batch, low=1)
+        seed = check_seed("seed", seed)
+
+        self.num_modalities = M
+        self.strategy = strategy
+        self.masked_mode = masked_mode
+        self.shapley = shapley
+        self.mute = mute
+        self.num_permutations = num_permutations
+        self.seed = int(seed)
+        self.max_batch = max_batch
+        # A plain tuple is not registered: AGM's state_dict holds the modulator state, not the model weights.
+        self._parts = (model, tuple(encoders) if encoders is not None else None, fusion)
+        if register_model:
+            if model is not None:
+                self.model = model
+            else:
+                self.encoders = nn.ModuleList(encoders)
+                self.fusion = fusion
+        self._linear_head = fusion is not None and (
+            isinstance(fusion, nn.Linear) or callable(getattr(fusion, "contributions", None))
+        )
+        self._num_baselines = 0
+        if baselines is not None:
+            if len(baselines) != M:
+                raise ValueError(f"baselines: expected one feature per modality ({M}), got {len(baselines)}")
+            for m, b in enumerate(baselines):
+                if not isinstance(b, Tensor):
+                    raise TypeError(
+                        f"baselines[{m}]: expected a tensor [d_m] (or an nn.Parameter), got {type(b).__name__}"
+                    )
+                if isinstance(b, nn.Parameter):
+                    self.register_parameter(f"baseline_{m}", b)
+                else:
+                    self.register_buffer(f"baseline_{m}", b.detach().clone(), persistent=False)
+            self._num_baselines = M
+        self._step = 0
+        self._fixed = None if shapley == "sampled" else ref.subset_masks(M, shapley)
+        self._W_cache = {}
+        self._sel_cache = {}
+
+    def get_extra_state(self) -> dict:
+        return {"step": self._step}
+
+    def set_extra_state(self, state: dict) -> None:
+        self._step = int(state["step"])
+
+    def _roots(self) -> List[nn.Module]:
+        model, encoders, fusion = self._parts
+        return [model] if model is not None else list(encoders) + [fusion]
+
+    def _baseline(self, m: int) -> Optional[Tensor]:
+        return getattr(self, f"baseline_{m}") if self._num_baselines else None
+
+    def _plan(self, device: torch.device) -> Tuple[List[int], Tensor]:
+        """Subsets (ascending; the full set last) and ``W [M, S]`` float32 on ``device`` for this step."""
+        if self._fixed is not None:
+            W = self._W_cache.get(device)
+            if W is None:
+                W = ref.shapley_weights(self.num_modalities, self._fixed, torch.float32).to(device)
+                self._W_cache[device] = W
+            return self._fixed, W
+        gen = torch.Generator().manual_seed(step_seed(self.seed, self._step))
+        masks, W = ref.sampled_shapley_weights(self.num_modalities, self.num_permutations, gen)
+        return masks, to_device(W.to(torch.float32), device)
+
+    def _selection(self, masks: List[int], device: torch.device, dtype: torch.dtype) -> Tensor:
+        """``[k, M]`` 0/1 presence of each modality in each subset."""
+        key = (tuple(masks), device, dtype)
+        sel = self._sel_cache.get(key)
+        if sel is None:
+            rows = [[float((mask >> m) & 1) for m in range(self.num_modalities)] for mask in masks]
+            sel = to_device(torch.tensor(rows, dtype=dtype), device)
+            if self._fixed is not None:
+                self._sel_cache[key] = sel
+        return sel
+
+    def _check_inputs(self, inputs: Tuple[Tensor, ...]) -> List[Tensor]:
+        M = self.num_modalities
+        if len(inputs) != M:
+            raise ValueError(f"inputs: expected {M} inputs (one per modality, in modality order), got {len(inputs)}")
+        for m, x in enumerate(inputs):
+            if not isinstance(x, Tensor):
+                raise TypeError(f"inputs[{m}]: expected a tensor [B, ...], got {type(x).__name__}")
+            if x.dim() == 0:
+                raise ValueError(f"inputs[{m}]: expected a batch dimension [B, ...], got a 0-d tensor")
+        sizes = [x.shape[0] for x in inputs]
+        if any(s != sizes[0] for s in sizes):
+            raise ValueError(f"inputs: expected the same batch size B for every input, got batch sizes {sizes}")
+        if sizes[0] == 0:
+            raise ValueError("inputs: expected a batch of at least one sample, got B = 0")
+        return list(inputs)
+
+    @staticmethod
+    def _check_out(out, rows: int, C: Optional[int], what: str) -> Tensor:
+        if not isinstance(out, Tensor):
+            raise TypeError(f"{what}: expected to return a tensor of logits [B, C], got {type(out).__name__}")
+        if out.dim() != 2 or out.shape[0] != rows or (C is not None and out.shape[1] != C):
+            want = f"[{rows}, {C if C is not None else 'C'}]"
+            raise ValueError(
+                f"{what}: expected to return logits of shape [B, C] = {want}, got shape {tuple(out.shape)}"
+            )
+        if not out.is_floating_point():
+            raise TypeError(f"{what}: expected to return floating-point logits, got {out.dtype}")
+        return out
+
+    def _chunks(self, masks: List[int], batch: int) -> List[List[int]]:
+        k = len(masks) if self.max_batch is None else max(1, self.max_batch // batch)
+        return [masks[i : i + k] for i in range(0, len(masks), k)]
+
+    def _call_fusion(self, features: Sequence[Tensor]) -> Tensor:
+        fusion = self._parts[2]
+        if isinstance(fusion, nn.Linear):
+            for m, f in enumerate(features):
+                if f.dim() != 2:
+                    raise ValueError(
+                        f"encoders[{m}]: expected features [B, d_m] (an nn.Linear fusion runs on their "
+                        f"concatenation), got shape {tuple(f.shape)}"
+                    )
+            return fusion(torch.cat(list(features), dim=1))
+        return fusion(*features)
+
+    def _call_model(self, xs: Sequence[Tensor]) -> Tensor:
+        model, encoders, _ = self._parts
+        if model is not None:
+            return model(*xs)
+        return self._call_fusion(self._encode(encoders, xs))
+
+    @staticmethod
+    def _encode(encoders: Sequence[nn.Module], xs: Sequence[Tensor]) -> List[Tensor]:
+        """Each encoder on its input; an encoder must return one feature tensor ``[B, ...]``."""
+        feats = []
+        for m, (enc, x) in enumerate(zip(encoders, xs)):
+            h = enc(x)
+            if not isinstance(h, Tensor):
+                raise TypeError(
+                    f"encoders[{m}]: expected a module that returns one feature tensor [B, ...], got "
+                    f"{type(h).__name__}; wrap it so that it returns the features only"
+                )
+            feats.append(h)
+        return feats
+
+    def _what(self) -> str:
+        return "model" if self._parts[0] is not None else "fusion"
+
+    def _evaluate(self, xs: List[Tensor], masks: List[int]) -> Tensor:
+        """Subset logits ``F [S, B, C]`` in the order of ``masks`` (ascending, the full set last)."""
+        if self.strategy == "factorized":
+            return self._evaluate_factorized(xs, masks)
+        B = xs[0].shape[0]
+        full = self._check_out(self._call_model(xs), B, None, self._what())
+        C = full.shape[1]
+        masked = masks[:-1]
+        rows = []
+        with _eval_mode(self._roots()):
+            if self.strategy == "sequential":
+                for mask in masked:
+                    inp = [x if (mask >> m) & 1 else torch.zeros_like(x) for m, x in enumerate(xs)]
+                    rows.append(self._check_out(self._call_model(inp), B, C, self._what()).unsqueeze(0))
+            else:
+                for chunk in self._chunks(masked, B):
+                    stacked = [ops.subset_batch(x, None, chunk, m) for m, x in enumerate(xs)]
+                    what = f"{self._what()} (on {len(chunk)} masked subsets stacked along the batch)"
+                    out = self._check_out(self._call_model(stacked), len(chunk) * B, C, what)
+                    rows.append(out.view(len(chunk), B, C))
+        return torch.cat(rows + [full.unsqueeze(0)])
+
+    @staticmethod
+    def _presence(masked: List[int]) -> Tuple[int, int]:
+        """Bitmasks of the modalities present in some masked subset and of those absent from some."""
+        present = 0
+        absent = 0
+        for mask in masked:
+            present |= mask
+            absent |= ~mask
+        return present, absent
+
+    def _evaluate_factorized(self, xs: List[Tensor], masks: List[int]) -> Tensor:
+        _, encoders, fusion = self._parts
+        M = self.num_modalities
+        B = xs[0].shape[0]
+        h = self._encode(encoders, xs)
+        full = self._check_out(self._call_fusion(h), B, None, "fusion")
+        C = full.shape[1]
+        masked = masks[:-1]
+        present, absent = self._presence(masked)
+        real: List[Optional[Tensor]] = [None] * M
+        muted: List[Optional[Tensor]] = [None] * M
+        zero_input = self.mute == "input"
+        if self.masked_mode == "train":
+            real = list(h)
+            if zero_input:
+                with _eval_mode(encoders):
+                    for m in range(M):
+                        if (absent >> m) & 1:
+                            muted[m] = encoders[m](xs[m].new_zeros((1,) + tuple(xs[m].shape[1:])))
+        else:
+            with _eval_mode(encoders):
+                for m in range(M):
+                    need_real = (present >> m) & 1
+                    need_zero = zero_input and (absent >> m) & 1
+                    x = xs[m]
+                    if need_real and need_zero:
+                        # One eval-mode call for the real batch and the zero sample: eval outputs are per-sample.
+                        out = encoders[m](torch.cat([x, x.new_zeros((1,) + tuple(x.shape[1:]))]))
+                        real[m], muted[m] = out[:B], out[B:]
+                    elif need_real:
+                        real[m] = encoders[m](x)
+                    elif need_zero:
+                        muted[m] = encoders[m](x.new_zeros((1,) + tuple(x.shape[1:])))
+        if not zero_input:
+            for m in range(M):
+                if (absent >> m) & 1:
+                    b = self._baseline(m)
+                    feat_shape = tuple(h[m].shape[1:])
+                    if b is None:
+                        muted[m] = h[m].new_zeros((1,) + feat_shape)
+                    else:
+                        if tuple(b.shape) != feat_shape:
+                            raise ValueError(
+                                f"baselines[{m}]: expected the feature shape of encoder {m}, {list(feat_shape)}; "
+                                f"got {list(b.shape)}"
+                            )
+                        muted[m] = b.to(h[m].dtype).unsqueeze(0)
+        # A modality that is present in every masked subset (or in none) needs only one of the two; the other slot
+        # is multiplied by zero, so any tensor of the right shape does.
+        real = [r if r is not None else h[m] for m, r in enumerate(real)]
+        muted = [z if z is not None else h[m][:1] for m, z in enumerate(muted)]
+        if self._linear_head:
+            F_masked = self._closed_form(real, muted, masked, B, C)
+        else:
+            # subset_batch takes one muted sample [...] (None: zeros) and broadcasts it over the batch.
+            mute_vals = [None if not zero_input and self._baseline(m) is None else muted[m][0] for m in range(M)]
+            rows = []
+            with _eval_mode([fusion]):
+                for chunk in self._chunks(masked, B):
+                    feats = [ops.subset_batch(real[m], mute_vals[m], chunk, m) for m in range(M)]
+                    what = f"fusion (on {len(chunk)} masked subsets stacked along the batch)"
+                    out = self._check_out(self._call_fusion(feats), len(chunk) * B, C, what)
+                    rows.append(out.view(len(chunk), B, C))
+            F_masked = torch.cat(rows)
+        return torch.cat([F_masked, full.unsqueeze(0)])
+
+    def _contributions(self, features: List[Tensor], rows: int) -> Tuple[List[Tensor], Optional[Tensor]]:
+        fusion = self._parts[2]
+        M = self.num_modalities
+        if isinstance(fusion, nn.Linear):
+            dims = []
+            for m, f in enumerate(features):
+                if f.dim() != 2:
+                    raise ValueError(
+                        f"encoders[{m}]: expected features [B, d_m] (an nn.Linear fusion runs on their "
+                        f"concatenation), got shape {tuple(f.shape)}"
+                    )
+                dims.append(f.shape[1])
+            if sum(dims) != fusion.in_features:
+                raise ValueError(
+                    f"fusion: expected an nn.Linear with in_features={sum(dims)} (the features' dims {dims}), got "
+                    f"in_features={fusion.in_features}"
+                )
+            pieces, off = [], 0
+            for f, d in zip(features, dims):
+                pieces.append(nn.functional.linear(f, fusion.weight[:, off : off + d]))
+                off += d
+            return pieces, fusion.bias
+        result = fusion.contributions(*features)
+        if not isinstance(result, (tuple, list)) or len(result) != 2:
+            raise TypeError(
+                "fusion.contributions: expected to return (list of M tensors [B, C], bias [C] or None), got "
+                f"{type(result).__name__}"
+            )
+        pieces, bias = result
+        if len(pieces) != M:
+            raise ValueError(f"fusion.contributions: expected one piece per modality ({M}), got {len(pieces)} pieces")
+        for m, p in enumerate(pieces):
+            self._check_out(p, rows, None, f"fusion.contributions (piece {m})")
+        return list(pieces), bias
+
+    def _closed_form(self, real: List[Tensor], muted: List[Tensor], masked: List[int], B: int, C: int) -> Tensor:
+        """``f(S) = bias + sum_m (piece_m(real) if m in S else piece_m(muted))`` for every masked S: ``[k, B, C]``."""
+        with _eval_mode([self._parts[2]]):
+            P, bias = self._contributions(real, B)
+            Q, _ = self._contributions(muted, 1)
+        for m, p in enumerate(P):
+            if p.shape[1] != C:
+                raise ValueError(f"fusion.contributions piece {m} has {p.shape[1]} classes, the fusion output {C}")
+        P = torch.stack(P)
+        Q = torch.cat(Q)
+        sel = self._selection(masked, P.device, P.dtype)
+        out = torch.einsum("km,mbc->kbc", sel, P) + ((1 - sel) @ Q).unsqueeze(1)
+        if bias is not None:
+            out = out + bias.to(out.dtype)
+        return out

@@ -1,0 +1,346 @@
+"""The training-step interface every balancing method implements, and the one loop that drives them.
+
+A method is built on the model's parts, ``encoders`` (M modules, ``encoders[m](x_m) -> [B, ...]``) and ``fusion``
+(``fusion(*features) -> [B, C]``), and a training loop calls its hooks in this order::
+
+    out = method.forward(inputs, target, epoch)            # features in, logits out (OPM drops features here)
+    task = method.task_loss(out, target)                   # cross-entropy (weighted by OPM's sample weights)
+    loss = task + method.loss_term(task, out)              # CGGM's direction term; 0 for the others
+    optimizer.zero_grad(); loss.backward()
+    coeffs = method.before_optimizer_step(out, target)     # modulate the gradients; [M] float32 on the device
+    optimizer.step()
+    ...
+    method.end_epoch(epoch, {"modality_accuracy": [...], "modality_loss": [...]})   # MSLR, MSES
+
+:func:`training_step` is those lines, written once. AGM, which evaluates every masked subset itself, implements
+``forward``; every other method uses the default forward. ``state_dict`` / ``load_state_dict`` hold what resuming
+needs, and ``param_groups(lr)`` names the method's own trainable parameters (CGGM's heads, AGM's learned baselines)
+for the main optimizer.
+
+The modulation window is one :class:`agm_fast.Window` for every method: outside it a method behaves as plain joint
+training (same gradients, coefficients 1), while state that must keep accumulating still does.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .._validate import check_choice, check_seed
+from ..window import Window, WindowLike
+
+__all__ = ["Method", "Option", "StepOutput", "StepResult", "training_step", "TASKS"]
+
+TASKS = ("classification", "regression")
+
+
+class StepOutput(NamedTuple):
+    """What :meth:`Method.forward` returns for one training step.
+
+    Attributes:
+        logits: ``[B, C]`` the logits the loss is computed on.
+        features: the M encoder features of this step (before any change the method makes to them), or None when the
+            method evaluates the model itself (AGM).
+        sample_weight: ``[B]`` float32 loss weights (OPM: 0 for samples whose every modality was dropped), or None.
+        coeffs: ``[M]`` float32 coefficients decided in the forward (AGM's c_m, OPM's keep probabilities), or None.
+        epoch: the epoch the step belongs to.
+    """
+
+    logits: Tensor
+    features: Optional[List[Tensor]]
+    sample_weight: Optional[Tensor]
+    coeffs: Optional[Tensor]
+    epoch: Optional[int]
+
+
+class StepResult(NamedTuple):
+    """What :func:`training_step` returns, all detached.
+
+    Attributes:
+        loss: ``[]`` the task loss (without the method's extra term).
+        correct: ``[]`` how many of the trained rows the logits classify correctly.
+        rows: ``[]`` how many rows the step trained on (OPM: the rows that kept a modality).
+        coeffs: ``[M]`` float32 coefficients the method applied.
+    """
+
+    loss: Tensor
+    correct: Tensor
+    rows: Tensor
+    coeffs: Tensor
+
+
+@dataclass(frozen=True)
+class Option:
+    """A hyper-parameter a method exposes on the command line; its default is the constructor's.
+
+    Attributes:
+        name: the constructor argument.
+        help: one line for ``--help``.
+        type: parses the command-line text (``bool``: a switch without a value).
+        choices: the allowed values, or None.
+        flag: the command-line flag (default ``--`` + name with ``-`` for ``_``).
+    """
+
+    name: str
+    help: str
+    type: Callable[[str], Any] = float
+    choices: Optional[Tuple[Any, ...]] = None
+    flag: Optional[str] = None
+
+    @property
+    def cli_flag(self) -> str:
+        return self.flag or "--" + self.name.replace("_", "-")
+
+
+class Method:
+    """Base class of the balancing methods: plain joint training unless a subclass overrides a hook.
+
+    Args:
+        encoders: M >= 2 encoder modules, one per modality, in modality order.
+        fusion: the fusion head, ``fusion(*features) -> [B, C]`` (an ``nn.Linear`` runs on the concatenated
+            features).
+        window: the modulation window (:class:`agm_fast.Window`, ``(start, end)`` inclusive epochs, or None for
+            every epoch).
+        seed: the seed of the method's randomness, an int in [0, 2**63).
+        task: ``"classification"`` (cross-entropy on class indices) or ``"regression"`` (mean squared error).
+    """
+
+    #: The registry key (set by :func:`agm_fast.methods.register`).
+    name: ClassVar[str] = ""
+    #: The hyper-parameters exposed on the command line.
+    options: ClassVar[Tuple[Option, ...]] = ()
+    #: Whether the method has a modulation window (joint training has none).
+    windowed: ClassVar[bool] = True
+    #: Fusion heads of :mod:`agm_fast.fusion` (by name) that the method cannot work with.
+    unsupported_fusions: ClassVar[Tuple[str, ...]] = ()
+    #: The class (or function) whose constructor defines the options' defaults and takes the remaining keyword
+    #: arguments; None: this class's own constructor.
+    core: ClassVar[Optional[Callable[..., Any]]] = None
+
+    def __init__(
+        self,
+        encoders: Sequence[nn.Module],
+        fusion: nn.Module,
+        *,
+        window: WindowLike = None,
+        seed: int = 0,
+        task: str = "classification",
+    ) -> None:
+        if isinstance(encoders, nn.Module) and not isinstance(encoders, nn.ModuleList):
+            raise TypeError("encoders: expected a list of M modules (one per modality), got a single module")
+        encoders = list(encoders)
+        for m, enc in enumerate(encoders):
+            if not isinstance(enc, nn.Module):
+                raise TypeError(f"encoders[{m}]: expected an nn.Module, got {type(enc).__name__}")
+        if len(encoders) < 2:
+            raise ValueError(f"encoders: expected at least two modalities, got {len(encoders)}")
+        if not isinstance(fusion, nn.Module):
+            raise TypeError(f"fusion: expected an nn.Module, got {type(fusion).__name__}")
+        self.encoders: Tuple[nn.Module, ...] = tuple(encoders)
+        self.fusion = fusion
+        self.window = Window.of(window)
+        self.seed = check_seed("seed", seed)
+        self.task = check_choice("task", task, TASKS)
+        self._last: Optional[Tuple[StepOutput, Tensor]] = None
+        self._ones: Dict[torch.device, Tensor] = {}
+
+    @property
+    def num_modalities(self) -> int:
+        """M."""
+        return len(self.encoders)
+
+    @classmethod
+    def defaults(cls) -> Dict[str, Any]:
+        """The default of every option, read from the constructor that defines it (:attr:`core`, else this class)."""
+        params = inspect.signature(cls.core or cls.__init__).parameters
+        return {opt.name: params[opt.name].default for opt in cls.options}
+
+    def _core_kwargs(self, kwargs: Mapping[str, Any]) -> Dict[str, Any]:
+        """Check ``kwargs`` against :attr:`core`'s constructor and record the options' values."""
+        params = inspect.signature(self.core).parameters
+        for key in kwargs:
+            if key not in params or params[key].kind in (params[key].POSITIONAL_ONLY, params[key].VAR_KEYWORD):
+                raise TypeError(f"{key}: not an argument of {type(self).__name__} (nor of {self.core.__name__})")
+        self._hparams = {**self.defaults(), **{o.name: kwargs[o.name] for o in self.options if o.name in kwargs}}
+        return dict(kwargs)
+
+    def hyperparameters(self) -> Dict[str, Any]:
+        """The value of every option of this instance (what a checkpoint records)."""
+        values = getattr(self, "_hparams", None)
+        if values is None:
+            return {opt.name: getattr(self, opt.name) for opt in self.options}
+        return dict(values)
+
+    def describe(self) -> Dict[str, Any]:
+        """The method's name, window and hyper-parameters."""
+        window = None if not self.windowed else [self.window.start, self.window.end]
+        return {"method": self.name, "window": window, **self.hyperparameters()}
+
+    def in_window(self, epoch: Optional[int]) -> bool:
+        """Whether ``epoch`` lies in the modulation window."""
+        return self.window.contains(epoch)
+
+    def ones(self, device: torch.device) -> Tensor:
+        """``[M]`` float32 ones on ``device`` (the coefficients of a step that does not modulate)."""
+        t = self._ones.get(device)
+        if t is None:
+            t = self._ones[device] = torch.ones(self.num_modalities, dtype=torch.float32, device=device)
+        return t
+
+    def encode(self, inputs: Sequence[Tensor]) -> List[Tensor]:
+        """Run each encoder on its modality's input; returns the M features."""
+        if len(inputs) != self.num_modalities:
+            raise ValueError(
+                f"inputs: expected {self.num_modalities} tensors (one per modality, in modality order), got "
+                f"{len(inputs)}"
+            )
+        feats = []
+        for m, (enc, x) in enumerate(zip(self.encoders, inputs)):
+            h = enc(x)
+            if not isinstance(h, Tensor):
+                raise TypeError(
+                    f"encoders[{m}]: expected a module that returns one feature tensor [B, ...], got "
+                    f"{type(h).__name__}; wrap it so that it returns the features only"
+                )
+            feats.append(h)
+        return feats
+
+    def head(self, features: Sequence[Tensor]) -> Tensor:
+        """The fusion head on M features (an ``nn.Linear`` on their concatenation)."""
+        if isinstance(self.fusion, nn.Linear):
+            return self.fusion(torch.cat(list(features), dim=1))
+        return self.fusion(*features)
+
+    def forward(self, inputs: Sequence[Tensor], target: Tensor, epoch: Optional[int]) -> StepOutput:
+        """The training forward of one step: encoders, then the fusion head.
+
+        Args:
+            inputs: M tensors ``[B, ...]``, one per modality.
+            target: ``[B]`` int64 class indices (regression: float targets).
+            epoch: the current epoch (from 0), compared with the window.
+
+        Returns:
+            :class:`StepOutput`.
+        """
+        self.in_window(epoch)
+        feats = self.encode(inputs)
+        out = StepOutput(self.head(feats), feats, None, None, epoch)
+        self._last = (out, target)
+        return out
+
+    def task_loss(self, out: StepOutput, target: Tensor) -> Tensor:
+        """The task loss of the step: cross-entropy (regression: MSE), averaged over the weighted samples."""
+        if self.task == "regression":
+            return F.mse_loss(out.logits, target.to(out.logits.dtype).reshape(out.logits.shape))
+        if out.sample_weight is None:
+            return F.cross_entropy(out.logits, target)
+        ce = F.cross_entropy(out.logits, target, reduction="none")
+        w = out.sample_weight.to(ce.dtype)
+        return (ce * w).sum() / w.sum().clamp(min=1)
+
+    def loss_term(self, task_loss: Tensor, out: StepOutput) -> Optional[Tensor]:
+        """An extra loss term to add to the task loss (CGGM's direction term), or None."""
+        return None
+
+    def loss(self, out: StepOutput, target: Tensor) -> Tensor:
+        """The loss to back-propagate: the task loss plus :meth:`loss_term`."""
+        task = self.task_loss(out, target)
+        term = self.loss_term(task, out)
+        return task if term is None else task + term
+
+    def _resolve(self, out: Optional[StepOutput], target: Optional[Tensor]) -> Tuple[StepOutput, Tensor]:
+        if out is None or target is None:
+            if self._last is None:
+                raise RuntimeError("before_optimizer_step: no step to modulate; call forward() first")
+            last_out, last_target = self._last
+            out = last_out if out is None else out
+            target = last_target if target is None else target
+        return out, target
+
+    def before_optimizer_step(self, out: Optional[StepOutput] = None, target: Optional[Tensor] = None) -> Tensor:
+        """Modulate the gradients in place, between ``loss.backward()`` (after AMP unscaling) and the step.
+
+        Args:
+            out: this step's :class:`StepOutput` (default: the last :meth:`forward`'s).
+            target: this step's targets (default: the last :meth:`forward`'s).
+
+        Returns:
+            ``[M]`` float32 coefficients on the targets' device.
+        """
+        out, target = self._resolve(out, target)
+        return out.coeffs if out.coeffs is not None else self.ones(target.device)
+
+    def end_epoch(self, epoch: int, metrics: Mapping[str, Sequence[float]]) -> None:
+        """End of an epoch with the validation metrics: ``"modality_accuracy"`` and ``"modality_loss"``, M floats
+        each (MSLR follows the accuracies, MSES the losses; the others ignore them)."""
+        return None
+
+    def param_groups(self, lr: float) -> List[Dict[str, Any]]:
+        """Optimizer param groups of the method's own trainable parameters (none by default).
+
+        Args:
+            lr: the main learning rate.
+        """
+        return []
+
+    def state_dict(self) -> Dict[str, Any]:
+        """The method's training state (not the model's weights)."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+        return None
+
+    def _metric(self, metrics: Mapping[str, Sequence[float]], key: str) -> List[float]:
+        if key not in metrics:
+            raise KeyError(f"metrics: expected a {key!r} entry (M floats) for {self.name}, got keys {sorted(metrics)}")
+        return [float(v) for v in metrics[key]]
+
+    def __repr__(self) -> str:
+        params = ", ".join(f"{k}={v!r}" for k, v in self.describe().items() if k != "method")
+        return f"{type(self).__name__}({params})"
+
+
+def training_step(
+    method: Method,
+    inputs: Sequence[Tensor],
+    target: Tensor,
+    epoch: Optional[int],
+    optimizer: torch.optim.Optimizer,
+) -> StepResult:
+    """One training step of any method: forward, loss, backward, gradient modulation, optimizer step.
+
+    Args:
+        method: the method.
+        inputs: M tensors ``[B, ...]``.
+        target: ``[B]`` targets.
+        epoch: the current epoch.
+        optimizer: the optimizer of the model (and of :meth:`Method.param_groups`).
+
+    Returns:
+        :class:`StepResult`.
+    """
+    out = method.forward(inputs, target, epoch)
+    task = method.task_loss(out, target)
+    term = method.loss_term(task, out)
+    loss = task if term is None else task + term
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    coeffs = method.before_optimizer_step(out, target)
+    optimizer.step()
+    logits = out.logits.detach()
+    # Regression has no "correct": its count stays 0.
+    hits = logits.argmax(-1) == target if method.task == "classification" else torch.zeros_like(logits[:, 0]).bool()
+    if out.sample_weight is None:
+        # A fill kernel, not a host-to-device copy: nothing waits for the device.
+        rows = torch.full((), float(target.shape[0]), device=target.device)
+        correct = hits.sum()
+    else:
+        rows = out.sample_weight.sum()
+        correct = (hits & (out.sample_weight > 0)).sum()
+    return StepResult(task.detach(), correct, rows, coeffs.detach().to(torch.float32))

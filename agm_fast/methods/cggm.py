@@ -1,0 +1,111 @@
+"""CGGM behind the method interface: per-modality heads, scaled encoder gradients and a direction loss term."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from .._validate import check_float
+from ..cggm import CGGM
+from ..fusion import FiLMFusion, SumFusion, output_layer
+from .base import Method, Option, StepOutput
+
+__all__ = ["CGGMMethod"]
+
+
+class CGGMMethod(Method):
+    """CGGM (docs/methods.md, section 4) with the reference's training step.
+
+    Every step the heads learn on the detached features and the coefficients B_m follow from their metrics; inside
+    the window the encoders' gradients are multiplied by ``rho * B_m``, the global gradient norm of the encoders and
+    the fusion head is clipped to ``clip_grad_norm`` (the reference's only guard), and ``lam * l_gm`` is added to
+    the next step's loss. The heads are trained by the main optimizer through :meth:`param_groups`, at
+    ``head_lr_scale`` times its learning rate and without weight decay (the reference: half the main rate).
+
+    Args:
+        encoders, fusion, window, seed, task: as :class:`agm_fast.methods.Method`.
+        feature_dims: the M feature sizes (default: ``fusion.dims``).
+        head_lr_scale: the heads' learning rate over the main one (default 0.5, the reference), > 0.
+        clip_grad_norm: the gradient-norm bound applied after the scaling (default 0.8, the reference), or None.
+        **kwargs: the arguments of :class:`agm_fast.CGGM` (``rho``, ``lam``, ``direction``, ``bound``, ``metric``,
+            ``head_loss``, ``heads``, ``process_group``), with its defaults.
+    """
+
+    core = CGGM
+    # A sum head has one output layer per modality, so there is no single fusion output layer to compare with.
+    unsupported_fusions = ("sum",)
+    options = (
+        Option("rho", "gradient magnitude scale"),
+        Option("lam", "weight of the direction loss term"),
+        Option("direction", "cosine between head weights (the reference) or gradients (the paper)", type=str,
+               choices=("weights", "gradient")),
+        Option("bound", "clamp every B_m to [-bound, bound] (default: no bound, the reference)"),
+    )
+
+    def __init__(
+        self,
+        encoders,
+        fusion,
+        *,
+        window=None,
+        seed: int = 0,
+        task: str = "classification",
+        feature_dims: Optional[Sequence[int]] = None,
+        head_lr_scale: float = 0.5,
+        clip_grad_norm: Optional[float] = 0.8,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(encoders, fusion, window=window, seed=seed, task=task)
+        self.head_lr_scale = check_float("head_lr_scale", head_lr_scale, low=0.0, low_open=True)
+        self.clip_grad_norm = check_float("clip_grad_norm", clip_grad_norm, low=0.0, low_open=True, allow_none=True)
+        dims = feature_dims if feature_dims is not None else getattr(fusion, "dims", None)
+        if dims is None:
+            raise ValueError("feature_dims: expected the M feature sizes (the fusion head has no .dims), got None")
+        kwargs = self._core_kwargs(kwargs)
+        for key in ("head_optimizer", "head_lr", "model", "num_classes", "feature_dims", "fusion_out"):
+            if key in kwargs:
+                raise TypeError(f"{key}: set by {type(self).__name__}, not an argument")
+        if isinstance(fusion, SumFusion):
+            raise ValueError("fusion: expected a head with one output layer, got a SumFusion (one layer per modality)")
+        if isinstance(fusion, FiLMFusion) and len(self.encoders) != 2:
+            raise ValueError(
+                f"fusion: a FiLMFusion's output layer mixes the views, so CGGM compares its heads with it only for "
+                f"2 views, got {len(self.encoders)}"
+            )
+        out_layer = output_layer(fusion)
+        self.cggm = CGGM(
+            list(self.encoders), out_layer, feature_dims=dims, num_classes=out_layer.weight.shape[0], task=task,
+            head_optimizer=None, **kwargs,
+        )
+        self._model_params = [p for m in (*self.encoders, fusion) for p in m.parameters() if p.requires_grad]
+
+    def param_groups(self, lr: float) -> List[Dict[str, Any]]:
+        """The heads, at ``head_lr_scale * lr`` and without weight decay."""
+        return [{"params": list(self.cggm.heads.parameters()), "lr": lr * self.head_lr_scale, "weight_decay": 0.0}]
+
+    def loss_term(self, task_loss: Tensor, out: StepOutput) -> Optional[Tensor]:
+        """``lam * l_gm`` of the previous step, inside the window."""
+        if not self.in_window(out.epoch):
+            return None
+        return self.cggm.loss_term(task_loss if self.cggm.direction == "gradient" else None)
+
+    def before_optimizer_step(self, out: Optional[StepOutput] = None, target: Optional[Tensor] = None) -> Tensor:
+        """Head metrics and coefficients; inside the window, the encoders' gradients scaled by ``rho * B_m``."""
+        out, target = self._resolve(out, target)
+        if out.features is None:
+            raise ValueError("out: expected a StepOutput with the step's features (from forward()), got none")
+        coeffs = self.cggm.observe(out.features, target)
+        if not self.in_window(out.epoch):
+            return self.ones(target.device)
+        self.cggm.scale_gradients_()
+        if self.clip_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self._model_params, self.clip_grad_norm)
+        return (self.cggm.rho * coeffs).to(torch.float32)
+
+    def state_dict(self) -> Dict[str, Any]:
+        return self.cggm.state_dict()
+
+    def load_state_dict(self, state) -> None:
+        self.cggm.load_state_dict(state)

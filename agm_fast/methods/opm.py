@@ -1,0 +1,84 @@
+"""OPM behind the method interface: the dominant modality's features dropped in the forward."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from ..functional import ogm_scores
+from ..fusion import per_modality_logits
+from ..opm import OPM, THETA_GRADS, opm_scores
+from .base import Method, Option, StepOutput
+
+__all__ = ["OPMMethod"]
+
+
+class OPMMethod(Method):
+    """OPM (docs/methods.md, section 3): inside the window, each sample drops the dominant modalities' features
+    with probability q_m and the loss averages over the samples that kept a modality; the coefficients reported
+    are the keep probabilities ``1 - q_m``.
+
+    Args:
+        encoders, fusion, window, seed: as :class:`agm_fast.methods.Method` (classification only).
+        feature_dims: the M feature sizes (default: ``fusion.dims``, which every head of :mod:`agm_fast.fusion`
+            has).
+        **kwargs: the arguments of :class:`agm_fast.OPM` (``q_base``, ``lam``, ``p_exe``, ``warmup_epochs``,
+            ``theta_grad``), with its defaults.
+    """
+
+    core = OPM
+    options = (
+        Option("q_base", "base drop probability"),
+        Option("lam", "how much the imbalance raises the drop probability"),
+        Option("p_exe", "probability that a step drops at all"),
+        Option("warmup_epochs", "no dropping before this epoch (the journal code: 6)", type=int),
+        Option("theta_grad", "theta's gradient: theta itself (the reference) or none", type=str, choices=THETA_GRADS),
+    )
+
+    def __init__(
+        self,
+        encoders,
+        fusion,
+        *,
+        window=None,
+        seed: int = 0,
+        task: str = "classification",
+        feature_dims: Optional[Sequence[int]] = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(encoders, fusion, window=window, seed=seed, task=task)
+        if self.task != "classification":
+            raise ValueError(f"task: OPM scores class probabilities, expected 'classification', got {task!r}")
+        dims = feature_dims if feature_dims is not None else getattr(fusion, "dims", None)
+        if dims is None:
+            raise ValueError("feature_dims: expected the M feature sizes (the fusion head has no .dims), got None")
+        kwargs = self._core_kwargs(kwargs)
+        self.opm = OPM(dims, window=window, seed=seed, **kwargs)
+        self.window = self.opm.window
+
+    def forward(self, inputs: Sequence[Tensor], target: Tensor, epoch: Optional[int]) -> StepOutput:
+        """Encoders, per-sample feature dropping (inside the window), then the fusion head."""
+        feats = self.encode(inputs)
+        if self.opm.active(epoch):
+            if self.opm.theta_grad == "reference":
+                scores = opm_scores(self.fusion, feats, target)
+            else:
+                with torch.no_grad():
+                    logits = per_modality_logits(self.fusion, [h.detach() for h in feats])
+                    scores = ogm_scores(logits, target, 0.0)[0]
+            q = self.opm.drop_probs(scores)
+            fused_in, weight = self.opm(*feats, drop_probs=q, epoch=epoch)
+            coeffs = (1 - q.detach()).float()
+        else:
+            fused_in, weight, coeffs = feats, None, None
+        out = StepOutput(self.head(fused_in), feats, weight, coeffs, epoch)
+        self._last = (out, target)
+        return out
+
+    def state_dict(self) -> Dict[str, Any]:
+        return self.opm.state_dict()
+
+    def load_state_dict(self, state) -> None:
+        self.opm.load_state_dict(state)
