@@ -75,7 +75,7 @@ def forced() -> Optional[str]:
     if not name:
         return None
     if name not in _BACKENDS:
-        raise ValueError(f"AGM_FAST_BACKEND must be one of {_BACKENDS}, got {name!r}")
+        raise ValueError(f"AGM_FAST_BACKEND: expected one of {_BACKENDS}, got {name!r}")
     return name
 
 

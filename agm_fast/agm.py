@@ -173,17 +173,17 @@ class GradMod(ShapleyBase):
         if len(coeffs) == 1 and isinstance(coeffs[0], Tensor) and coeffs[0].dim() == 1:
             coeffs = tuple(coeffs[0].unbind(0))
         if len(coeffs) != M:
-            raise ValueError(f"update_scale expects {M} coefficients (one per modality), got {len(coeffs)}")
+            raise ValueError(f"coeffs: expected {M} coefficients (one per modality), got {len(coeffs)}")
         scales: List[Coefficient] = []
         for m, c in enumerate(coeffs):
             if isinstance(c, Tensor):
                 if c.numel() != 1:
-                    raise ValueError(f"coefficient {m} must be a float or a 0-d tensor, got shape {tuple(c.shape)}")
+                    raise ValueError(f"coeffs[{m}]: expected a float or a 0-d tensor, got shape {tuple(c.shape)}")
                 scales.append(c.detach().reshape(()))
             elif isinstance(c, (int, float)) and not isinstance(c, bool):
                 scales.append(float(c))
             else:
-                raise TypeError(f"coefficient {m} must be a float or a 0-d tensor, got {type(c).__name__}")
+                raise TypeError(f"coeffs[{m}]: expected a float or a 0-d tensor, got {type(c).__name__}")
         # In place: graphs built earlier hold this list and read it in backward.
         self._scales[:] = scales
 
@@ -308,10 +308,10 @@ class AGMCoefficients(nn.Module):
             F = psis.detach()
         else:
             if len(psis) != M:
-                raise ValueError(f"expected {M} mono-modal outputs, got {len(psis)}")
+                raise ValueError(f"psis: expected {M} mono-modal outputs, got {len(psis)}")
             F = torch.stack([p.detach() for p in psis])
         if F.dim() != 3 or F.shape[0] != M:
-            raise ValueError(f"psis must be M = {M} tensors [B, C] (or one [M, B, C]), got shape {tuple(F.shape)}")
+            raise ValueError(f"psis: expected M = {M} tensors [B, C] (or one [M, B, C]), got shape {tuple(F.shape)}")
         _agm_check_target(labels, F.shape[1], F.shape[2], self.task, F.device, name="labels")
         in_window = self.in_window(epoch)
         eye = self._eye.get(F.device)

@@ -415,7 +415,9 @@ class CGGM:
         are skipped.
         """
         if self.coeffs is None:
-            raise RuntimeError("scale_gradients_() needs the coefficients of this step: call observe() first")
+            raise RuntimeError(
+                "scale_gradients_: expected the coefficients of this step, got none; call observe() first"
+            )
         factors = self.rho * self.coeffs
         # One cast of the M factors per (device, dtype) of the parameters, then one multiply per modality and group.
         cast = {key: factors.to(*key).unbind() for key in self._keys}

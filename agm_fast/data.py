@@ -80,37 +80,37 @@ def _select(names: Sequence[str], views: Optional[Sequence[str]], source: str) -
     if views is None:
         return list(names)
     if isinstance(views, str):
-        raise TypeError(f"views must be a sequence of view names, got the string {views!r}")
+        raise TypeError(f"views: expected a sequence of view names, got the string {views!r}")
     chosen = list(views)
     unknown = [v for v in chosen if v not in names]
     if unknown:
-        raise ValueError(f"unknown view {unknown[0]!r} in {source}; available: {', '.join(names)}")
+        raise ValueError(f"views: unknown view {unknown[0]!r} in {source}; expected one of: {', '.join(names)}")
     if len(set(chosen)) != len(chosen):
-        raise ValueError(f"views must not repeat, got {', '.join(chosen)}")
+        raise ValueError(f"views: expected distinct views, got {', '.join(chosen)}")
     if not chosen:
-        raise ValueError("views must name at least one view")
+        raise ValueError("views: expected at least one view, got none")
     return chosen
 
 
 def _validate(names: List[str], xs: List[np.ndarray], y: np.ndarray, source: str) -> MultiViewData:
     if y.ndim != 1:
-        raise ValueError(f"{source}: y must be 1-D [N], got shape {tuple(y.shape)}")
+        raise ValueError(f"{source}: y: expected a 1-D array [N], got shape {tuple(y.shape)}")
     if not np.issubdtype(y.dtype, np.integer):
-        raise ValueError(f"{source}: y must hold integer class indices, got dtype {y.dtype}")
+        raise ValueError(f"{source}: y: expected integer class indices, got dtype {y.dtype}")
     if y.shape[0] == 0:
-        raise ValueError(f"{source}: y is empty")
+        raise ValueError(f"{source}: y: expected at least one row, got none")
     if y.min() < 0:
-        raise ValueError(f"{source}: y must hold class indices >= 0, got {int(y.min())}")
+        raise ValueError(f"{source}: y: expected class indices >= 0, got {int(y.min())}")
     out = []
     for name, x in zip(names, xs):
         if x.ndim != 2:
-            raise ValueError(f"{source}: x_{name} must be 2-D [N, d], got shape {tuple(x.shape)}")
+            raise ValueError(f"{source}: x_{name}: expected a 2-D array [N, d], got shape {tuple(x.shape)}")
         if x.shape[0] != y.shape[0]:
-            raise ValueError(f"{source}: x_{name} has {x.shape[0]} rows but y has {y.shape[0]}")
+            raise ValueError(f"{source}: x_{name}: expected {y.shape[0]} rows (as y), got {x.shape[0]}")
         if x.shape[1] == 0:
-            raise ValueError(f"{source}: x_{name} has no feature columns")
+            raise ValueError(f"{source}: x_{name}: expected at least one feature column, got none")
         if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
-            raise ValueError(f"{source}: x_{name} must be numeric, got dtype {x.dtype}")
+            raise ValueError(f"{source}: x_{name}: expected numbers, got dtype {x.dtype}")
         x = x.astype(np.float32)
         if not np.isfinite(x).all():
             raise ValueError(f"{source}: x_{name} holds NaN or infinite values")
@@ -193,7 +193,8 @@ def stratified_split(
     """
     if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
         raise ValueError(
-            f"val_fraction and test_fraction must be in (0, 1) with a sum below 1, got {val_fraction}, {test_fraction}"
+            f"val_fraction, test_fraction: expected fractions in (0, 1) with a sum below 1, got {val_fraction}, "
+            f"{test_fraction}"
         )
     rng = np.random.default_rng(seed)
     parts: Tuple[list, list, list] = ([], [], [])

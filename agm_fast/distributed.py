@@ -65,13 +65,13 @@ def _check_group(process_group) -> None:
         return
     if not isinstance(process_group, dist.ProcessGroup):
         raise TypeError(
-            f"process_group must be a torch.distributed.ProcessGroup or None, got {type(process_group).__name__}"
+            f"process_group: expected a torch.distributed.ProcessGroup or None, got {type(process_group).__name__}"
         )
 
 
 def _check_tensor(tensor, name: str) -> None:
     if not isinstance(tensor, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(tensor).__name__}")
 
 
 def is_active(process_group: Optional["ProcessGroup"] = None) -> bool:
@@ -186,23 +186,25 @@ def global_mean_scores(
     _check_tensor(local_mean, "local_mean")
     if local_mean.dim() != 1 or not local_mean.is_floating_point():
         raise ValueError(
-            f"local_mean must be a 1-D floating-point tensor [M], got shape {tuple(local_mean.shape)} and "
+            f"local_mean: expected a 1-D floating-point tensor [M], got shape {tuple(local_mean.shape)} and "
             f"dtype {local_mean.dtype}"
         )
     M = local_mean.shape[0]
     if isinstance(local_count, bool) or not isinstance(local_count, (Tensor, int, float)):
-        raise TypeError(f"local_count must be a tensor or a number, got {type(local_count).__name__}")
+        raise TypeError(f"local_count: expected a tensor or a number, got {type(local_count).__name__}")
     if not isinstance(local_count, Tensor):
         if not local_count >= 0:
-            raise ValueError(f"local_count must be a non-negative number, got {local_count}")
+            raise ValueError(f"local_count: expected a number >= 0, got {local_count}")
         local_count = torch.full((), float(local_count), dtype=_stat_dtype(local_mean.dtype), device=local_mean.device)
     if local_count.numel() not in (1, M) or local_count.dim() > 1 or local_count.is_complex():
         raise ValueError(
-            f"local_count must be a real 0-d, [1] or [M] = [{M}] tensor, got shape {tuple(local_count.shape)} and "
+            f"local_count: expected a real 0-d, [1] or [M] = [{M}] tensor, got shape {tuple(local_count.shape)} and "
             f"dtype {local_count.dtype}"
         )
     if local_count.device != local_mean.device:
-        raise ValueError(f"local_count is on {local_count.device} but local_mean is on {local_mean.device}")
+        raise ValueError(
+            f"local_count: expected a tensor on {local_mean.device} (as local_mean), got {local_count.device}"
+        )
     if not is_active(process_group):
         return ReduceHandle(local_mean) if async_op else local_mean
     dt = _stat_dtype(local_mean.dtype)
@@ -258,11 +260,11 @@ def broadcast_seed(seed: int, process_group: Optional["ProcessGroup"] = None, sr
         Rank ``src``'s seed. When :func:`is_active` is False, ``seed`` itself.
     """
     if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+        raise TypeError(f"seed: expected an int in [0, 2**64), got {type(seed).__name__}")
     if not 0 <= seed < _SEED_LIMIT:
-        raise ValueError(f"seed must be in [0, 2**64), got {seed}")
+        raise ValueError(f"seed: expected an int in [0, 2**64), got {seed}")
     if isinstance(src, bool) or not isinstance(src, int) or src < 0:
-        raise ValueError(f"src must be a non-negative int (a global rank), got {src!r}")
+        raise ValueError(f"src: expected an int >= 0 (a global rank), got {src!r}")
     if not is_active(process_group):
         return seed
     # int64 carries the full uint64 range in two's complement.
@@ -287,14 +289,14 @@ def shard_moments(shards: Sequence[Tensor]) -> Tensor:
         ``[T, 3]`` float64 on the shards' device.
     """
     if isinstance(shards, Tensor) or not isinstance(shards, (list, tuple)):
-        raise TypeError(f"shards must be a list or tuple of tensors, got {type(shards).__name__}")
+        raise TypeError(f"shards: expected a list or tuple of tensors, got {type(shards).__name__}")
     if len(shards) == 0:
-        raise ValueError("shards must hold at least one tensor")
+        raise ValueError("shards: expected at least one tensor, got none")
     device = None
     for i, s in enumerate(shards):
         _check_tensor(s, f"shards[{i}]")
         if not s.is_floating_point():
-            raise TypeError(f"shards[{i}] must be floating point, got {s.dtype}")
+            raise TypeError(f"shards[{i}]: expected a floating-point tensor, got {s.dtype}")
         if device is None:
             device = s.device
         elif s.device != device:
@@ -351,7 +353,7 @@ def merge_moments(
     _check_tensor(local, "local")
     if local.dim() != 2 or local.shape[1] != 3 or local.dtype != torch.float64:
         raise ValueError(
-            f"local must be a float64 [T, 3] tensor from shard_moments, got shape {tuple(local.shape)} and dtype "
+            f"local: expected a float64 [T, 3] tensor from shard_moments, got shape {tuple(local.shape)} and dtype "
             f"{local.dtype}"
         )
     if not is_active(process_group):

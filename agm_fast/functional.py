@@ -37,7 +37,7 @@ def _check_class_labels(labels: Tensor, batch: int, num_classes: int, device: to
     if labels.device.type == "cpu" or os.environ.get("AGM_FAST_DEBUG", "0") == "1":
         low, high = int(labels.min()), int(labels.max())
         if low < 0 or high >= num_classes:
-            raise ValueError(f"{name}: class indices must lie in [0, {num_classes}), got values in [{low}, {high}]")
+            raise ValueError(f"{name}: expected class indices in [0, {num_classes}), got values in [{low}, {high}]")
 
 
 def _check_ogm_logits(logits: Tensor, name: str = "logits") -> None:
@@ -46,7 +46,7 @@ def _check_ogm_logits(logits: Tensor, name: str = "logits") -> None:
     if logits.dim() != 3:
         raise ValueError(f"{name}: expected per-modality logits [M, B, C], got shape {tuple(logits.shape)}")
     if logits.shape[0] < 2:
-        raise ValueError(f"{name}: OGM needs at least two modalities (M >= 2), got M = {logits.shape[0]}")
+        raise ValueError(f"{name}: expected at least two modalities (M >= 2) for OGM, got M = {logits.shape[0]}")
     if logits.shape[2] < 1:
         raise ValueError(f"{name}: expected at least one class, got C = {logits.shape[2]}")
     if not logits.is_floating_point():
@@ -113,7 +113,7 @@ def _check_subset_logits(F: Tensor, W: Tensor) -> Tuple[int, int]:
     if W.dim() != 2 or W.shape[1] != F.shape[0]:
         raise ValueError(f"W: expected Shapley weights [M, {F.shape[0]}] (one column per subset), got {tuple(W.shape)}")
     if W.shape[0] < 2:
-        raise ValueError(f"W: AGM needs at least two modalities (M >= 2), got M = {W.shape[0]}")
+        raise ValueError(f"W: expected at least two modalities (M >= 2) for AGM, got M = {W.shape[0]}")
     return W.shape[0], W.shape[1]
 
 

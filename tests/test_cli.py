@@ -94,6 +94,36 @@ def test_resume_matches_an_uninterrupted_run(tmp_path, capsys, method):
         assert any(float(r[c]) != 1.0 for r in a for c in r if c.startswith("coeff_"))
 
 
+def test_a_registered_method_is_on_the_command_line(tmp_path, capsys):
+    from toy_method import DampStrongest
+
+    from agm_fast import methods
+
+    methods.register("damp_strongest", DampStrongest)
+    try:
+        help_text = cli.build_parser()._subparsers._group_actions[0].choices["train"].format_help()
+        assert "damp_strongest" in help_text and "--factor" in help_text
+        assert "(default: damp_strongest 0.5)" in help_text
+        out = tmp_path / "run"
+        argv = ["train", "--method", "damp_strongest", "--factor", 0.25, "--modulation_starts", 1, "--epochs", 2]
+        rc, _, err = run([*argv, "--out", out, "--no-plot", *SMALL], capsys)
+        assert rc == 0, err
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["method"] == "damp_strongest" and summary["config"]["factor"] == 0.25
+        rows = read_csv(out / "metrics.csv")
+        assert float(rows[0]["coeff_fac"]) == 1.0 and float(rows[0]["coeff_zer"]) == 1.0
+        assert {float(rows[1]["coeff_fac"]), float(rows[1]["coeff_zer"])} & {0.25}
+        # The method's own validation reaches the user as one line naming the flag.
+        check_error(*run([*argv, "--factor", 2, "--out", tmp_path / "bad", *SMALL], capsys)[::2],
+                    "--factor: expected a number in (0, 1]")
+        # Its option belongs to it alone.
+        check_error(*run(["train", "--method", "agm", "--factor", 0.5, "--out", out, *SMALL], capsys)[::2],
+                    "--factor applies to --method damp_strongest")
+    finally:
+        methods.unregister("damp_strongest")
+    assert "damp_strongest" not in cli.build_parser()._subparsers._group_actions[0].choices["train"].format_help()
+
+
 def make_npz(path, n=150, seed=0):
     rng = np.random.default_rng(seed)
     y = np.arange(n) % 3

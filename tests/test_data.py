@@ -32,7 +32,7 @@ def test_mfeat_view_order_and_errors():
     assert d.names == ["mor", "pix"] and d.xs[0].shape[1] == 6 and d.xs[1].shape[1] == 240
     with pytest.raises(ValueError, match="unknown view 'abc'"):
         data.load_mfeat(["pix", "abc"])
-    with pytest.raises(ValueError, match="must not repeat"):
+    with pytest.raises(ValueError, match="expected distinct views"):
         data.load_mfeat(["pix", "pix"])
     with pytest.raises(TypeError, match="sequence of view names"):
         data.load_mfeat("pix")
@@ -89,10 +89,10 @@ def test_load_npz_round_trip(tmp_path):
     [
         ({"x_a": np.zeros((4, 2))}, "no label array 'y'"),
         ({"y": np.zeros(4, dtype=int)}, "no view arrays named x_<name>"),
-        ({"x_a": np.zeros((4, 2)), "y": np.zeros(5, dtype=int)}, "x_a has 4 rows but y has 5"),
-        ({"x_a": np.zeros((4, 2)), "y": np.zeros(4)}, "y must hold integer class indices"),
+        ({"x_a": np.zeros((4, 2)), "y": np.zeros(5, dtype=int)}, "x_a: expected 5 rows \\(as y\\), got 4"),
+        ({"x_a": np.zeros((4, 2)), "y": np.zeros(4)}, "y: expected integer class indices"),
         ({"x_a": np.zeros((4, 2)), "y": -np.ones(4, dtype=int)}, "class indices >= 0"),
-        ({"x_a": np.zeros(4), "y": np.zeros(4, dtype=int)}, "x_a must be 2-D"),
+        ({"x_a": np.zeros(4), "y": np.zeros(4, dtype=int)}, "x_a: expected a 2-D array"),
         ({"x_a": np.full((4, 2), np.nan), "y": np.zeros(4, dtype=int)}, "NaN or infinite"),
     ],
 )

@@ -437,9 +437,9 @@ def test_bad_inputs():
     h, y = _backward(net)
     ogm = OGMGE([net.audio_net, net.visual_net], alpha=0.5)
     logits = net.fusion.per_modality_logits(*h).detach()
-    with pytest.raises(ValueError, match="class indices must lie in"):
+    with pytest.raises(ValueError, match="expected class indices in"):
         ogm.step(torch.full_like(y, 4), logits[0], logits[1], epoch=0)
-    with pytest.raises(ValueError, match="class indices must lie in"):
+    with pytest.raises(ValueError, match="expected class indices in"):
         calculate_coefficient(torch.full_like(y, -1), logits[0], logits[1], 0.5)
     with pytest.raises(TypeError, match="int64"):
         ogm.step(y.int(), logits[0], logits[1], epoch=0)

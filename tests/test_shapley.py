@@ -315,7 +315,7 @@ def test_functional_validation():
         args.update(kw)
         return functional.shapley_scores(**args)
 
-    with pytest.raises(ValueError, match=r"labels: class indices must lie in \[0, 10\)"):
+    with pytest.raises(ValueError, match=r"labels: expected class indices in \[0, 10\)"):
         call(labels=torch.full((7,), 10))
     with pytest.raises(TypeError, match="labels: expected int64"):
         call(labels=labels.int())
@@ -327,7 +327,7 @@ def test_functional_validation():
         call(F=F.long())
     with pytest.raises(ValueError, match=r"W: expected Shapley weights \[M, 7\]"):
         call(W=W[:, :5])
-    with pytest.raises(ValueError, match="W: AGM needs at least two modalities"):
+    with pytest.raises(ValueError, match="W: expected at least two modalities"):
         call(W=W[:1])
     with pytest.raises(ValueError, match=r"running: expected shape \[3\]"):
         call(running=running[:2])
