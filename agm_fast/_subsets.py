@@ -39,6 +39,20 @@ SHAPLEY = ("reference", "exact", "sampled")
 MASKED_MODES = ("eval", "train")
 MUTES = ("input", "feature")
 
+def encode(encoders: Sequence[nn.Module], xs: Sequence[Tensor]) -> List[Tensor]:
+    """Each encoder on its modality's input; an encoder must return one feature tensor ``[B, ...]``."""
+    feats = []
+    for m, (enc, x) in enumerate(zip(encoders, xs)):
+        h = enc(x)
+        if not isinstance(h, Tensor):
+            raise TypeError(
+                f"encoders[{m}]: expected a module that returns one feature tensor [B, ...], got "
+                f"{type(h).__name__}; wrap it so that it returns the features only"
+            )
+        feats.append(h)
+    return feats
+
+
 @contextlib.contextmanager
 def _eval_mode(roots: Sequence[nn.Module]) -> Iterator[None]:
     """Put ``roots`` in eval mode and give every submodule its own previous mode back afterwards."""
@@ -254,21 +268,7 @@ class ShapleyBase(nn.Module):
         model, encoders, _ = self._parts
         if model is not None:
             return model(*xs)
-        return self._call_fusion(self._encode(encoders, xs))
-
-    @staticmethod
-    def _encode(encoders: Sequence[nn.Module], xs: Sequence[Tensor]) -> List[Tensor]:
-        """Each encoder on its input; an encoder must return one feature tensor ``[B, ...]``."""
-        feats = []
-        for m, (enc, x) in enumerate(zip(encoders, xs)):
-            h = enc(x)
-            if not isinstance(h, Tensor):
-                raise TypeError(
-                    f"encoders[{m}]: expected a module that returns one feature tensor [B, ...], got "
-                    f"{type(h).__name__}; wrap it so that it returns the features only"
-                )
-            feats.append(h)
-        return feats
+        return self._call_fusion(encode(encoders, xs))
 
     def _what(self) -> str:
         return "model" if self._parts[0] is not None else "fusion"
@@ -309,7 +309,7 @@ class ShapleyBase(nn.Module):
         _, encoders, fusion = self._parts
         M = self.num_modalities
         B = xs[0].shape[0]
-        h = self._encode(encoders, xs)
+        h = encode(encoders, xs)
         full = self._check_out(self._call_fusion(h), B, None, "fusion")
         C = full.shape[1]
         masked = masks[:-1]

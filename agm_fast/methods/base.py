@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._validate import check_choice, check_seed
+from .._subsets import encode
+from .._validate import check_choice, check_int, check_seed
 from ..window import Window, WindowLike
 
 __all__ = ["Method", "Option", "StepOutput", "StepResult", "training_step", "TASKS"]
@@ -148,6 +149,7 @@ class Method:
         self.task = check_choice("task", task, TASKS)
         self._last: Optional[Tuple[StepOutput, Tensor]] = None
         self._ones: Dict[torch.device, Tensor] = {}
+        self._constants: Dict[torch.device, Tuple[Tuple[float, ...], Tensor]] = {}
 
     @property
     def num_modalities(self) -> int:
@@ -185,6 +187,25 @@ class Method:
         """Whether ``epoch`` lies in the modulation window."""
         return self.window.contains(epoch)
 
+    def feature_dims(self, feature_dims: Optional[Sequence[int]]) -> List[int]:
+        """The M feature sizes: ``feature_dims`` if given, else the fusion head's ``dims`` (every head of
+        :mod:`agm_fast.fusion` has them)."""
+        dims = feature_dims if feature_dims is not None else getattr(self.fusion, "dims", None)
+        if dims is None:
+            raise ValueError("feature_dims: expected the M feature sizes (the fusion head has no .dims), got None")
+        if len(dims) != self.num_modalities:
+            raise ValueError(f"feature_dims: expected {self.num_modalities} sizes (one per encoder), got {len(dims)}")
+        return [check_int(f"feature_dims[{m}]", d, low=1) for m, d in enumerate(dims)]
+
+    def constant(self, values: Sequence[float], device: torch.device) -> Tensor:
+        """``values`` as an ``[M]`` float32 tensor on ``device``, built once per new value (coefficients that change
+        per epoch, not per step, so no step copies host data to the device)."""
+        key = tuple(float(v) for v in values)
+        cached = self._constants.get(device)
+        if cached is None or cached[0] != key:
+            cached = self._constants[device] = (key, torch.tensor(key, dtype=torch.float32).to(device))
+        return cached[1]
+
     def ones(self, device: torch.device) -> Tensor:
         """``[M]`` float32 ones on ``device`` (the coefficients of a step that does not modulate)."""
         t = self._ones.get(device)
@@ -199,16 +220,7 @@ class Method:
                 f"inputs: expected {self.num_modalities} tensors (one per modality, in modality order), got "
                 f"{len(inputs)}"
             )
-        feats = []
-        for m, (enc, x) in enumerate(zip(self.encoders, inputs)):
-            h = enc(x)
-            if not isinstance(h, Tensor):
-                raise TypeError(
-                    f"encoders[{m}]: expected a module that returns one feature tensor [B, ...], got "
-                    f"{type(h).__name__}; wrap it so that it returns the features only"
-                )
-            feats.append(h)
-        return feats
+        return encode(self.encoders, inputs)
 
     def head(self, features: Sequence[Tensor]) -> Tensor:
         """The fusion head on M features (an ``nn.Linear`` on their concatenation)."""

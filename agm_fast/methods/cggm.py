@@ -60,9 +60,7 @@ class CGGMMethod(Method):
         super().__init__(encoders, fusion, window=window, seed=seed, task=task)
         self.head_lr_scale = check_float("head_lr_scale", head_lr_scale, low=0.0, low_open=True)
         self.clip_grad_norm = check_float("clip_grad_norm", clip_grad_norm, low=0.0, low_open=True, allow_none=True)
-        dims = feature_dims if feature_dims is not None else getattr(fusion, "dims", None)
-        if dims is None:
-            raise ValueError("feature_dims: expected the M feature sizes (the fusion head has no .dims), got None")
+        dims = self.feature_dims(feature_dims)
         kwargs = self._core_kwargs(kwargs)
         for key in ("head_optimizer", "head_lr", "model", "num_classes", "feature_dims", "fusion_out"):
             if key in kwargs:

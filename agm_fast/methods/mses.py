@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any, Dict, Mapping, Optional, Sequence
 
-import torch
 from torch import Tensor
 
 from ..mslr import MSES
@@ -35,28 +34,20 @@ class MSESMethod(Method):
     ) -> None:
         super().__init__(encoders, fusion, window=window, seed=seed, task=task)
         self.mses = MSES(list(self.encoders), **self._core_kwargs(kwargs))
-        self._coeffs: Dict[torch.device, Tensor] = {}
 
     def before_optimizer_step(self, out: Optional[StepOutput] = None, target: Optional[Tensor] = None) -> Tensor:
         out, target = self._resolve(out, target)
         if not self.in_window(out.epoch):
             return self.ones(target.device)
         self.mses.scale_gradients_()
-        coeffs = self._coeffs.get(target.device)
-        if coeffs is None:
-            values = [0.0 if stopped else 1.0 for stopped in self.mses.stopped]
-            coeffs = torch.tensor(values, dtype=torch.float32).to(target.device)
-            self._coeffs[target.device] = coeffs
-        return coeffs
+        return self.constant([0.0 if stopped else 1.0 for stopped in self.mses.stopped], target.device)
 
     def end_epoch(self, epoch: int, metrics: Mapping[str, Sequence[float]]) -> None:
         if self.in_window(epoch):
             self.mses.epoch_end(self._metric(metrics, "modality_loss"))
-            self._coeffs.clear()
 
     def state_dict(self) -> Dict[str, Any]:
         return self.mses.state_dict()
 
     def load_state_dict(self, state) -> None:
         self.mses.load_state_dict(state)
-        self._coeffs.clear()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any, Dict, Mapping, Optional, Sequence
 
-import torch
 from torch import Tensor
 
 from ..mslr import MSLR
@@ -35,28 +34,20 @@ class MSLRMethod(Method):
     ) -> None:
         super().__init__(encoders, fusion, window=window, seed=seed, task=task)
         self.mslr = MSLR(list(self.encoders), **self._core_kwargs(kwargs))
-        self._scales: Dict[torch.device, Tensor] = {}
 
     def before_optimizer_step(self, out: Optional[StepOutput] = None, target: Optional[Tensor] = None) -> Tensor:
         out, target = self._resolve(out, target)
         if not self.in_window(out.epoch):
             return self.ones(target.device)
         self.mslr.scale_gradients_()
-        scales = self._scales.get(target.device)
-        if scales is None:
-            # Built once per epoch (the scales change only in end_epoch), so no step copies host data.
-            scales = torch.tensor(self.mslr.scales, dtype=torch.float32).to(target.device)
-            self._scales[target.device] = scales
-        return scales
+        return self.constant(self.mslr.scales, target.device)
 
     def end_epoch(self, epoch: int, metrics: Mapping[str, Sequence[float]]) -> None:
         if self.in_window(epoch):
             self.mslr.epoch_end(self._metric(metrics, "modality_accuracy"))
-            self._scales.clear()
 
     def state_dict(self) -> Dict[str, Any]:
         return self.mslr.state_dict()
 
     def load_state_dict(self, state) -> None:
         self.mslr.load_state_dict(state)
-        self._scales.clear()

@@ -51,9 +51,7 @@ class OPMMethod(Method):
         super().__init__(encoders, fusion, window=window, seed=seed, task=task)
         if self.task != "classification":
             raise ValueError(f"task: OPM scores class probabilities, expected 'classification', got {task!r}")
-        dims = feature_dims if feature_dims is not None else getattr(fusion, "dims", None)
-        if dims is None:
-            raise ValueError("feature_dims: expected the M feature sizes (the fusion head has no .dims), got None")
+        dims = self.feature_dims(feature_dims)
         kwargs = self._core_kwargs(kwargs)
         self.opm = OPM(dims, window=window, seed=seed, **kwargs)
         self.window = self.opm.window

@@ -1,4 +1,4 @@
-"""A reference-style AGM training step, written from SPEC.md section 1: the baseline of the AGM benchmarks.
+"""A reference-style AGM training step, written from docs/methods.md, section 1: the baseline of the AGM benchmarks.
 
 It computes what the public reference training loop computes, the way that loop computes it:
 
@@ -85,7 +85,7 @@ class ReferenceGradMod(nn.Module):
 
 
 class ReferenceAGMState:
-    """Python-float running means and coefficients of the reference training loop (SPEC 1.4).
+    """Python-float running means and coefficients of the reference training loop (docs/methods.md, section 1.4).
 
     Args:
         num_modalities: M.

@@ -1,4 +1,4 @@
-"""The reference-style CGGM training step, written from SPEC.md section 4: the baseline of ``bench_cggm_step``.
+"""The reference-style CGGM training step, written from docs/methods.md, section 4: the baseline of ``bench_cggm_step``.
 
 It does what the reference training loop does, in the way it does it:
 

@@ -1,4 +1,4 @@
-"""The reference-style OGM-GE step, written from SPEC.md section 2: the baseline of ``bench_ogm_ge``.
+"""The reference-style OGM-GE step, written from docs/methods.md, section 2: the baseline of ``bench_ogm_ge``.
 
 It does what the reference training loop does, in the way it does it:
 
