@@ -147,6 +147,10 @@ def per_modality_values(values, names: Sequence[str], what: str) -> List[float]:
             raise ValueError(f"{what}: expected a tensor [{len(names)}], got shape {tuple(values.shape)}")
         out = values.detach().to("cpu", torch.float64).tolist()
     else:
+        if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+            raise TypeError(
+                f"{what}: expected one number per modality (a sequence, dict or tensor), got {describe(values)}"
+            )
         out = list(values)
         if len(out) != len(names):
             raise ValueError(f"{what}: expected {len(names)} values (one per modality), got {len(out)}")

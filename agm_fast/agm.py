@@ -312,6 +312,8 @@ class AGMCoefficients(nn.Module):
             F = torch.stack([p.detach() for p in psis])
         if F.dim() != 3 or F.shape[0] != M:
             raise ValueError(f"psis: expected M = {M} tensors [B, C] (or one [M, B, C]), got shape {tuple(F.shape)}")
+        if F.shape[1] < 1:
+            raise ValueError("psis: expected a batch of at least one sample, got B = 0")
         _agm_check_target(labels, F.shape[1], F.shape[2], self.task, F.device, name="labels")
         in_window = self.in_window(epoch)
         eye = self._eye.get(F.device)

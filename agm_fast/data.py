@@ -20,6 +20,7 @@ video embeddings, say) train the same way.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import zipfile
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ __all__ = [
     "MFEAT_PATH",
     "MultiViewData",
     "SplitData",
+    "content_hash",
     "load_mfeat",
     "load_npz",
     "stratified_split",
@@ -113,9 +115,28 @@ def _validate(names: List[str], xs: List[np.ndarray], y: np.ndarray, source: str
             raise ValueError(f"{source}: x_{name}: expected numbers, got dtype {x.dtype}")
         x = x.astype(np.float32)
         if not np.isfinite(x).all():
-            raise ValueError(f"{source}: x_{name} holds NaN or infinite values")
+            raise ValueError(f"{source}: x_{name}: expected finite values, got NaN or infinite values")
         out.append(x)
-    return MultiViewData(names=list(names), xs=out, y=y.astype(np.int64), num_classes=int(y.max()) + 1)
+    num_classes = int(y.max()) + 1
+    present = len(np.unique(y))
+    # Labels that are ids rather than class indices (0, 1, 999999) would build a model with a million outputs.
+    if num_classes - present > present:
+        raise ValueError(
+            f"{source}: y: expected class indices 0..C-1 with few gaps, got {present} distinct values up to "
+            f"{num_classes - 1}; remap them first, e.g. y = np.unique(y, return_inverse=True)[1]"
+        )
+    return MultiViewData(names=list(names), xs=out, y=y.astype(np.int64), num_classes=num_classes)
+
+
+def content_hash(data: MultiViewData) -> str:
+    """A SHA-256 of the views' names, values and the labels: a resumed run checks it has the same data."""
+    h = hashlib.sha256()
+    for name, x in zip(data.names, data.xs):
+        h.update(name.encode())
+        h.update(str(x.shape).encode())
+        h.update(np.ascontiguousarray(x).tobytes())
+    h.update(np.ascontiguousarray(data.y).tobytes())
+    return h.hexdigest()
 
 
 def load_npz(path: str, views: Optional[Sequence[str]] = None) -> MultiViewData:
@@ -145,10 +166,22 @@ def load_npz(path: str, views: Optional[Sequence[str]] = None) -> MultiViewData:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"data file {path!r} does not exist")
     try:
-        with np.load(path, allow_pickle=False) as z:
+        z = np.load(path, allow_pickle=False)
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
+        raise ValueError(f"data file {path!r} is not a readable .npz file ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(z, np.lib.npyio.NpzFile):
+        raise ValueError(
+            f"data file {path!r} is not a readable .npz file (it holds one {type(z).__name__}, as a .npy file does; "
+            "save the arrays with np.savez(path, x_<name>=..., y=...))"
+        )
+    try:
+        with z:
             arrays = {k: z[k] for k in z.files}
     except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:
         raise ValueError(f"data file {path!r} is not a readable .npz file ({type(exc).__name__}: {exc})") from exc
+    for key, value in arrays.items():
+        if not isinstance(value, np.ndarray):
+            raise ValueError(f"data file {path!r} is not a readable .npz file (its member {key!r} is not a .npy array)")
     names = sorted(k[2:] for k in arrays if k.startswith("x_") and len(k) > 2)
     if not names:
         raise ValueError(f"data file {path!r} holds no view arrays named x_<name> (found: {', '.join(arrays)})")

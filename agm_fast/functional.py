@@ -47,6 +47,8 @@ def _check_ogm_logits(logits: Tensor, name: str = "logits") -> None:
         raise ValueError(f"{name}: expected per-modality logits [M, B, C], got shape {tuple(logits.shape)}")
     if logits.shape[0] < 2:
         raise ValueError(f"{name}: expected at least two modalities (M >= 2) for OGM, got M = {logits.shape[0]}")
+    if logits.shape[1] < 1:
+        raise ValueError(f"{name}: expected a batch of at least one sample, got B = 0")
     if logits.shape[2] < 1:
         raise ValueError(f"{name}: expected at least one class, got C = {logits.shape[2]}")
     if not logits.is_floating_point():

@@ -11,12 +11,12 @@ Competition strength is defined in docs/methods.md, section 1.6.
 
 from __future__ import annotations
 
-import math
 from typing import Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
+from ._validate import check_float
 from .reference import shapley_weights
 
 __all__ = ["competition_strength", "extract_features", "shapley_accuracy", "ShapleyAccuracy"]
@@ -33,22 +33,22 @@ def _as_list(concepts: Concepts, what: str) -> Tuple[List[Tensor], Optional[List
         return [concepts[k] for k in keys], keys, False
     if isinstance(concepts, (list, tuple)):
         return list(concepts), None, False
-    raise TypeError(f"{what} must be a tensor, a list of tensors or a dict of tensors, got {type(concepts).__name__}")
+    raise TypeError(f"{what}: expected a tensor, a list of tensors or a dict of tensors, got {type(concepts).__name__}")
 
 
 def _matrix(x: Tensor, what: str) -> Tensor:
     if not isinstance(x, Tensor):
-        raise TypeError(f"{what} must be a tensor, got {type(x).__name__}")
+        raise TypeError(f"{what}: expected a tensor, got {type(x).__name__}")
     if not (x.is_floating_point() or x.dtype in (torch.int32, torch.int64)):
-        raise TypeError(f"{what} must be a real (float or int) tensor, got {x.dtype}")
+        raise TypeError(f"{what}: expected a real (float or int) tensor, got {x.dtype}")
     if x.dim() == 1:
         x = x.unsqueeze(1)
     if x.dim() != 2:
-        raise ValueError(f"{what} must be [N, D] (or [N]), got shape {tuple(x.shape)}")
+        raise ValueError(f"{what}: expected shape [N, D] (or [N]), got {tuple(x.shape)}")
     x = x.to(torch.float64)
     # An offline analysis metric: reading the values once to reject NaN/inf is worth its host sync.
     if not bool(torch.isfinite(x).all()):
-        raise ValueError(f"{what} holds non-finite values (NaN or inf)")
+        raise ValueError(f"{what}: expected finite values, got non-finite values (NaN or inf)")
     return x
 
 
@@ -89,42 +89,51 @@ def competition_strength(
             (``N_test <= D``: the covariance is singular), non-finite inputs, a negative ``ridge_alpha``.
         TypeError: inputs that are not real tensors.
     """
-    if not (isinstance(ridge_alpha, (int, float)) and math.isfinite(ridge_alpha) and ridge_alpha >= 0):
-        raise ValueError(f"ridge_alpha must be a finite float >= 0, got {ridge_alpha!r}")
+    ridge_alpha = check_float("ridge_alpha", ridge_alpha, low=0.0)
     ys_train, keys_train, single = _as_list(concept_train, "concept_train")
     ys_test, keys_test, single_test = _as_list(concept_test, "concept_test")
     if single != single_test or keys_train != keys_test or len(ys_train) != len(ys_test):
-        raise ValueError("concept_train and concept_test must have the same structure (one tensor, list or dict keys)")
+        raise ValueError(
+            "concept_test: expected the same structure as concept_train (one tensor, a list, or the same dict keys)"
+        )
     if not ys_train:
-        raise ValueError("no concept given")
+        raise ValueError("concept_train: expected at least one concept, got none")
     X = _matrix(fused_train, "fused_train")
     Xt = _matrix(fused_test, "fused_test")
     if X.device != Xt.device:
-        raise ValueError(f"fused_train is on {X.device}, fused_test on {Xt.device}")
+        raise ValueError(f"fused_test: expected a tensor on {X.device} (as fused_train), got {Xt.device}")
     if X.shape[1] != Xt.shape[1]:
-        raise ValueError(f"fused_train has {X.shape[1]} features, fused_test has {Xt.shape[1]}")
+        raise ValueError(f"fused_test: expected {X.shape[1]} features (as fused_train), got {Xt.shape[1]}")
     Ys, Yts = [], []
     for m, (y, yt) in enumerate(zip(ys_train, ys_test)):
         name = f"concept[{keys_train[m]!r}]" if keys_train else ("concept" if single else f"concept[{m}]")
         y = _matrix(y, f"{name} (train)")
         yt = _matrix(yt, f"{name} (test)")
         if y.device != X.device or yt.device != X.device:
-            raise ValueError(f"{name} must be on {X.device} like the fused features")
+            raise ValueError(f"{name}: expected tensors on {X.device} (as the fused features), got {y.device}")
         if y.shape[0] != X.shape[0]:
-            raise ValueError(f"{name} (train) has {y.shape[0]} rows, fused_train has {X.shape[0]}")
+            raise ValueError(f"{name} (train): expected {X.shape[0]} rows (as fused_train), got {y.shape[0]}")
         if yt.shape[0] != Xt.shape[0]:
-            raise ValueError(f"{name} (test) has {yt.shape[0]} rows, fused_test has {Xt.shape[0]}")
+            raise ValueError(f"{name} (test): expected {Xt.shape[0]} rows (as fused_test), got {yt.shape[0]}")
         if y.shape[1] != yt.shape[1]:
-            raise ValueError(f"{name} has {y.shape[1]} dims on the train split and {yt.shape[1]} on the test split")
+            raise ValueError(
+                f"{name} (test): expected {y.shape[1]} dims (as on the train split), got {yt.shape[1]}"
+            )
         if yt.shape[0] <= yt.shape[1]:
             raise ValueError(
-                f"{name}: N_test={yt.shape[0]} test samples for D={yt.shape[1]} concept dims; need N_test > D "
-                f"for cov(Y_test) to be invertible"
+                f"{name} (test): expected N_test > D test samples for cov(Y_test) to be invertible, got "
+                f"N_test={yt.shape[0]} for D={yt.shape[1]} concept dims"
+            )
+        # A constant concept has no covariance to measure the residuals against: pinv(0) = 0 would report d = 0
+        # ("fully contained") for a concept that carries no information at all.
+        if not bool((yt.max(0).values > yt.min(0).values).any()):
+            raise ValueError(
+                f"{name} (test): expected a concept that varies over the test split, got a constant one"
             )
         Ys.append(y)
         Yts.append(yt)
     if X.shape[0] < 2:
-        raise ValueError(f"fused_train needs at least 2 samples, got {X.shape[0]}")
+        raise ValueError(f"fused_train: expected at least 2 samples, got {X.shape[0]}")
 
     mu_x = X.mean(0)
     Xc = X - mu_x
@@ -208,13 +217,13 @@ def extract_features(
             for m, fn in enumerate(fns):
                 y = fn(batch)
                 if y.shape[0] != f.shape[0]:
-                    raise ValueError(f"concept {m} returned {y.shape[0]} rows, fused returned {f.shape[0]}")
+                    raise ValueError(f"concepts[{m}]: expected {f.shape[0]} rows (as fused), got {y.shape[0]}")
                 Y_parts[m].append(y.reshape(y.shape[0], -1))
     finally:
         for m, mode in zip(modules, modes):
             m.train(mode)
     if not F_parts:
-        raise ValueError("the loader yielded no batch")
+        raise ValueError("loader: expected at least one batch, got none")
     F = torch.cat(F_parts)
     Ys = [torch.cat(p) for p in Y_parts]
     if single:
@@ -233,9 +242,9 @@ def _as_list_fns(concepts) -> Tuple[List[Callable], Optional[List[str]], bool]:
     elif isinstance(concepts, (list, tuple)):
         keys, fns = None, list(concepts)
     else:
-        raise TypeError(f"concepts must be a callable, a list or a dict of callables, got {type(concepts).__name__}")
+        raise TypeError(f"concepts: expected a callable, a list or a dict of callables, got {type(concepts).__name__}")
     if not fns or not all(callable(f) for f in fns):
-        raise TypeError("concepts must hold at least one callable, and only callables")
+        raise TypeError("concepts: expected at least one callable, and only callables")
     return fns, keys, False
 
 
@@ -260,7 +269,7 @@ def _accuracy(logits: Tensor, labels: Tensor) -> Tensor:
 def _agm_subset_logits(module: nn.Module, inputs: Sequence[Tensor]) -> Tensor:
     """Every subset's logits ``[2^M, B, C]`` (ascending masks) from an AGM / GradMod's own subset evaluation."""
     if inputs is None:
-        raise ValueError("with an AGM or GradMod module, pass inputs= (the M input tensors of the batch)")
+        raise ValueError("inputs: expected the M input tensors of the batch with an AGM or GradMod module, got None")
     xs = module._check_inputs(tuple(inputs))
     masks = list(range(1 << module.num_modalities))
     with torch.no_grad():
@@ -310,10 +319,10 @@ def shapley_accuracy(
         F = _agm_subset_logits(outputs, inputs)
         M = outputs.num_modalities
     elif inputs is not None:
-        raise ValueError("inputs= is only used when outputs is an AGM or GradMod module")
+        raise ValueError("inputs: expected None unless outputs is an AGM or GradMod module")
     elif callable(outputs) and not isinstance(outputs, Tensor):
         if not isinstance(num_modalities, int) or num_modalities < 1:
-            raise ValueError("with a callable, pass num_modalities (M >= 1)")
+            raise ValueError(f"num_modalities: expected M >= 1 with a callable, got {num_modalities!r}")
         M = num_modalities
         evaluate = list(range(0 if empty_accuracy is None else 1, 1 << M))
         F = torch.stack([outputs(mask) for mask in evaluate])
@@ -322,30 +331,30 @@ def shapley_accuracy(
         F = outputs
         if not isinstance(F, Tensor) or F.dim() != 3:
             shape = tuple(F.shape) if isinstance(F, Tensor) else type(F).__name__
-            raise ValueError(f"outputs must be subset logits [S, B, C] or a callable, got {shape}")
+            raise ValueError(f"outputs: expected subset logits [S, B, C] or a callable, got {shape}")
         if masks is None:
-            raise ValueError("masks is required with subset logits: the subset bitmask of each row of outputs")
+            raise ValueError("masks: expected the subset bitmask of each row of outputs, got None")
         masks = [int(m) for m in masks]
         if len(masks) != F.shape[0]:
-            raise ValueError(f"outputs has {F.shape[0]} subsets but masks has {len(masks)} entries")
+            raise ValueError(f"masks: expected {F.shape[0]} entries (one per row of outputs), got {len(masks)}")
         if len(set(masks)) != len(masks) or min(masks) < 0:
-            raise ValueError(f"masks must be distinct non-negative bitmasks, got {masks}")
+            raise ValueError(f"masks: expected distinct non-negative bitmasks, got {masks}")
         M = num_modalities if num_modalities is not None else max(masks).bit_length()
         if M < 1 or max(masks) >= 1 << M:
-            raise ValueError(f"masks {masks} do not fit num_modalities={M}")
+            raise ValueError(f"masks: expected bitmasks of num_modalities={M} modalities, got {masks}")
     missing = [m for m in range(1, 1 << M) if m not in masks]
     if missing:
-        raise ValueError(f"outputs lack the subsets {missing}: every non-empty subset of the {M} modalities is needed")
+        raise ValueError(f"outputs: expected every non-empty subset of the {M} modalities, got none for {missing}")
     if not isinstance(labels, Tensor) or labels.shape[0] != F.shape[1]:
-        raise ValueError(f"labels must be a [B] tensor with B = {F.shape[1]}")
+        raise ValueError(f"labels: expected a [B] tensor with B = {F.shape[1]}, got {type(labels).__name__}")
     if metric is None:
         if labels.dim() != 1 or labels.dtype != torch.int64:
-            raise ValueError(f"labels must be [B] int64 class indices, got {labels.dtype} {tuple(labels.shape)}")
+            raise ValueError(f"labels: expected [B] int64 class indices, got {labels.dtype} {tuple(labels.shape)}")
 
     with torch.no_grad():
         per_subset = score(F.detach(), labels).to(torch.float64).reshape(-1)
     if per_subset.numel() != F.shape[0]:
-        raise ValueError(f"metric must return one value per subset ([{F.shape[0]}]), got {per_subset.numel()}")
+        raise ValueError(f"metric: expected one value per subset ([{F.shape[0]}]), got {per_subset.numel()}")
     acc = torch.empty(1 << M, dtype=torch.float64, device=F.device)
     acc[torch.tensor(masks, device=F.device)] = per_subset
     if empty_accuracy is not None:

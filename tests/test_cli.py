@@ -250,7 +250,8 @@ def test_resume_errors(tmp_path, capsys):
     check_error(*run(["train", "--resume", "--out", out, *SMALL], capsys)[::2], "corrupt or unreadable")
     torch.save({"epoch": 1}, out / "checkpoint.pt")
     check_error(*run(["train", "--resume", "--out", out, *SMALL], capsys)[::2], "not an agm-fast training checkpoint")
-    assert run(["train", "--epochs", 1, "--out", out, "--method", "joint", "--no-plot", *SMALL], capsys)[0] == 0
+    assert run(["train", "--epochs", 1, "--out", out, "--method", "joint", "--no-plot", "--overwrite", *SMALL],
+               capsys)[0] == 0
     argv = ["train", "--out", out, "--resume", "--epochs", 2]
     check_error(*run([*argv, "--lr", 0.2], capsys)[::2], "trained with lr=0.05")
     check_error(*run([*argv, "--method", "agm"], capsys)[::2], "trained with method='joint'")

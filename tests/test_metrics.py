@@ -80,7 +80,7 @@ def test_competition_strength_errors():
         cs(X, Y, X, Y[:19])
     with pytest.raises(ValueError, match="features"):
         cs(X, Y, X[:, :3], Y)
-    with pytest.raises(ValueError, match="dims on the train split"):
+    with pytest.raises(ValueError, match="as on the train split"):
         cs(X, Y, X, Y[:, :2])
     with pytest.raises(ValueError, match="same structure"):
         cs(X, [Y], X, Y)
@@ -98,6 +98,9 @@ def test_competition_strength_errors():
         cs(X, Y, X, inf)
     with pytest.raises(ValueError, match=r"\[N, D\]"):
         cs(X.unsqueeze(0), Y, X, Y)
+    # A constant concept would give d = 0 ("fully contained") from pinv(0) = 0: it is refused.
+    with pytest.raises(ValueError, match=r"concept \(test\): expected a concept that varies over the test split"):
+        cs(X, Y, X, torch.ones(20, 3, dtype=Y.dtype))
     with pytest.raises(ValueError, match="ridge_alpha"):
         cs(X, Y, X, Y, ridge_alpha=-1.0)
     with pytest.raises(TypeError, match="tensor"):
@@ -152,7 +155,7 @@ def test_extract_features_collects_in_eval_mode_and_restores_modes():
     torch.testing.assert_close(F3, Y3)
     assert F.shape == (10, 5) and Ys["a"].shape == (10, 2) and Ys["v"].shape == (10, 3)
     assert not F.requires_grad
-    with pytest.raises(ValueError, match="no batch"):
+    with pytest.raises(ValueError, match="loader: expected at least one batch"):
         agm_fast.extract_features([], conc_v, conc_v)
 
 
@@ -217,13 +220,13 @@ def test_shapley_accuracy_metric_and_errors():
     top = agm_fast.shapley_accuracy(F, y, masks=[0, 1, 2, 3], metric=lambda lg, lab: lg.amax(-1).mean(-1))
     maxes = F.amax(-1).mean(-1).double()
     assert float(top.values.sum()) == pytest.approx(float(maxes[3] - maxes[0]))
-    with pytest.raises(ValueError, match="lack the subsets"):
+    with pytest.raises(ValueError, match="outputs: expected every non-empty subset"):
         agm_fast.shapley_accuracy(F[:3], y, masks=[0, 1, 2])
-    with pytest.raises(ValueError, match="masks has"):
+    with pytest.raises(ValueError, match="masks: expected 4 entries"):
         agm_fast.shapley_accuracy(F, y, masks=[0, 1, 2])
     with pytest.raises(ValueError, match="distinct"):
         agm_fast.shapley_accuracy(F, y, masks=[1, 1, 2, 3])
-    with pytest.raises(ValueError, match="masks is required"):
+    with pytest.raises(ValueError, match="masks: expected the subset bitmask"):
         agm_fast.shapley_accuracy(F, y)
     with pytest.raises(ValueError, match="labels"):
         agm_fast.shapley_accuracy(F, y[:5], masks=[0, 1, 2, 3])
@@ -264,7 +267,7 @@ def test_shapley_accuracy_through_the_agm_subset_evaluation(form):
     got = agm_fast.shapley_accuracy(agm, y, inputs=xs)
     torch.testing.assert_close(got.accuracies, want.accuracies)
     torch.testing.assert_close(got.values, want.values)
-    with pytest.raises(ValueError, match="inputs="):
+    with pytest.raises(ValueError, match="inputs: expected the M input tensors"):
         agm_fast.shapley_accuracy(agm, y)
-    with pytest.raises(ValueError, match="only used"):
+    with pytest.raises(ValueError, match="inputs: expected None unless"):
         agm_fast.shapley_accuracy(f, y, num_modalities=2, inputs=xs)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
 from typing import Optional, Sequence
 
@@ -28,7 +29,7 @@ import torch
 from ..models import MultiViewModel
 from .args import FUSIONS, METHODS, SUPPORT, CLIError, build_parser, explicit_dests, one_line
 from .report import evaluate
-from .run import device_of, train
+from .run import Diverged, Interrupted, Terminate, device_of, train
 
 __all__ = [
     "main",
@@ -51,8 +52,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         argv: the arguments (default ``sys.argv[1:]``).
 
     Returns:
-        The exit status: 0 on success, 2 for a bad argument or unusable input (one line on stderr), 130 when
-        interrupted.
+        The exit status: 0 on success; 2 for a bad argument, unusable input or a failed write; 3 when training
+        diverged; 130 on SIGINT and 143 on SIGTERM. Every failure prints one line on stderr.
     """
     parser = build_parser()
     try:
@@ -63,18 +64,39 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command == "train":
             args._explicit = explicit_dests(args._options, argv)
             threads = torch.get_num_threads()
+            previous = _on_sigterm()
             try:
                 train(args)
             finally:
                 torch.set_num_threads(threads)
+                if previous is not None:
+                    signal.signal(signal.SIGTERM, previous)
             return 0
         return bench(args)
+    except Diverged as exc:
+        print(f"agm-fast: diverged: {one_line(exc)}", file=sys.stderr)
+        return 3
+    except Interrupted as exc:
+        print(f"agm-fast: {one_line(exc)}", file=sys.stderr)
+        return exc.status
     except CLIError as exc:
         print(f"agm-fast: error: {one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("agm-fast: interrupted (continue a training run with --resume)", file=sys.stderr)
+        print("agm-fast: interrupted", file=sys.stderr)
         return 130
+
+
+def _raise_terminate(signum, frame):
+    raise Terminate()
+
+
+def _on_sigterm():
+    """Make SIGTERM unwind the run like SIGINT (only possible from the main thread); returns the old handler."""
+    try:
+        return signal.signal(signal.SIGTERM, _raise_terminate)
+    except ValueError:
+        return None
 
 
 def bench(args: argparse.Namespace) -> int:

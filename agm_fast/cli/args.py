@@ -33,6 +33,8 @@ DEFAULT_METHOD = "agm"
 UNSET: Any = argparse.SUPPRESS
 # An explicit alias stands for its target option.
 ALIASES = {"modulation": "method", "fusion_method": "fusion"}
+# Seeds derived from --seed (the unimodal concepts' seed * 1000 + 17 + m among them) must stay within 64 bits.
+SEED_LIMIT = 1 << 32
 # The window flags, in the reference's spelling; every method with a window takes them.
 WINDOW_DESTS = ("modulation_starts", "modulation_ends")
 
@@ -203,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "than they gain, badly so on a busy machine)")
     g.add_argument("--out", default="agm-fast-run", help="output folder (default ./agm-fast-run)")
     g.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
+    g.add_argument("--overwrite", action="store_true", help="replace the run that --out already holds")
     g.add_argument("--no-plot", dest="no_plot", action="store_true", help="do not draw curves.png")
 
     t.set_defaults(_options={opt: a.dest for a in t._actions for opt in a.option_strings})
@@ -266,9 +269,15 @@ def resolve(args: argparse.Namespace) -> None:
             if getattr(args, dest) is not None:
                 windowed = [m for m in _methods() if methods.get(m)[0].windowed]
                 raise CLIError(f"--{dest} applies to --method {'/'.join(windowed)}, not to --method {args.method}")
-    for key in ("epochs", "batch_size", "hidden", "feature_dim", "threads"):
+    for key in ("epochs", "hidden", "feature_dim", "threads"):
         if getattr(args, key) < 1:
             raise CLIError(f"--{key.replace('_', '-')} must be at least 1, got {getattr(args, key)}")
+    if args.batch_size < 2:
+        raise CLIError(
+            f"--batch-size must be at least 2 (the encoders' BatchNorm needs two samples), got {args.batch_size}"
+        )
+    if not 0 <= args.seed < SEED_LIMIT:
+        raise CLIError(f"--seed must be an int in [0, 2**32), got {args.seed}")
     if not (args.lr > 0 and args.lr < float("inf")):
         raise CLIError(f"--lr must be a positive number, got {args.lr}")
     if not (0 <= args.momentum < 1) or not (0 <= args.weight_decay < float("inf")):

@@ -45,7 +45,17 @@ def load_data(args: argparse.Namespace) -> data_mod.MultiViewData:
     return data
 
 
-def prepare_out(path: str) -> None:
+# What a finished or running agm-fast run leaves in its folder.
+RUN_FILES = ("checkpoint.pt", "metrics.csv", "summary.json")
+LOCK_NAME = ".agm-fast.lock"
+
+
+def prepare_out(path: str, resume: bool, overwrite: bool):
+    """Create ``--out``, take its lock, and refuse to replace a run that is already there.
+
+    Returns:
+        The open lock file; keep it for the whole run (the lock goes with it).
+    """
     try:
         os.makedirs(path, exist_ok=True)
         probe = os.path.join(path, ".agm-fast-write-test")
@@ -54,6 +64,41 @@ def prepare_out(path: str) -> None:
         os.remove(probe)
     except OSError as exc:
         raise CLIError(f"--out {path!r} is not a writable folder ({exc.strerror or exc})") from None
+    lock = _lock(path)
+    existing = [name for name in RUN_FILES if os.path.exists(os.path.join(path, name))]
+    if existing and not resume and not overwrite:
+        lock.close()
+        raise CLIError(
+            f"--out {path!r} already holds a run ({', '.join(existing)}); continue it with --resume, or replace it "
+            "with --overwrite"
+        )
+    return lock
+
+
+def _lock(path: str):
+    """An exclusive lock on the run folder, so that a second run into the same --out stops with one line."""
+    lock_path = os.path.join(path, LOCK_NAME)
+    fh = open(lock_path, "a+")
+    try:
+        import fcntl
+    except ImportError:
+        # No fcntl (Windows): runs are not protected from each other there.
+        return fh
+    try:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        fh.seek(0)
+        owner = fh.read().strip() or "unknown"
+        fh.close()
+        raise CLIError(
+            f"--out {path!r} is in use by another agm-fast run (pid {owner}); wait for it to finish or choose "
+            "another --out"
+        ) from None
+    fh.seek(0)
+    fh.truncate()
+    fh.write(str(os.getpid()))
+    fh.flush()
+    return fh
 
 
 def batches(n: int, batch_size: int, generator: torch.Generator) -> List[Tensor]:

@@ -8,11 +8,13 @@ the method's state and every random stream, so ``--resume`` ends with exactly th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
 import os
 import sys
 import time
-from typing import List, Optional
+from typing import Iterator, List, Optional
 
 import numpy as np
 import torch
@@ -21,12 +23,40 @@ from .. import data as data_mod
 from .. import methods
 from ..models import MultiViewModel
 from .args import CLIError, config_of, flag_message, method_kwargs, one_line, resolve, restorable
-from .data import batches, load_data, prepare_out
+from .data import RUN_FILES, batches, load_data, prepare_out
 from .report import competition_strength_of, evaluate, format_line, plot, write_csv
 
-__all__ = ["train", "device_of"]
+__all__ = ["Diverged", "Interrupted", "train", "device_of"]
 
 CHECKPOINT_FORMAT = "agm_fast.cli.checkpoint/2"
+
+
+class Diverged(CLIError):
+    """The loss went non-finite; the metrics and the last finite checkpoint are kept (``main`` exits with 3)."""
+
+
+class Interrupted(CLIError):
+    """SIGINT or SIGTERM stopped the run; ``main`` prints the message and exits with 130 or 143."""
+
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.status = status
+
+
+class Terminate(BaseException):
+    """Raised by the SIGTERM handler, so that a terminated run unwinds like an interrupted one."""
+
+
+@contextlib.contextmanager
+def _writing(what: str, path: str) -> Iterator[None]:
+    """Turn a failed write (disk full, folder gone or read-only) into one line that says what is kept."""
+    try:
+        yield
+    except (OSError, RuntimeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else one_line(exc)
+        if "enforce fail" in reason or "No space" in reason or "file write failed" in reason:
+            reason = f"the disk may be full ({reason[:120]})"
+        raise CLIError(f"could not write {what} to {path!r}: {reason}; what was written before is kept") from None
 
 
 def device_of(name: Optional[str]) -> torch.device:
@@ -39,9 +69,16 @@ def device_of(name: Optional[str]) -> torch.device:
 
 
 def _save_checkpoint(path: str, payload: dict) -> None:
+    # Written next to the old one and renamed over it: a failed or killed write leaves the old checkpoint whole.
     tmp = path + ".tmp"
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    try:
+        with _writing("the checkpoint", path):
+            torch.save(payload, tmp)
+            os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
 
 
 def _read_checkpoint(path: str) -> dict:
@@ -59,6 +96,11 @@ def _read_checkpoint(path: str) -> dict:
 
 def _check_resume(ckpt: dict, config: dict, epochs: int) -> None:
     for key in dict.fromkeys(list(ckpt["config"]) + list(config)):
+        if key == "data_signature" and ckpt["config"].get(key) != config.get(key):
+            raise CLIError(
+                "--resume: the data differ from those the checkpoint was trained on (views, shapes or values: "
+                "their sha256 differs); resume with the same --data and --views, or start a new run"
+            )
         if ckpt["config"].get(key) != config.get(key):
             raise CLIError(
                 f"--resume: the checkpoint was trained with {key}={ckpt['config'].get(key)!r}, "
@@ -92,20 +134,66 @@ def _build_method(args: argparse.Namespace, model: MultiViewModel, num_views: in
         raise CLIError(f"--method {args.method} with --fusion {args.fusion} and {num_views} views: {detail}") from None
 
 
+def _summary_base(args, names, source, splits, config, history) -> dict:
+    train_s, val_s, test_s = splits
+    return {
+        "method": args.method,
+        "fusion": args.fusion,
+        "views": list(names),
+        "data": source,
+        "epochs": args.epochs,
+        "epochs_completed": len(history),
+        "rows": {"train": len(train_s.y), "val": len(val_s.y), "test": len(test_s.y)},
+        "config": {k: v for k, v in config.items() if k != "data_signature"},
+    }
+
+
+def _write_summary(out: str, summary: dict) -> None:
+    path = os.path.join(out, "summary.json")
+    with _writing("summary.json", path):
+        tmp = path + ".tmp"
+        with open(tmp, "w") as fh:
+            json.dump(summary, fh, indent=2)
+        os.replace(tmp, path)
+
+
 def train(args: argparse.Namespace) -> dict:
-    """Run ``agm-fast train`` with parsed arguments; returns the summary it writes to ``summary.json``."""
+    """Run ``agm-fast train`` with parsed arguments; returns the summary it writes to ``summary.json``.
+
+    Raises:
+        CLIError: a bad argument, unusable data, or a failed write (one line, what was written before is kept).
+        Diverged: the loss went non-finite (the metrics and the last finite checkpoint are kept).
+        Interrupted: SIGINT or SIGTERM (the checkpoint of the last finished epoch is kept).
+    """
+    if args.resume and getattr(args, "overwrite", False):
+        raise CLIError("--resume continues the run in --out and --overwrite replaces it: choose one")
+    lock = None
+    ckpt = None
+    try:
+        if args.resume:
+            lock = prepare_out(args.out, resume=True, overwrite=False)
+            ckpt = _read_checkpoint(os.path.join(args.out, "checkpoint.pt"))
+            _restore_args(args, ckpt)
+        resolve(args)
+        device = device_of(args.device)
+        torch.set_num_threads(args.threads)
+        data = load_data(args)
+        if lock is None:
+            lock = prepare_out(args.out, resume=False, overwrite=getattr(args, "overwrite", False))
+            if getattr(args, "overwrite", False):
+                for name in RUN_FILES + ("curves.png",):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(os.path.join(args.out, name))
+        return _train(args, device, data, ckpt)
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def _train(args: argparse.Namespace, device: torch.device, data: data_mod.MultiViewData, ckpt: Optional[dict]):
     from tqdm import tqdm
 
     ckpt_path = os.path.join(args.out, "checkpoint.pt")
-    ckpt = None
-    if args.resume:
-        ckpt = _read_checkpoint(ckpt_path)
-        _restore_args(args, ckpt)
-    resolve(args)
-    device = device_of(args.device)
-    torch.set_num_threads(args.threads)
-    data = load_data(args)
-    prepare_out(args.out)
     names = data.names
     try:
         splits = data_mod.split_and_standardize(data, args.seed)
@@ -124,6 +212,7 @@ def train(args: argparse.Namespace) -> dict:
         "dims": dims,
         "rows": int(len(data.y)),
         "classes": int(data.num_classes),
+        "sha256": data_mod.content_hash(data),
     }
     run_args = {key: getattr(args, key) for key in restorable(args) if hasattr(args, key)}
     run_args["views"] = ",".join(names)
@@ -158,75 +247,88 @@ def train(args: argparse.Namespace) -> dict:
         f"{args.method} | fusion {args.fusion} | views {','.join(names)} ({source}: {len(train_s.y)} train, "
         f"{len(val_s.y)} val, {len(test_s.y)} test, {data.num_classes} classes) | device {device.type}"
     )
+    metrics_path = os.path.join(args.out, "metrics.csv")
     interactive = sys.stderr.isatty()
-    for epoch in range(len(history), args.epochs):
-        model.train()
-        steps = batches(len(y_train), args.batch_size, gen)
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device)
-        seen_rows = torch.zeros((), device=device)
-        coeff_steps = []
-        bar = tqdm(total=len(steps), desc=f"epoch {epoch + 1}/{args.epochs}", file=sys.stderr, leave=False,
-                   disable=not interactive, unit="step")
-        t0 = time.perf_counter()
-        for idx in steps:
-            idx = idx.to(device)
-            res = methods.training_step(method, [x[idx] for x in xs_train], y_train[idx], epoch, opt)
-            loss_sum += res.loss * res.rows
-            correct += res.correct
-            seen_rows += res.rows
-            coeff_steps.append(res.coeffs)
-            bar.update(1)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        elapsed = time.perf_counter() - t0
-        bar.close()
-        val = evaluate(model, xs_val, y_val)
-        method.end_epoch(epoch, {"modality_accuracy": val["mono_acc"], "modality_loss": val["mono_loss"]})
-        coeff_all = torch.stack(coeff_steps).float()
-        row = {
-            "epoch": epoch + 1,
-            "train_loss": float(loss_sum) / max(float(seen_rows), 1.0),
-            "train_acc": float(correct) / max(float(seen_rows), 1.0),
-            "val_loss": val["loss"],
-            "val_acc": val["acc"],
-        }
-        row.update({f"val_acc_{n}": a for n, a in zip(names, val["mono_acc"])})
-        row.update({f"val_loss_{n}": v for n, v in zip(names, val["mono_loss"])})
-        row.update({f"coeff_{n}": c for n, c in zip(names, coeff_all.median(dim=0).values.tolist())})
-        row.update({f"coeff_mean_{n}": c for n, c in zip(names, coeff_all.mean(dim=0).tolist())})
-        row.update({"step_ms": 1e3 * elapsed / len(steps), "epoch_s": elapsed})
-        history.append(row)
-        print(format_line(row, names, args.epochs), flush=True)
-        write_csv(os.path.join(args.out, "metrics.csv"), names, history)
-        _save_checkpoint(
-            ckpt_path,
-            {
-                "format": CHECKPOINT_FORMAT,
+    epoch = len(history)
+    try:
+        for epoch in range(len(history), args.epochs):
+            model.train()
+            steps = batches(len(y_train), args.batch_size, gen)
+            loss_sum = torch.zeros((), device=device)
+            correct = torch.zeros((), device=device)
+            seen_rows = torch.zeros((), device=device)
+            coeff_steps = []
+            bar = tqdm(total=len(steps), desc=f"epoch {epoch + 1}/{args.epochs}", file=sys.stderr, leave=False,
+                       disable=not interactive, unit="step")
+            t0 = time.perf_counter()
+            for step, idx in enumerate(steps):
+                idx = idx.to(device)
+                res = methods.training_step(method, [x[idx] for x in xs_train], y_train[idx], epoch, opt)
+                # One flag per step: a non-finite loss stops the run before a non-finite model is saved.
+                if not bool(torch.isfinite(res.loss)):
+                    _diverged(args, names, source, splits, config, history, epoch, f"step {step + 1}", res.loss)
+                loss_sum += res.loss * res.rows
+                correct += res.correct
+                seen_rows += res.rows
+                coeff_steps.append(res.coeffs)
+                bar.update(1)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            elapsed = time.perf_counter() - t0
+            bar.close()
+            val = evaluate(model, xs_val, y_val)
+            if not math.isfinite(val["loss"]):
+                _diverged(args, names, source, splits, config, history, epoch, "validation", val["loss"])
+            method.end_epoch(epoch, {"modality_accuracy": val["mono_acc"], "modality_loss": val["mono_loss"]})
+            coeff_all = torch.stack(coeff_steps).float()
+            row = {
                 "epoch": epoch + 1,
-                "args": run_args,
-                "config": config,
-                "model": model.state_dict(),
-                "optimizer": opt.state_dict(),
-                "method": method.state_dict(),
-                "torch_rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                "data_rng": gen.get_state(),
-                "history": history,
-            },
-        )
+                "train_loss": float(loss_sum) / max(float(seen_rows), 1.0),
+                "train_acc": float(correct) / max(float(seen_rows), 1.0),
+                "val_loss": val["loss"],
+                "val_acc": val["acc"],
+            }
+            row.update({f"val_acc_{n}": a for n, a in zip(names, val["mono_acc"])})
+            row.update({f"val_loss_{n}": v for n, v in zip(names, val["mono_loss"])})
+            row.update({f"coeff_{n}": c for n, c in zip(names, coeff_all.median(dim=0).values.tolist())})
+            row.update({f"coeff_mean_{n}": c for n, c in zip(names, coeff_all.mean(dim=0).tolist())})
+            row.update({"step_ms": 1e3 * elapsed / len(steps), "epoch_s": elapsed})
+            history.append(row)
+            print(format_line(row, names, args.epochs), flush=True)
+            with _writing("metrics.csv", metrics_path):
+                write_csv(metrics_path, names, history)
+            _save_checkpoint(
+                ckpt_path,
+                {
+                    "format": CHECKPOINT_FORMAT,
+                    "epoch": epoch + 1,
+                    "args": run_args,
+                    "config": config,
+                    "model": model.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "method": method.state_dict(),
+                    "torch_rng": torch.get_rng_state(),
+                    "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                    "data_rng": gen.get_state(),
+                    "history": history,
+                },
+            )
+    except (KeyboardInterrupt, Terminate) as exc:
+        name, status = ("SIGTERM", 143) if isinstance(exc, Terminate) else ("SIGINT", 130)
+        if history:
+            kept = f"the checkpoint of epoch {len(history)} is in {args.out!r}: continue with --resume"
+        else:
+            kept = "no epoch had finished, so there is no checkpoint: start again without --resume"
+        raise Interrupted(f"interrupted by {name} during epoch {epoch + 1}; {kept}", status) from None
 
-    write_csv(os.path.join(args.out, "metrics.csv"), names, history)
+    with _writing("metrics.csv", metrics_path):
+        write_csv(metrics_path, names, history)
     test = evaluate(model, [x.to(device) for x in test_s.xs], test_s.y.to(device))
     strengths, unimodal_acc, strength_note = competition_strength_of(model, splits, data.num_classes, args, device)
     step_ms = [row["step_ms"] for row in history]
-    summary = {
-        "method": args.method,
-        "fusion": args.fusion,
-        "views": list(names),
-        "data": source,
-        "epochs": args.epochs,
-        "rows": {"train": len(train_s.y), "val": len(val_s.y), "test": len(test_s.y)},
+    summary = _summary_base(args, names, source, splits, config, history)
+    summary.update({
+        "status": "completed",
         "test_acc": test["acc"],
         "test_loss": test["loss"],
         "test_acc_per_modality": dict(zip(names, test["mono_acc"])),
@@ -244,13 +346,12 @@ def train(args: argparse.Namespace) -> dict:
         "time_per_step_ms": float(np.mean(step_ms)),
         "time_per_step_ms_median": float(np.median(step_ms)),
         "device": device.type,
-        "config": {k: v for k, v in config.items() if k != "data_signature"},
-    }
-    with open(os.path.join(args.out, "summary.json"), "w") as fh:
-        json.dump(summary, fh, indent=2)
+    })
+    _write_summary(args.out, summary)
     if not args.no_plot:
         title = f"{args.method} | {args.fusion} fusion | views {', '.join(names)} | test acc {test['acc']:.3f}"
-        plot(os.path.join(args.out, "curves.png"), names, history, title)
+        with _writing("curves.png", args.out):
+            plot(os.path.join(args.out, "curves.png"), names, history, title)
     mono = " ".join(f"{n} {a:.3f}" for n, a in zip(names, test["mono_acc"]))
     if strengths is None:
         strength = f"n/a ({strength_note})"
@@ -260,3 +361,23 @@ def train(args: argparse.Namespace) -> dict:
     written = "metrics.csv, summary.json, checkpoint.pt" + ("" if args.no_plot else ", curves.png")
     print(f"wrote {written} to {args.out}")
     return summary
+
+
+def _diverged(args, names, source, splits, config, history, epoch, where, value) -> None:
+    """Write a summary that says the run diverged, keep everything else as it is, and stop with one line."""
+    loss = float(value)
+    summary = _summary_base(args, names, source, splits, config, history)
+    summary.update({
+        "status": "diverged",
+        "diverged": {"epoch": epoch + 1, "at": where, "loss": repr(loss)},
+        "val_acc": history[-1]["val_acc"] if history else None,
+    })
+    _write_summary(args.out, summary)
+    if history:
+        kept = f"metrics.csv and the checkpoint of epoch {len(history)} are kept"
+    else:
+        kept = "no epoch had finished, so there is no checkpoint"
+    raise Diverged(
+        f"training diverged at epoch {epoch + 1}, {where}: the loss is {loss}; {kept} in {args.out!r} and "
+        f"summary.json says so (a lower --lr, or the method's hyper-parameters, may help)"
+    )
