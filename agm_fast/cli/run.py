@@ -184,13 +184,29 @@ def train(args: argparse.Namespace) -> dict:
                 for name in RUN_FILES + ("curves.png",):
                     with contextlib.suppress(FileNotFoundError):
                         os.remove(os.path.join(args.out, name))
-        return _train(args, device, data, ckpt)
+        progress = {"epoch": 0, "finished": 0}
+        try:
+            return _train(args, device, data, ckpt, progress)
+        except (KeyboardInterrupt, Terminate) as exc:
+            # Wherever the signal lands (a step, an evaluation, a write), the run ends with what is on disk.
+            name, status = ("SIGTERM", 143) if isinstance(exc, Terminate) else ("SIGINT", 130)
+            if progress["finished"]:
+                kept = f"the checkpoint of epoch {progress['finished']} is in {args.out!r}: continue with --resume"
+            else:
+                kept = "no epoch had finished, so there is no checkpoint: start again without --resume"
+            raise Interrupted(f"interrupted by {name} during epoch {progress['epoch'] + 1}; {kept}", status) from None
     finally:
         if lock is not None:
             lock.close()
 
 
-def _train(args: argparse.Namespace, device: torch.device, data: data_mod.MultiViewData, ckpt: Optional[dict]):
+def _train(
+    args: argparse.Namespace,
+    device: torch.device,
+    data: data_mod.MultiViewData,
+    ckpt: Optional[dict],
+    progress: dict,
+):
     from tqdm import tqdm
 
     ckpt_path = os.path.join(args.out, "checkpoint.pt")
@@ -236,6 +252,7 @@ def _train(args: argparse.Namespace, device: torch.device, data: data_mod.MultiV
         except (KeyError, RuntimeError, ValueError, TypeError) as exc:
             raise CLIError(f"--resume: checkpoint {ckpt_path!r} does not fit this model ({one_line(exc)})") from None
         history = list(ckpt["history"])
+        progress.update(epoch=len(history), finished=len(history))
         print(f"resuming from {ckpt_path} at epoch {ckpt['epoch']}/{args.epochs}")
 
     xs_train = [x.to(device) for x in train_s.xs]
@@ -249,77 +266,70 @@ def _train(args: argparse.Namespace, device: torch.device, data: data_mod.MultiV
     )
     metrics_path = os.path.join(args.out, "metrics.csv")
     interactive = sys.stderr.isatty()
-    epoch = len(history)
-    try:
-        for epoch in range(len(history), args.epochs):
-            model.train()
-            steps = batches(len(y_train), args.batch_size, gen)
-            loss_sum = torch.zeros((), device=device)
-            correct = torch.zeros((), device=device)
-            seen_rows = torch.zeros((), device=device)
-            coeff_steps = []
-            bar = tqdm(total=len(steps), desc=f"epoch {epoch + 1}/{args.epochs}", file=sys.stderr, leave=False,
-                       disable=not interactive, unit="step")
-            t0 = time.perf_counter()
-            for step, idx in enumerate(steps):
-                idx = idx.to(device)
-                res = methods.training_step(method, [x[idx] for x in xs_train], y_train[idx], epoch, opt)
-                # One flag per step: a non-finite loss stops the run before a non-finite model is saved.
-                if not bool(torch.isfinite(res.loss)):
-                    _diverged(args, names, source, splits, config, history, epoch, f"step {step + 1}", res.loss)
-                loss_sum += res.loss * res.rows
-                correct += res.correct
-                seen_rows += res.rows
-                coeff_steps.append(res.coeffs)
-                bar.update(1)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            elapsed = time.perf_counter() - t0
-            bar.close()
-            val = evaluate(model, xs_val, y_val)
-            if not math.isfinite(val["loss"]):
-                _diverged(args, names, source, splits, config, history, epoch, "validation", val["loss"])
-            method.end_epoch(epoch, {"modality_accuracy": val["mono_acc"], "modality_loss": val["mono_loss"]})
-            coeff_all = torch.stack(coeff_steps).float()
-            row = {
+    for epoch in range(len(history), args.epochs):
+        progress["epoch"] = epoch
+        model.train()
+        steps = batches(len(y_train), args.batch_size, gen)
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device)
+        seen_rows = torch.zeros((), device=device)
+        coeff_steps = []
+        bar = tqdm(total=len(steps), desc=f"epoch {epoch + 1}/{args.epochs}", file=sys.stderr, leave=False,
+                   disable=not interactive, unit="step")
+        t0 = time.perf_counter()
+        for step, idx in enumerate(steps):
+            idx = idx.to(device)
+            res = methods.training_step(method, [x[idx] for x in xs_train], y_train[idx], epoch, opt)
+            # One flag per step: a non-finite loss stops the run before a non-finite model is saved.
+            if not bool(torch.isfinite(res.loss)):
+                _diverged(args, names, source, splits, config, history, epoch, f"step {step + 1}", res.loss)
+            loss_sum += res.loss * res.rows
+            correct += res.correct
+            seen_rows += res.rows
+            coeff_steps.append(res.coeffs)
+            bar.update(1)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        elapsed = time.perf_counter() - t0
+        bar.close()
+        val = evaluate(model, xs_val, y_val)
+        if not math.isfinite(val["loss"]):
+            _diverged(args, names, source, splits, config, history, epoch, "validation", val["loss"])
+        method.end_epoch(epoch, {"modality_accuracy": val["mono_acc"], "modality_loss": val["mono_loss"]})
+        coeff_all = torch.stack(coeff_steps).float()
+        row = {
+            "epoch": epoch + 1,
+            "train_loss": float(loss_sum) / max(float(seen_rows), 1.0),
+            "train_acc": float(correct) / max(float(seen_rows), 1.0),
+            "val_loss": val["loss"],
+            "val_acc": val["acc"],
+        }
+        row.update({f"val_acc_{n}": a for n, a in zip(names, val["mono_acc"])})
+        row.update({f"val_loss_{n}": v for n, v in zip(names, val["mono_loss"])})
+        row.update({f"coeff_{n}": c for n, c in zip(names, coeff_all.median(dim=0).values.tolist())})
+        row.update({f"coeff_mean_{n}": c for n, c in zip(names, coeff_all.mean(dim=0).tolist())})
+        row.update({"step_ms": 1e3 * elapsed / len(steps), "epoch_s": elapsed})
+        history.append(row)
+        print(format_line(row, names, args.epochs), flush=True)
+        with _writing("metrics.csv", metrics_path):
+            write_csv(metrics_path, names, history)
+        _save_checkpoint(
+            ckpt_path,
+            {
+                "format": CHECKPOINT_FORMAT,
                 "epoch": epoch + 1,
-                "train_loss": float(loss_sum) / max(float(seen_rows), 1.0),
-                "train_acc": float(correct) / max(float(seen_rows), 1.0),
-                "val_loss": val["loss"],
-                "val_acc": val["acc"],
-            }
-            row.update({f"val_acc_{n}": a for n, a in zip(names, val["mono_acc"])})
-            row.update({f"val_loss_{n}": v for n, v in zip(names, val["mono_loss"])})
-            row.update({f"coeff_{n}": c for n, c in zip(names, coeff_all.median(dim=0).values.tolist())})
-            row.update({f"coeff_mean_{n}": c for n, c in zip(names, coeff_all.mean(dim=0).tolist())})
-            row.update({"step_ms": 1e3 * elapsed / len(steps), "epoch_s": elapsed})
-            history.append(row)
-            print(format_line(row, names, args.epochs), flush=True)
-            with _writing("metrics.csv", metrics_path):
-                write_csv(metrics_path, names, history)
-            _save_checkpoint(
-                ckpt_path,
-                {
-                    "format": CHECKPOINT_FORMAT,
-                    "epoch": epoch + 1,
-                    "args": run_args,
-                    "config": config,
-                    "model": model.state_dict(),
-                    "optimizer": opt.state_dict(),
-                    "method": method.state_dict(),
-                    "torch_rng": torch.get_rng_state(),
-                    "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                    "data_rng": gen.get_state(),
-                    "history": history,
-                },
-            )
-    except (KeyboardInterrupt, Terminate) as exc:
-        name, status = ("SIGTERM", 143) if isinstance(exc, Terminate) else ("SIGINT", 130)
-        if history:
-            kept = f"the checkpoint of epoch {len(history)} is in {args.out!r}: continue with --resume"
-        else:
-            kept = "no epoch had finished, so there is no checkpoint: start again without --resume"
-        raise Interrupted(f"interrupted by {name} during epoch {epoch + 1}; {kept}", status) from None
+                "args": run_args,
+                "config": config,
+                "model": model.state_dict(),
+                "optimizer": opt.state_dict(),
+                "method": method.state_dict(),
+                "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                "data_rng": gen.get_state(),
+                "history": history,
+            },
+        )
+        progress["finished"] = len(history)
 
     with _writing("metrics.csv", metrics_path):
         write_csv(metrics_path, names, history)
