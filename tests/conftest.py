@@ -14,3 +14,19 @@ import pytest  # noqa: E402
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+_GATE_REPORT = []
+
+
+@pytest.fixture(scope="session")
+def gate_report():
+    """Lines for the "compile gates" section of the test summary (what was compiled, for which archs)."""
+    return _GATE_REPORT
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _GATE_REPORT:
+        terminalreporter.section("compile gates")
+        for line in _GATE_REPORT:
+            terminalreporter.write_line(line)

@@ -1,0 +1,239 @@
+"""Compile every Triton kernel configuration that the launchers of ``agm_fast.kernels`` choose, with Triton's real
+compiler and no GPU, and report registers, shared memory and spills per configuration.
+
+How the configurations are found: each launcher (``ogm_scores_fwd``, ``shapley_scores_fwd``, ``shapley_bwd``,
+``shapley_combine_bwd``, ``subset_batch_fwd`` and ``subset_batch_bwd``) is driven over a grid of shapes that
+reaches the edges (B from 1 to 8192, C from 1 to 4096, M from 2 to 8, D from 1 to 10^6, float32, bfloat16 and
+float16) on ``meta`` tensors, with every ``@triton.jit`` kernel replaced by a recorder. The recorder keeps what the
+launcher passed (argument types, block sizes, flags, ``num_warps``), so the block sizes come from the launchers'
+own code. Each distinct configuration is then compiled for every requested architecture with ``triton.compile``,
+and ``ptxas -v`` on its PTX gives the registers and spills.
+
+Run it in a process where ``TRITON_INTERPRET`` is not set (the interpreter replaces the kernels):
+``python tests/triton_gate.py --arch 80 --arch 90`` prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import contextlib
+import io
+import itertools
+import json
+import os
+import re
+import sys
+import time
+
+os.environ.pop("TRITON_INTERPRET", None)
+os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from agm_fast.kernels import ogm_scores, shapley, subset_batch  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+from agm_fast import reference as ref  # noqa: E402
+
+MODULES = (ogm_scores, shapley, subset_batch)
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+TRITON_DTYPES = {
+    torch.float32: "fp32",
+    torch.float64: "fp64",
+    torch.bfloat16: "bf16",
+    torch.float16: "fp16",
+    torch.int64: "i64",
+    torch.int32: "i32",
+    torch.int8: "i8",
+    torch.uint8: "u8",
+    torch.bool: "i1",
+}
+BS = (1, 7, 64, 1000, 8192)
+CS = (1, 10, 101, 1030, 4096)
+MS = (2, 3, 5, 8)
+DS = (1, 5, 1000, 1_000_000)
+
+
+class _Recorder:
+    """Stands in for a JITFunction: ``kernel[grid](*args, **kwargs)`` records the call instead of launching."""
+
+    def __init__(self, kernel: JITFunction, calls: list):
+        self.kernel = kernel
+        self.calls = calls
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.calls.append((self.kernel, args, kwargs))
+
+        return launch
+
+
+@contextlib.contextmanager
+def recording():
+    calls: list = []
+    saved = []
+    for mod in MODULES:
+        for name, value in list(vars(mod).items()):
+            if isinstance(value, JITFunction):
+                saved.append((mod, name, value))
+                setattr(mod, name, _Recorder(value, calls))
+    try:
+        yield calls
+    finally:
+        for mod, name, value in saved:
+            setattr(mod, name, value)
+
+
+def _arg_type(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return "*" + TRITON_DTYPES[value.dtype]
+    if isinstance(value, bool):
+        return "i1"
+    if isinstance(value, int):
+        return "i32" if -(2**31) <= value < 2**31 else "i64"
+    if isinstance(value, float):
+        return "fp32"
+    raise TypeError(f"cannot type a kernel argument of type {type(value).__name__}")
+
+
+def configuration(kernel: JITFunction, args: tuple, kwargs: dict) -> dict:
+    """The launch configuration: argument types (pointer dtypes, 32- or 64-bit integers), the constexprs the launcher
+    chose (block sizes, flags) and its options (``num_warps``). Triton's own value specialisations (an integer
+    argument equal to 1, divisibility by 16) are left general: they vary with the data, not with the launcher."""
+    options = {k: kwargs[k] for k in ("num_warps", "num_stages", "maxnreg") if k in kwargs}
+    values = dict(zip(kernel.arg_names, args))
+    values.update({k: v for k, v in kwargs.items() if k not in options})
+    signature, constexprs = {}, {}
+    for param in kernel.params:
+        value = values[param.name] if param.name in values else param.default
+        if param.is_constexpr or value is None:
+            signature[param.name] = "constexpr"
+            constexprs[param.name] = value
+        else:
+            signature[param.name] = _arg_type(value)
+    return {"kernel": kernel.__name__, "signature": signature, "constexprs": constexprs, "options": options}
+
+
+def _meta(shape, dtype=torch.float32):
+    return torch.empty(shape, dtype=dtype, device="meta")
+
+
+def drive_launchers():
+    """Call every launcher over the grid; returns the distinct configurations with the (kernel, case) that chose
+    them."""
+    found = {}
+    kernels = {}
+    with recording() as calls:
+
+        def run(case: str, fn, *args, **kwargs):
+            start = len(calls)
+            fn(*args, **kwargs)
+            for kernel, a, kw in calls[start:]:
+                cfg = configuration(kernel, a, kw)
+                key = json.dumps(cfg, sort_keys=True, default=str)
+                if key not in found:
+                    found[key] = dict(cfg, case=case)
+                    kernels[key] = kernel
+
+        for M, B, C, dtype in itertools.product(MS, BS, CS, DTYPES):
+            labels = _meta((B,), torch.int64)
+            run(f"ogm_scores M={M} B={B} C={C} {dtype}", ogm_scores.ogm_scores_fwd, _meta((M, B, C), dtype), labels,
+                0.8, False)
+            S = (1 << M) - 1
+            W = _meta((M, S))
+            F = _meta((S, B, C), dtype)
+            state = (_meta((M,)), _meta(()), _meta((M,)))
+            for regression in (False, True):
+                y = _meta((B, C)) if regression else labels
+                run(f"shapley_scores M={M} B={B} C={C} {dtype} regression={regression}", shapley.shapley_scores_fwd,
+                    F, W, y, *state, 1.5, 10.0, True, False, regression)
+            run(f"shapley_bwd M={M} B={B} C={C} {dtype}", shapley.shapley_bwd, _meta((M, B, C), dtype), W, dtype)
+            run(f"shapley_combine_bwd M={M} B={B} C={C} {dtype}", shapley.shapley_combine_bwd,
+                _meta((B, C), dtype), W, _meta((M,)))
+        for M, B, D, dtype in itertools.product(MS, BS, DS, DTYPES):
+            masks = ref.subset_masks(M, "reference")
+            for muted in (False, True):
+                mute = _meta((D,), dtype) if muted else None
+                run(f"subset_batch_fwd M={M} B={B} D={D} {dtype} mute={muted}", subset_batch.subset_batch_fwd,
+                    _meta((B, D), dtype), mute, masks, 0)
+                run(f"subset_batch_bwd M={M} B={B} D={D} {dtype} mute={muted}", subset_batch.subset_batch_bwd,
+                    _meta((len(masks) * B, D), dtype), [D] if muted else None, masks, 0)
+    return [(kernels[k], cfg) for k, cfg in found.items()]
+
+
+_PTXAS_USAGE = re.compile(r"Used (\d+) registers")
+_PTXAS_SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+
+
+def _usage(log: str) -> dict:
+    """Registers and spills from the ``ptxas -v`` log of the compile itself (``TRITON_DUMP_PTXAS_LOG=1``)."""
+    regs = [int(m) for m in _PTXAS_USAGE.findall(log)]
+    spills = [(int(a), int(b)) for a, b in _PTXAS_SPILLS.findall(log)]
+    if not regs:
+        raise RuntimeError(f"no ptxas register report in the compile log: {log[-500:]!r}")
+    return {
+        "registers": max(regs),
+        "spill_stores": sum(a for a, _ in spills),
+        "spill_loads": sum(b for _, b in spills),
+    }
+
+
+def compile_one(kernel: JITFunction, cfg: dict, arch: int) -> dict:
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    t0 = time.perf_counter()
+    src = ASTSource(fn=kernel, signature=cfg["signature"], constexprs=cfg["constexprs"])
+    out = dict(cfg, arch=arch)
+    log = io.StringIO()
+    try:
+        # Triton prints ptxas's -v report of this very compile (same flags as the cubin it ships).
+        with contextlib.redirect_stdout(log):
+            compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=cfg["options"])
+    except Exception as exc:
+        out.update(ok=False, error=f"{type(exc).__name__}: {str(exc)[-1500:]}")
+        return out
+    out.update(ok=bool(compiled.asm.get("cubin")), shared_bytes=int(compiled.metadata.shared))
+    out.update(_usage(log.getvalue()))
+    out["seconds"] = round(time.perf_counter() - t0, 2)
+    return out
+
+
+def _compile_job(job):
+    index, arch = job
+    kernel, cfg = _JOBS[index]
+    return compile_one(kernel, cfg, arch)
+
+
+_JOBS: list = []
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, action="append", help="compute capability, e.g. 80 or 90 (repeatable)")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles")
+    parser.add_argument("--kernel", action="append", help="only these kernels (repeatable; default all)")
+    args = parser.parse_args(argv)
+    archs = args.arch or [80, 90]
+    if "nvidia" not in triton.backends.backends:
+        print(json.dumps({"skipped": "this triton has no CUDA backend"}))
+        return 0
+    t0 = time.perf_counter()
+    configs = [(k, c) for k, c in drive_launchers() if not args.kernel or c["kernel"] in args.kernel]
+    _JOBS[:] = configs
+    jobs = [(i, arch) for i in range(len(configs)) for arch in archs]
+    with concurrent.futures.ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        results = list(pool.map(_compile_job, jobs))
+    print(json.dumps({
+        "archs": archs,
+        "kernels": sorted({cfg["kernel"] for _, cfg in configs}),
+        "configurations": len(configs),
+        "results": results,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
