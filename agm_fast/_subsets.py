@@ -26,12 +26,14 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from . import ops
 from . import reference as ref
 from ._backend import to_device
+from ._modes import ModeInvariance
 from ._seed import step_seed
-from ._validate import check_choice, check_int, check_seed
+from ._validate import check_bool, check_choice, check_int, check_seed
 from .functional import _agm_check_modalities
 
 STRATEGIES = ("auto", "sequential", "batched", "factorized")
@@ -86,6 +88,8 @@ class ShapleyBase(nn.Module):
         seed: int,
         max_batch: Optional[int],
         register_model: bool,
+        mode_invariant=None,
+        checkpoint_masked: bool = False,
     ) -> None:
         super().__init__()
         check_choice("strategy", strategy, STRATEGIES)
@@ -144,6 +148,14 @@ class ShapleyBase(nn.Module):
         if max_batch is not None:
             max_batch = check_int("max_batch", max_batch, low=1)
         seed = check_seed("seed", seed)
+        self.checkpoint_masked = check_bool("checkpoint_masked", checkpoint_masked)
+        if mode_invariant is not None and (strategy != "factorized" or masked_mode != "eval"):
+            raise ValueError(
+                "mode_invariant: decides the eval-mode masked passes of strategy='factorized' with masked_mode="
+                f"'eval', got strategy={strategy!r}, masked_mode={masked_mode!r}"
+            )
+        uses_modes = strategy == "factorized" and masked_mode == "eval"
+        self._modes = ModeInvariance(list(encoders), mode_invariant) if uses_modes else None
 
         self.num_modalities = M
         self.strategy = strategy
@@ -184,10 +196,15 @@ class ShapleyBase(nn.Module):
         self._sel_cache = {}
 
     def get_extra_state(self) -> dict:
-        return {"step": self._step}
+        state = {"step": self._step}
+        if self._modes is not None:
+            state["modes"] = self._modes.state()
+        return state
 
     def set_extra_state(self, state: dict) -> None:
         self._step = int(state["step"])
+        if self._modes is not None and "modes" in state:
+            self._modes.load(state["modes"])
 
     def _roots(self) -> List[nn.Module]:
         model, encoders, fusion = self._parts
@@ -282,17 +299,18 @@ class ShapleyBase(nn.Module):
         C = full.shape[1]
         masked = masks[:-1]
         rows = []
-        with _eval_mode(self._roots()):
-            if self.strategy == "sequential":
-                for mask in masked:
-                    inp = [x if (mask >> m) & 1 else torch.zeros_like(x) for m, x in enumerate(xs)]
-                    rows.append(self._check_out(self._call_model(inp), B, C, self._what()).unsqueeze(0))
-            else:
-                for chunk in self._chunks(masked, B):
-                    stacked = [ops.subset_batch(x, None, chunk, m) for m, x in enumerate(xs)]
-                    what = f"{self._what()} (on {len(chunk)} masked subsets stacked along the batch)"
-                    out = self._check_out(self._call_model(stacked), len(chunk) * B, C, what)
-                    rows.append(out.view(len(chunk), B, C))
+        roots = self._roots()
+        if self.strategy == "sequential":
+            for mask in masked:
+                inp = [x if (mask >> m) & 1 else torch.zeros_like(x) for m, x in enumerate(xs)]
+                out = self._eval_apply(self._call_model, roots, inp)
+                rows.append(self._check_out(out, B, C, self._what()).unsqueeze(0))
+        else:
+            for chunk in self._chunks(masked, B):
+                stacked = [ops.subset_batch(x, None, chunk, m) for m, x in enumerate(xs)]
+                what = f"{self._what()} (on {len(chunk)} masked subsets stacked along the batch)"
+                out = self._check_out(self._eval_apply(self._call_model, roots, stacked), len(chunk) * B, C, what)
+                rows.append(out.view(len(chunk), B, C))
         return torch.cat(rows + [full.unsqueeze(0)])
 
     @staticmethod
@@ -304,6 +322,73 @@ class ShapleyBase(nn.Module):
             present |= mask
             absent |= ~mask
         return present, absent
+
+    def _eval_apply(self, fn, modules: Sequence[nn.Module], inputs: Sequence[Tensor]) -> Tensor:
+        """``fn(inputs)`` with ``modules`` in eval mode; with ``checkpoint_masked`` its activations are recomputed in
+        the backward (in eval mode again) instead of being kept."""
+
+        def run(*tensors):
+            with _eval_mode(modules):
+                return fn(list(tensors))
+
+        if self.checkpoint_masked and torch.is_grad_enabled():
+            return checkpoint(run, *inputs, use_reentrant=False)
+        return run(*inputs)
+
+    def _eval_call(self, module: nn.Module, x: Tensor) -> Tensor:
+        """``module(x)`` in eval mode, as :meth:`_eval_apply`."""
+        return self._eval_apply(lambda xs: module(xs[0]), [module], [x])
+
+    def _masked_features(self, m: int, x: Tensor, h: Tensor, need_real: bool, need_zero: bool):
+        """Encoder m's features for the masked subsets: ``(real [B, ...] or None, muted [1, ...] or None)``.
+
+        The real features are the full pass's own when the encoder computes the same in both modes (decided by
+        :class:`agm_fast._modes.ModeInvariance`) or ran in eval mode already; otherwise an eval-mode pass.
+        """
+        encoder = self._parts[1][m]
+        zero = x.new_zeros((1,) + tuple(x.shape[1:]))
+        reuse = self._modes.reuse(m) if encoder.training else True
+        real = muted = None
+        if need_real and reuse is None:
+            # The first-step check: the eval-mode pass the reference runs, on the batch alone so that its
+            # arithmetic is the full pass's, compared bitwise with the full pass.
+            real = self._eval_call(encoder, x)
+            with torch.no_grad():
+                equal = real.shape == h.shape and torch.equal(real, h)
+                diff = 0.0 if equal or real.shape != h.shape else float((real - h).abs().max())
+            self._modes.record(m, bool(equal), diff)
+        elif need_real and reuse:
+            real = h
+        elif need_real:
+            # The batch alone (not stacked with the zero sample): the same arithmetic as the full pass, so a
+            # mode-invariant encoder gives bitwise the features that reusing the full pass gives.
+            real = self._eval_call(encoder, x)
+        if need_zero:
+            muted = self._eval_call(encoder, zero)
+        return real, muted
+
+    def describe(self) -> dict:
+        """How the subset outputs are evaluated and, per encoder, whether the masked passes reuse the full pass's
+        features (``mode_invariant``) and why."""
+        out = {
+            "strategy": self.strategy,
+            "masked_mode": self.masked_mode,
+            "shapley": self.shapley,
+            "mute": self.mute,
+            "checkpoint_masked": self.checkpoint_masked,
+        }
+        if self.strategy == "factorized":
+            if self.masked_mode == "train":
+                out["encoders"] = [
+                    {"index": m, "reuses_full_pass": True, "why": "masked_mode='train' (a deviation)"}
+                    for m in range(self.num_modalities)
+                ]
+            else:
+                out["encoders"] = [
+                    {"index": m, "reuses_full_pass": self._modes.decided[m], "why": self._modes.reasons[m]}
+                    for m in range(self.num_modalities)
+                ]
+        return out
 
     def _evaluate_factorized(self, xs: List[Tensor], masks: List[int]) -> Tensor:
         _, encoders, fusion = self._parts
@@ -325,19 +410,9 @@ class ShapleyBase(nn.Module):
                         if (absent >> m) & 1:
                             muted[m] = encoders[m](xs[m].new_zeros((1,) + tuple(xs[m].shape[1:])))
         else:
-            with _eval_mode(encoders):
-                for m in range(M):
-                    need_real = (present >> m) & 1
-                    need_zero = zero_input and (absent >> m) & 1
-                    x = xs[m]
-                    if need_real and need_zero:
-                        # One eval-mode call for the real batch and the zero sample: eval outputs are per-sample.
-                        out = encoders[m](torch.cat([x, x.new_zeros((1,) + tuple(x.shape[1:]))]))
-                        real[m], muted[m] = out[:B], out[B:]
-                    elif need_real:
-                        real[m] = encoders[m](x)
-                    elif need_zero:
-                        muted[m] = encoders[m](x.new_zeros((1,) + tuple(x.shape[1:])))
+            for m in range(M):
+                real[m], muted[m] = self._masked_features(m, xs[m], h[m], (present >> m) & 1,
+                                                          zero_input and (absent >> m) & 1)
         if not zero_input:
             for m in range(M):
                 if (absent >> m) & 1:
@@ -362,12 +437,11 @@ class ShapleyBase(nn.Module):
             # subset_batch takes one muted sample [...] (None: zeros) and broadcasts it over the batch.
             mute_vals = [None if not zero_input and self._baseline(m) is None else muted[m][0] for m in range(M)]
             rows = []
-            with _eval_mode([fusion]):
-                for chunk in self._chunks(masked, B):
-                    feats = [ops.subset_batch(real[m], mute_vals[m], chunk, m) for m in range(M)]
-                    what = f"fusion (on {len(chunk)} masked subsets stacked along the batch)"
-                    out = self._check_out(self._call_fusion(feats), len(chunk) * B, C, what)
-                    rows.append(out.view(len(chunk), B, C))
+            for chunk in self._chunks(masked, B):
+                feats = [ops.subset_batch(real[m], mute_vals[m], chunk, m) for m in range(M)]
+                what = f"fusion (on {len(chunk)} masked subsets stacked along the batch)"
+                out = self._check_out(self._eval_apply(self._call_fusion, [fusion], feats), len(chunk) * B, C, what)
+                rows.append(out.view(len(chunk), B, C))
             F_masked = torch.cat(rows)
         return torch.cat([F_masked, full.unsqueeze(0)])
 

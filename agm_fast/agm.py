@@ -139,6 +139,13 @@ class GradMod(ShapleyBase):
         seed: seed of the sampled permutations (drawn from ``(seed, step)``; the step counter is in state_dict).
         max_batch: upper bound on the rows of a stacked masked batch (subsets are chunked; at least one subset per
             call); None: all masked subsets in one call.
+        mode_invariant: factorized with ``masked_mode="eval"`` only: whether each encoder computes the same in train
+            and eval mode, so that the masked subsets reuse its full-pass features exactly (no deviation, no second
+            pass). None (default): decided per encoder by a scan for mode-dependent modules and a bitwise check on
+            the first training step (:mod:`agm_fast._modes`); a bool for every encoder; or M values of
+            True / False / None. ``describe()`` reports each encoder's decision and why.
+        checkpoint_masked: recompute the activations of the eval-mode masked passes in the backward instead of
+            keeping them (activation checkpointing: less memory, one more forward of those passes).
     """
 
     def __init__(
@@ -156,10 +163,13 @@ class GradMod(ShapleyBase):
         num_permutations: int = 16,
         seed: int = 0,
         max_batch: Optional[int] = None,
+        mode_invariant=None,
+        checkpoint_masked: bool = False,
     ) -> None:
         super().__init__(
             model, num_modalities, encoders, fusion, strategy, masked_mode, shapley, mute, baselines,
-            num_permutations, seed, max_batch, register_model=True,
+            num_permutations, seed, max_batch, register_model=True, mode_invariant=mode_invariant,
+            checkpoint_masked=checkpoint_masked,
         )
         self._scales: List[Coefficient] = [1.0] * self.num_modalities
 
@@ -338,7 +348,7 @@ class AGM(ShapleyBase):
 
     Args:
         model, encoders, fusion, num_modalities, strategy, masked_mode, shapley, mute, baselines, num_permutations,
-            seed, max_batch: as :class:`GradMod`.
+            seed, max_batch, mode_invariant, checkpoint_masked: as :class:`GradMod`.
         alpha: modulation strength (default 1.0; published: AV-MNIST 2.5, CREMA-D 1.5, UR-Funny 4.0 / 6.0).
         cap: upper bound on ``rbar - r`` (default 10.0), or None.
         window: the modulation window (:class:`agm_fast.Window` or ``(start_epoch, end_epoch)``, inclusive), or None
@@ -369,10 +379,13 @@ class AGM(ShapleyBase):
         seed: int = 0,
         max_batch: Optional[int] = None,
         process_group=None,
+        mode_invariant=None,
+        checkpoint_masked: bool = False,
     ) -> None:
         super().__init__(
             model, num_modalities, encoders, fusion, strategy, masked_mode, shapley, mute, baselines,
-            num_permutations, seed, max_batch, register_model=False,
+            num_permutations, seed, max_batch, register_model=False, mode_invariant=mode_invariant,
+            checkpoint_masked=checkpoint_masked,
         )
         self.coefficients = AGMCoefficients(
             self.num_modalities, alpha, cap, window, hold_last, task, process_group=process_group

@@ -10,12 +10,23 @@ Models:
     transformer3-urfunny-concat
                          GPU sizes: three Transformer encoders (8 layers, d=768, sequence 50; UR-Funny-shaped
                          text/audio/video widths 300/81/371), batch 64, 2 classes
+    vit2-concat / vit2-mlp / vit3-concat
+                         two or three ViT encoders as timm builds them by default (pre-norm blocks, LayerNorm,
+                         drop_rate=0, drop_path_rate=0; timm's VisionTransformer when timm imports, else the same
+                         architecture built here): mode-invariant encoders, whose masked passes reuse the full pass
+    bert2-concat         two BERT-like token encoders (embeddings, post-norm Transformer layers, dropout 0.1): the
+                         mode-dependent counter-case
 
 Providers:
     baseline          benchmarks/baselines/agm_reference_style.py: 2^M - 1 full model passes, per-sample score loop
                       with .item(), Python-float coefficients, backward hooks
     batched           agm_fast.AGM(model, strategy="batched"): every masked pass stacked into one model call
     factorized        agm_fast.AGM(encoders=..., fusion=...): each encoder once per mode, closed form for a concat head
+    factorized-recompute
+                      factorized with mode_invariant=False: an eval-mode pass per encoder for the masked subsets even
+                      where the encoder computes the same in both modes (what factorized did before the reuse)
+    factorized-ckpt   factorized with checkpoint_masked=True: the eval-mode masked passes' activations are recomputed in
+                      the backward instead of kept
     factorized-train  factorized with masked_mode="train" (masked passes share the train-mode features; a documented
                       deviation, so it is checked for finiteness only, not against the baseline)
     joint             plain training without AGM (the cost floor)
@@ -37,13 +48,24 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 from agm_fast.benchmarks.baselines.agm_reference_style import ReferenceAGMState, ReferenceGradMod, reference_agm_step
-from agm_fast.benchmarks.harness import Outcome, bench_main, bench_parser, check_close, print_table, time_interleaved
+from agm_fast.benchmarks.harness import (
+    Outcome,
+    bench_main,
+    bench_parser,
+    check_close,
+    peak_memory,
+    print_table,
+    time_interleaved,
+)
 from torch import Tensor, nn
 
 import agm_fast
 
-PROVIDERS = ("baseline", "batched", "factorized", "factorized-train", "joint")
-CPU_CASES = ("resnet2-concat", "resnet2-mlp", "transformer3-concat")
+PROVIDERS = (
+    "baseline", "batched", "factorized", "factorized-recompute", "factorized-ckpt", "factorized-train", "joint"
+)
+CPU_CASES = ("resnet2-concat", "resnet2-mlp", "transformer3-concat", "vit2-concat", "vit2-mlp", "vit3-concat",
+             "bert2-concat")
 GPU_CASES = ("resnet18-crema-concat", "resnet18-crema-mlp", "transformer3-urfunny-concat")
 CASES = CPU_CASES + GPU_CASES
 ALPHA = 1.5
@@ -117,6 +139,70 @@ class TokenEncoder(nn.Module):
         return self.encoder(self.proj(x)).mean(dim=1)
 
 
+class _ViTBlock(nn.Module):
+    """Pre-norm Transformer block as timm's ViT builds it (LayerNorm, attention, LayerNorm, GELU MLP), no dropout."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.norm1(x)
+        x = x + self.attn(h, h, h, need_weights=False)[0]
+        return x + self.mlp(self.norm2(x))
+
+
+class ViTEncoder(nn.Module):
+    """A ViT with timm's defaults (no dropout, no stochastic depth): timm's VisionTransformer when timm imports,
+    else the same architecture (patch embedding, class token, pre-norm blocks, final LayerNorm) -> ``[B, dim]``."""
+
+    def __init__(self, img: int, patch: int, dim: int, depth: int, heads: int) -> None:
+        super().__init__()
+        self.out_dim = dim
+        try:
+            from timm.models.vision_transformer import VisionTransformer
+
+            self.vit = VisionTransformer(img_size=img, patch_size=patch, embed_dim=dim, depth=depth, num_heads=heads,
+                                         num_classes=0, drop_rate=0.0, drop_path_rate=0.0)
+            self.source = "timm"
+        except ImportError:
+            self.vit = None
+            self.source = "built-in"
+            self.patch = nn.Conv2d(3, dim, patch, patch)
+            self.cls = nn.Parameter(torch.zeros(1, 1, dim))
+            self.pos = nn.Parameter(torch.randn(1, (img // patch) ** 2 + 1, dim) * 0.02)
+            self.blocks = nn.Sequential(*[_ViTBlock(dim, heads) for _ in range(depth)])
+            self.norm = nn.LayerNorm(dim, eps=1e-6)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.vit is not None:
+            return self.vit(x)
+        tokens = self.patch(x).flatten(2).transpose(1, 2)
+        tokens = torch.cat([self.cls.expand(x.shape[0], -1, -1), tokens], dim=1) + self.pos
+        return self.norm(self.blocks(tokens))[:, 0]
+
+
+class BertEncoder(nn.Module):
+    """BERT-like: token and position embeddings, LayerNorm, post-norm Transformer layers with dropout 0.1, the first
+    token's feature -> ``[B, dim]``."""
+
+    def __init__(self, vocab: int, length: int, dim: int, layers: int, heads: int) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(vocab, dim)
+        self.pos = nn.Parameter(torch.randn(1, length, dim) * 0.02)
+        self.norm = nn.LayerNorm(dim)
+        self.drop = nn.Dropout(0.1)
+        layer = nn.TransformerEncoderLayer(dim, heads, 4 * dim, dropout=0.1, activation="gelu", batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.out_dim = dim
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.encoder(self.drop(self.norm(self.tok(ids) + self.pos)))[:, 0]
+
+
 class MLPHead(nn.Module):
     """``fusion(*features)``: Linear-ReLU-Linear over the concatenated features."""
 
@@ -161,6 +247,16 @@ def make_case(name: str, quick: bool, device: torch.device, seed: int = 0) -> Di
         B, side, width = (8, 8, 4) if quick else (32, 16, 24)
         encoders = [ConvEncoder(1, width), ConvEncoder(3, width)]
         inputs = [torch.randn(B, 1, side, side, generator=gen), torch.randn(B, 3, side, side, generator=gen)]
+    elif name.startswith("vit"):
+        M = int(name[3])
+        B, img, patch, dim, depth, heads = (4, 16, 8, 32, 1, 2) if quick else (32, 32, 8, 128, 4, 4)
+        encoders = [ViTEncoder(img, patch, dim, depth, heads) for _ in range(M)]
+        inputs = [torch.randn(B, 3, img, img, generator=gen) for _ in range(M)]
+    elif name.startswith("bert"):
+        M = int(name[4])
+        B, length, dim, layers, heads = (4, 8, 32, 1, 2) if quick else (32, 32, 128, 4, 4)
+        encoders = [BertEncoder(1000, length, dim, layers, heads) for _ in range(M)]
+        inputs = [torch.randint(1, 1000, (B, length), generator=gen) for _ in range(M)]
     elif name.startswith("transformer3"):
         B, T, d_model, layers = (8, 6, 16, 1) if quick else (48, 8, 256, 2)
         dims = (20, 32, 48)
@@ -211,6 +307,10 @@ def make_provider(name: str, model: JointModel, M: int) -> Callable[..., Optiona
         agm = agm_fast.AGM(model, num_modalities=M, alpha=ALPHA, strategy="batched")
     elif name == "factorized":
         agm = agm_fast.AGM(encoders=list(model.encoders), fusion=model.fusion, alpha=ALPHA)
+    elif name == "factorized-recompute":
+        agm = agm_fast.AGM(encoders=list(model.encoders), fusion=model.fusion, alpha=ALPHA, mode_invariant=False)
+    elif name == "factorized-ckpt":
+        agm = agm_fast.AGM(encoders=list(model.encoders), fusion=model.fusion, alpha=ALPHA, checkpoint_masked=True)
     elif name == "factorized-train":
         agm = agm_fast.AGM(encoders=list(model.encoders), fusion=model.fusion, alpha=ALPHA, masked_mode="train")
     else:
@@ -224,6 +324,7 @@ def make_provider(name: str, model: JointModel, M: int) -> Callable[..., Optiona
             optimizer.step()
         return res.coeffs
 
+    step.agm = agm
     return step
 
 
@@ -272,8 +373,17 @@ def run_case(case_name: str, device: torch.device, quick: bool, providers: Seque
                 f"{prov} grads", [g.cpu() for g in grads], [g.cpu() for g in want[1]], rtol=1e-3, atol=1e-5
             )
             check = "ok" if err is None else err
-        rows.append({"case": case_name, "provider": prov, "M": M, "B": B, "enc_calls": calls,
-                     "enc_samples_xB": round(samples, 3), "check": check})
+        row = {"case": case_name, "provider": prov, "M": M, "B": B, "enc_calls": calls,
+               "enc_samples_xB": round(samples, 3), "check": check}
+        agm = getattr(step, "agm", None)
+        if agm is not None and agm.strategy == "factorized":
+            encs = agm.describe().get("encoders", [])
+            row["reuse"] = f"{sum(1 for e in encs if e['reuses_full_pass'])}/{len(encs)}"
+        # Peak memory of one more step (forward and backward) above what the model and optimizer already hold; every
+        # provider starts without gradients, so the gradients' own allocation counts alike.
+        opt.zero_grad(set_to_none=True)
+        row["peak_MB"] = peak_memory(lambda: step(inputs, labels, opt, apply=False), device) / 2**20
+        rows.append(row)
         if check in ("ok", "reference", "finite (deviation)", "finite (not AGM)"):
             # The timed steps start from the checked state; the optimizer steps on, as in training.
             timed[prov] = lambda step=step, opt=opt: step(inputs, labels, opt)
@@ -283,7 +393,10 @@ def run_case(case_name: str, device: torch.device, quick: bool, providers: Seque
         r.update(times.get(r["provider"], {}))
     base = times.get("baseline")
     joint = times.get("joint")
+    joint_mem = next((r["peak_MB"] for r in rows if r["provider"] == "joint"), None)
     for r in rows:
+        if joint_mem:
+            r["mem_vs_joint"] = r["peak_MB"] / joint_mem
         if "median_ms" not in r:
             continue
         if base is not None:
@@ -299,11 +412,14 @@ LEGEND = (
     "forward calls per step; enc_samples_xB = samples through the encoders per step, in units of the batch size B "
     "(a muted encoder's single zero sample adds 1/B). Providers are timed interleaved, one step each per round, in "
     "one run; the ratios are the result, absolute times only mean something on the machine named above. "
-    "factorized-train (masked_mode='train') is a documented deviation and is checked for finiteness only."
+    "factorized-train (masked_mode='train') is a documented deviation and is checked for finiteness only. "
+    "reuse = encoders whose masked passes reuse the full pass (mode-invariant, decided by the scan and the first-step "
+    "check; factorized-recompute turns it off). peak_MB = peak memory of one step above what the model and optimizer "
+    "hold (CPU: the profiler's memory view; CUDA: max_memory_allocated); mem_vs_joint = that over joint's."
 )
 
-COLUMNS = ("provider", "median_ms", "p20_ms", "p80_ms", "speedup_vs_baseline", "ratio_vs_joint", "enc_calls",
-           "enc_samples_xB", "check")
+COLUMNS = ("provider", "median_ms", "p20_ms", "p80_ms", "speedup_vs_baseline", "ratio_vs_joint", "peak_MB",
+           "mem_vs_joint", "enc_calls", "enc_samples_xB", "reuse", "check")
 
 
 def _bench(args: argparse.Namespace, device: torch.device, machine: str) -> Outcome:
@@ -313,6 +429,12 @@ def _bench(args: argparse.Namespace, device: torch.device, machine: str) -> Outc
     if hasattr(os, "getloadavg"):
         text += [f"load average at start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores", ""]
     text += [LEGEND, ""]
+    try:
+        import timm  # noqa: F401
+
+        text += ["ViT encoders: timm's VisionTransformer (pretrained=False).", ""]
+    except ImportError:
+        text += ["ViT encoders: built here with timm's architecture and defaults (timm does not import here).", ""]
     records = []
     failed = False
     for case_name in cases:

@@ -126,6 +126,50 @@ def time_interleaved(
     return {k: _quantiles(v) for k, v in samples.items()}
 
 
+def peak_memory(fn: Callable[[], object], device: torch.device) -> int:
+    """Peak bytes that one call of ``fn`` allocates on top of what was allocated before it.
+
+    CUDA: ``torch.cuda.max_memory_allocated`` after a reset. CPU: the profiler's memory view (``profile_memory``), the
+    largest running total of torch's own allocations during the call; it sees every tensor torch allocates, which
+    RSS does not resolve.
+
+    Args:
+        fn: the call (one training step).
+        device: its device.
+
+    Returns:
+        Bytes.
+    """
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return int(torch.cuda.max_memory_allocated(device) - base)
+    from torch.profiler import ProfilerActivity, profile
+
+    # The profiler's backend writes a line to the stderr file descriptor at every start and stop.
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            fn()
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as fh:
+            events = json.load(fh)["traceEvents"]
+    totals = [e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]"]
+    return int(max(totals, default=0))
+
+
 def copy_bandwidth(device: torch.device, nbytes: int = 1 << 28) -> float:
     """Device-to-device copy bandwidth, measured with ``copy_``.
 

@@ -1,0 +1,119 @@
+"""Whether an encoder computes the same features in train and eval mode, so that AGM may reuse its full-pass features
+for the masked subsets (docs/methods.md, section 5).
+
+The reference runs every masked pass in eval mode. For an encoder whose forward does not depend on ``training`` (no
+active dropout, no normalisation from batch statistics, no stochastic depth) the eval-mode features are the
+train-mode features, and the second pass can be skipped with no deviation at all. Three sources decide:
+
+1. the user's override per encoder (``mode_invariant=[True, None, False]``);
+2. a structural scan over the module tree for known mode-dependent modules (:func:`mode_dependence`): a hit makes
+   the encoder mode-dependent at once;
+3. otherwise a one-time check on the first training step: both passes run, as the reference does, and the
+   features are compared bitwise; equal features make the encoder mode-invariant from the next step on. This also
+   catches custom code that reads ``self.training``.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Union
+
+from torch import nn
+
+from ._validate import describe
+
+__all__ = ["ModeInvariance", "mode_dependence"]
+
+# timm's stochastic-depth and dropout modules, found by name so that timm need not be imported.
+_TIMM_DROPS = {"DropPath": "drop_prob", "DropBlock2d": "drop_prob", "PatchDropout": "prob"}
+
+
+def _why(name: str, module: nn.Module) -> Optional[str]:
+    where = name or "the encoder"
+    if isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0:
+        return f"{where} is {type(module).__name__}(p={module.p})"
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
+        return f"{where} is {type(module).__name__} with running statistics (batch statistics in train mode)"
+    if isinstance(module, nn.modules.instancenorm._InstanceNorm) and module.track_running_stats:
+        return f"{where} is {type(module).__name__} with running statistics"
+    if isinstance(module, nn.MultiheadAttention) and module.dropout > 0:
+        return f"{where} is MultiheadAttention(dropout={module.dropout})"
+    attr = _TIMM_DROPS.get(type(module).__name__)
+    if attr is not None and float(getattr(module, attr, 0.0) or 0.0) > 0:
+        return f"{where} is {type(module).__name__}({attr}={getattr(module, attr)})"
+    return None
+
+
+def mode_dependence(module: nn.Module) -> Optional[str]:
+    """Why ``module``'s forward depends on ``training`` (the first known mode-dependent submodule), or None.
+
+    Known mode-dependent modules: torch's dropout family with p > 0, batch and instance norms that keep running
+    statistics, ``MultiheadAttention`` with dropout > 0 (``Transformer*Layer`` s hold both), and timm's
+    ``DropPath`` / ``DropBlock2d`` / ``PatchDropout`` with a non-zero probability. None means only that no known
+    module was found: custom code may still read ``self.training`` (the first-step check looks for that).
+    """
+    for name, sub in module.named_modules():
+        reason = _why(name, sub)
+        if reason is not None:
+            return reason
+    return None
+
+
+class ModeInvariance:
+    """The per-encoder decision: reuse the full pass's features (True), run the eval-mode pass (False), or check on
+    the first training step (None).
+
+    Args:
+        encoders: the M encoders.
+        override: None (decide every encoder), a bool for all, or M values of True / False / None.
+    """
+
+    def __init__(self, encoders: Sequence[nn.Module], override: Union[None, bool, Sequence[Optional[bool]]]):
+        M = len(encoders)
+        if override is None or isinstance(override, bool):
+            override = [override] * M
+        elif isinstance(override, (str, bytes)) or not isinstance(override, Sequence):
+            raise TypeError(
+                "mode_invariant: expected None, a bool, or one True / False / None per encoder, got "
+                f"{describe(override)}"
+            )
+        if len(override) != M:
+            raise ValueError(f"mode_invariant: expected {M} values (one per encoder), got {len(override)}")
+        self.decided: List[Optional[bool]] = []
+        self.reasons: List[str] = []
+        for m, (enc, value) in enumerate(zip(encoders, override)):
+            if value is not None and not isinstance(value, bool):
+                raise TypeError(f"mode_invariant[{m}]: expected True, False or None, got {describe(value)}")
+            if value is not None:
+                self.decided.append(value)
+                self.reasons.append("set by mode_invariant")
+                continue
+            reason = mode_dependence(enc)
+            if reason is not None:
+                self.decided.append(False)
+                self.reasons.append(f"mode-dependent: {reason}")
+            else:
+                self.decided.append(None)
+                self.reasons.append("no mode-dependent module found; checked on the first training step")
+
+    def reuse(self, m: int) -> Optional[bool]:
+        """True: reuse the full pass's features; False: run the eval-mode pass; None: check at this step."""
+        return self.decided[m]
+
+    def record(self, m: int, equal: bool, max_diff: float) -> None:
+        """The outcome of the first-step check of encoder ``m``."""
+        self.decided[m] = equal
+        if equal:
+            self.reasons[m] = "first-step check: eval-mode features equal the train-mode ones bitwise"
+        else:
+            self.reasons[m] = f"first-step check: eval-mode features differ (max |difference| {max_diff:.3g})"
+
+    def state(self) -> dict:
+        return {"decided": list(self.decided), "reasons": list(self.reasons)}
+
+    def load(self, state: dict) -> None:
+        if len(state["decided"]) != len(self.decided):
+            raise ValueError(
+                f"state: expected mode decisions for {len(self.decided)} encoders, got {len(state['decided'])}"
+            )
+        self.decided = list(state["decided"])
+        self.reasons = list(state["reasons"])
