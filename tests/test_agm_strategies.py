@@ -124,8 +124,8 @@ def test_call_counts(M):
     enc_calls = [_count_calls(e) for e in model.encoders]
     fus_calls = _count_calls(model.fusion)
     _agm(model, "factorized")(*xs, target=y)
-    # Each encoder: the train-mode full pass and one eval-mode call over the batch plus its zero sample.
-    assert enc_calls == [[B, B + 1]] * M
+    # Each (mode-dependent) encoder: the train-mode full pass, the eval-mode pass over the batch, its zero sample.
+    assert enc_calls == [[B, B, 1]] * M
     assert fus_calls == [B, (2**M - 2) * B]
 
 
@@ -138,8 +138,21 @@ def test_linear_head_closed_form_runs_no_subset_head_pass(head):
     enc_calls = [_count_calls(e) for e in model.encoders]
     res = _agm(model, "factorized")(*xs, target=y)
     assert fus_calls == [B]
-    assert enc_calls == [[B, B + 1]] * M
+    assert enc_calls == [[B, B, 1]] * M
     assert torch.isfinite(res.logits).all()
+
+
+def test_mode_invariant_encoders_run_once_on_the_batch_in_eval_masked_mode():
+    # Without BatchNorm or dropout the eval-mode pass equals the full pass: after the first step's check, only the
+    # zero sample runs again.
+    M, B = 3, 5
+    xs, y = make_batch(M, B=B)
+    model = make_model(M, "mlp", bn=False, dropout=0.0)
+    agm = _agm(model, "factorized")
+    agm(*xs, target=y)
+    enc_calls = [_count_calls(e) for e in model.encoders]
+    agm(*xs, target=y)
+    assert enc_calls == [[B, 1]] * M
 
 
 def test_masked_mode_train_equals_eval_without_mode_dependent_layers():
