@@ -349,7 +349,11 @@ class ShapleyBase(nn.Module):
         zero = x.new_zeros((1,) + tuple(x.shape[1:]))
         reuse = self._modes.reuse(m) if encoder.training else True
         real = muted = None
-        if need_real and reuse is None:
+        if need_real and reuse is None and torch.compiler.is_compiling():
+            # A compiled graph cannot branch on a comparison of values: the check waits for an eager step, and
+            # until then the encoder keeps the eval-mode pass (the reference).
+            real = self._eval_call(encoder, x)
+        elif need_real and reuse is None:
             # The first-step check: the eval-mode pass the reference runs, on the batch alone so that its
             # arithmetic is the full pass's, compared bitwise with the full pass.
             real = self._eval_call(encoder, x)

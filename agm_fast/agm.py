@@ -143,7 +143,8 @@ class GradMod(ShapleyBase):
             and eval mode, so that the masked subsets reuse its full-pass features exactly (no deviation, no second
             pass). None (default): decided per encoder by a scan for mode-dependent modules and a bitwise check on
             the first training step (:mod:`agm_fast._modes`); a bool for every encoder; or M values of
-            True / False / None. ``describe()`` reports each encoder's decision and why.
+            True / False / None. ``describe()`` reports each encoder's decision and why. Inside ``torch.compile``
+            the check does not run (an undecided encoder keeps the eval-mode pass until an eager step decides).
         checkpoint_masked: recompute the activations of the eval-mode masked passes in the backward instead of
             keeping them (activation checkpointing: less memory, one more forward of those passes).
     """
