@@ -111,6 +111,7 @@ def main():
         packages=[
             "agm_fast",
             "agm_fast.cli",
+            "agm_fast.integrations",
             "agm_fast.methods",
             "agm_fast.kernels",
             "agm_fast.data",

@@ -19,6 +19,7 @@ from . import (
     ogm,
     opm,
     ops,
+    probe,
     reference,
     window,
 )
@@ -32,6 +33,7 @@ from .metrics import *  # noqa: F401,F403
 from .mslr import *  # noqa: F401,F403
 from .ogm import *  # noqa: F401,F403
 from .opm import *  # noqa: F401,F403
+from .probe import *  # noqa: F401,F403
 from .window import *  # noqa: F401,F403
 
 __version__ = "0.1.0"
@@ -47,6 +49,7 @@ __all__ = (
     + mslr.__all__
     + ogm.__all__
     + opm.__all__
+    + probe.__all__
     + window.__all__
 )
 del _backend

@@ -349,13 +349,14 @@ class ShapleyBase(nn.Module):
         zero = x.new_zeros((1,) + tuple(x.shape[1:]))
         reuse = self._modes.reuse(m) if encoder.training else True
         real = muted = None
+        # The check runs the eval-mode pass on the batch alone (not stacked with the zero sample): the same arithmetic
+        # as the full pass, so equal features mean that reusing the full pass changes no bit.
         if need_real and reuse is None and torch.compiler.is_compiling():
             # A compiled graph cannot branch on a comparison of values: the check waits for an eager step, and
             # until then the encoder keeps the eval-mode pass (the reference).
             real = self._eval_call(encoder, x)
         elif need_real and reuse is None:
-            # The first-step check: the eval-mode pass the reference runs, on the batch alone so that its
-            # arithmetic is the full pass's, compared bitwise with the full pass.
+            # The first-step check: the eval-mode pass the reference runs, compared bitwise with the full pass.
             real = self._eval_call(encoder, x)
             with torch.no_grad():
                 equal = real.shape == h.shape and torch.equal(real, h)
@@ -363,9 +364,12 @@ class ShapleyBase(nn.Module):
             self._modes.record(m, bool(equal), diff)
         elif need_real and reuse:
             real = h
+        elif need_real and need_zero:
+            # A mode-dependent encoder: one eval-mode call for the batch and the zero sample (eval outputs are
+            # per-sample), as the eval-mode passes always ran.
+            out = self._eval_call(encoder, torch.cat([x, zero]))
+            return out[: x.shape[0]], out[x.shape[0] :]
         elif need_real:
-            # The batch alone (not stacked with the zero sample): the same arithmetic as the full pass, so a
-            # mode-invariant encoder gives bitwise the features that reusing the full pass gives.
             real = self._eval_call(encoder, x)
         if need_zero:
             muted = self._eval_call(encoder, zero)

@@ -427,6 +427,23 @@ class CGGM:
                 if grads:
                     torch._foreach_mul_(grads, cast[key][m])
 
+    def to(self, device) -> "CGGM":
+        """Move the heads and the running state (metrics, coefficients, the pending direction term) to ``device``;
+        the encoders and the fusion layer are the model's to move."""
+        self.heads.to(device)
+
+        def move(t):
+            return None if t is None else t.to(device)
+
+        self.prev_metric = self.prev_metric.to(device)
+        self.metric = move(self.metric)
+        self.coeffs = move(self.coeffs)
+        if self._pending is not None:
+            self._pending = {
+                k: ([move(t) for t in v] if isinstance(v, list) else move(v)) for k, v in self._pending.items()
+            }
+        return self
+
     def state_dict(self) -> Dict[str, object]:
         """Everything needed to resume: step count, metrics, B, the pending l_gm inputs, heads and head optimizer."""
         pending = None

@@ -366,8 +366,11 @@ class OGMGE:
         """
         if len(features) != self.num_modalities:
             raise ValueError(f"features: expected {self.num_modalities} tensors (one per encoder), got {len(features)}")
+        # Features from an autocast region may be half precision; the head runs here, outside it, in its own dtype.
+        param = next(fusion.parameters(), None)
+        dtype = None if param is None else param.dtype
         with torch.no_grad():
-            logits = per_modality_logits(fusion, [h.detach() for h in features])
+            logits = per_modality_logits(fusion, [h.detach().to(dtype or h.dtype) for h in features])
         return self.step(labels, logits, epoch=epoch)
 
     def state_dict(self) -> Dict[str, int]:

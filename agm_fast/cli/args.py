@@ -207,6 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
     g.add_argument("--overwrite", action="store_true", help="replace the run that --out already holds")
     g.add_argument("--no-plot", dest="no_plot", action="store_true", help="do not draw curves.png")
+    g.add_argument("--probe", action="store_true",
+                   help="linear-probe each frozen encoder every epoch (fit on train, scored on validation; the "
+                   "summary adds the test split): probe_acc_<view> in metrics.csv and curves.png")
 
     t.set_defaults(_options={opt: a.dest for a in t._actions for opt in a.option_strings})
 
@@ -325,14 +328,14 @@ def config_of(args: argparse.Namespace, hyperparameters: Dict[str, Any]) -> Dict
             config[dest] = hyperparameters[entry["option"].name]
     if methods.get(args.method)[0].windowed:
         config.update({dest: getattr(args, dest) for dest in WINDOW_DESTS})
-    for key in ("batch_size", "lr", "momentum", "weight_decay", "hidden", "feature_dim", "seed"):
+    for key in ("batch_size", "lr", "momentum", "weight_decay", "hidden", "feature_dim", "seed", "probe"):
         config[key] = getattr(args, key)
     return config
 
 
 def restorable(args: argparse.Namespace) -> List[str]:
     """The destinations a resumed run takes from its checkpoint when the command line does not give them."""
-    keep = ["method", "fusion", "views", "data", "epochs", "device", "threads", "no_plot", *WINDOW_DESTS]
+    keep = ["method", "fusion", "views", "data", "epochs", "device", "threads", "no_plot", "probe", *WINDOW_DESTS]
     keep += ["batch_size", "lr", "momentum", "weight_decay", "hidden", "feature_dim", "seed"]
     keep += [dest for dest in option_table() if hasattr(args, dest)]
     return keep

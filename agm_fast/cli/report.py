@@ -136,17 +136,20 @@ def competition_strength_of(model, splits, num_classes, args, device):
     return d.tolist(), unimodal_acc, None
 
 
-def columns(names: Sequence[str]) -> List[str]:
+def columns(names: Sequence[str], probe: bool = False) -> List[str]:
     cols = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc"]
     cols += [f"val_acc_{n}" for n in names] + [f"val_loss_{n}" for n in names] + [f"coeff_{n}" for n in names]
     cols += [f"coeff_mean_{n}" for n in names]
+    if probe:
+        cols += [f"probe_acc_{n}" for n in names]
     return cols + list(TIME_COLUMNS)
 
 
 def write_csv(path: str, names: Sequence[str], history: List[dict]) -> None:
     tmp = path + ".tmp"
     with open(tmp, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=columns(names))
+        probe = bool(history) and f"probe_acc_{names[0]}" in history[0]
+        writer = csv.DictWriter(fh, fieldnames=columns(names, probe))
         writer.writeheader()
         for row in history:
             writer.writerow({k: (repr(v) if isinstance(v, float) else v) for k, v in row.items()})
@@ -164,7 +167,11 @@ def plot(path: str, names: Sequence[str], history: List[dict], title: str) -> No
     ax_acc, ax_coef, ax_loss = fig.subplots(1, 3)
     ax_acc.plot(epochs, [r["val_acc"] for r in history], color="black", linewidth=2.2, label="fused")
     for n in names:
-        ax_acc.plot(epochs, [r[f"val_acc_{n}"] for r in history], marker="o", markersize=3, label=f"{n} (Shapley)")
+        line = ax_acc.plot(epochs, [r[f"val_acc_{n}"] for r in history], marker="o", markersize=3,
+                           label=f"{n} (Shapley)")[0]
+        if f"probe_acc_{n}" in history[0]:
+            ax_acc.plot(epochs, [r[f"probe_acc_{n}"] for r in history], linestyle="--", color=line.get_color(),
+                        label=f"{n} (linear probe)")
     ax_acc.set_title("Validation accuracy: fused and per modality")
     ax_acc.set_xlabel("epoch")
     ax_acc.set_ylabel("accuracy")
@@ -195,6 +202,8 @@ def plot(path: str, names: Sequence[str], history: List[dict], title: str) -> No
 
 def format_line(row: dict, names: Sequence[str], epochs: int) -> str:
     mono = " ".join(f"{n} {row[f'val_acc_{n}']:.3f}" for n in names)
+    if f"probe_acc_{names[0]}" in row:
+        mono += " | probe " + " ".join(f"{n} {row[f'probe_acc_{n}']:.3f}" for n in names)
     coef = " ".join(f"{n} {row[f'coeff_{n}']:.3f}" for n in names)
     width = len(str(epochs))
     return (

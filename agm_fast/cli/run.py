@@ -22,6 +22,7 @@ import torch
 from .. import data as data_mod
 from .. import methods
 from ..models import MultiViewModel
+from ..probe import probe_encoders
 from .args import CLIError, config_of, flag_message, method_kwargs, one_line, resolve, restorable
 from .data import RUN_FILES, batches, load_data, prepare_out
 from .report import competition_strength_of, evaluate, format_line, plot, write_csv
@@ -259,6 +260,7 @@ def _train(
     y_train = train_s.y.to(device)
     xs_val = [x.to(device) for x in val_s.xs]
     y_val = val_s.y.to(device)
+    C = int(data.num_classes)
     source = "UCI Multiple Features" if args.data is None else os.path.basename(args.data)
     print(
         f"{args.method} | fusion {args.fusion} | views {','.join(names)} ({source}: {len(train_s.y)} train, "
@@ -308,6 +310,9 @@ def _train(
         row.update({f"val_loss_{n}": v for n, v in zip(names, val["mono_loss"])})
         row.update({f"coeff_{n}": c for n, c in zip(names, coeff_all.median(dim=0).values.tolist())})
         row.update({f"coeff_mean_{n}": c for n, c in zip(names, coeff_all.mean(dim=0).tolist())})
+        if args.probe:
+            probe = probe_encoders(list(model.encoders), xs_train, y_train, xs_val, y_val, num_classes=C)
+            row.update({f"probe_acc_{n}": a for n, a in zip(names, probe.tolist())})
         row.update({"step_ms": 1e3 * elapsed / len(steps), "epoch_s": elapsed})
         history.append(row)
         print(format_line(row, names, args.epochs), flush=True)
@@ -353,6 +358,9 @@ def _train(
             "hold more of that view"
         ),
         "unimodal_test_acc": dict(zip(names, unimodal_acc)),
+        "probe_test_acc_per_modality": None if not args.probe else dict(zip(names, probe_encoders(
+            list(model.encoders), xs_train, y_train, [x.to(device) for x in test_s.xs], test_s.y.to(device),
+            num_classes=C).tolist())),
         "time_per_step_ms": float(np.mean(step_ms)),
         "time_per_step_ms_median": float(np.median(step_ms)),
         "device": device.type,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Optional, Sequence
 
-from torch import Tensor
+from torch import Tensor, nn
 
 from .._subsets import MASKED_MODES, SHAPLEY, STRATEGIES
 from ..agm import AGM
@@ -62,6 +62,9 @@ class AGMMethod(Method):
         """The learned baselines of ``mute="feature"``, if any."""
         params = [p for p in self.agm.parameters() if p.requires_grad]
         return [{"params": params}] if params else []
+
+    def modules(self) -> List[nn.Module]:
+        return [self.agm]
 
     def state_dict(self) -> Dict[str, Any]:
         return self.agm.state_dict()

@@ -117,6 +117,8 @@ class Method:
     options: ClassVar[Tuple[Option, ...]] = ()
     #: Whether the method has a modulation window (joint training has none).
     windowed: ClassVar[bool] = True
+    #: Whether :meth:`end_epoch` needs per-modality validation metrics (MSLR, MSES).
+    needs_epoch_metrics: ClassVar[bool] = False
     #: Fusion heads of :mod:`agm_fast.fusion` (by name) that the method cannot work with.
     unsupported_fusions: ClassVar[Tuple[str, ...]] = ()
     #: The class (or function) whose constructor defines the options' defaults and takes the remaining keyword
@@ -291,6 +293,16 @@ class Method:
         """End of an epoch with the validation metrics: ``"modality_accuracy"`` and ``"modality_loss"``, M floats
         each (MSLR follows the accuracies, MSES the losses; the others ignore them)."""
         return None
+
+    def modules(self) -> List[nn.Module]:
+        """The method's own modules (AGM's state, OPM, CGGM's heads), not the model's."""
+        return []
+
+    def to(self, device) -> "Method":
+        """Move the method's own modules and state to ``device`` (the model is the trainer's to move)."""
+        for module in self.modules():
+            module.to(device)
+        return self
 
     def param_groups(self, lr: float) -> List[Dict[str, Any]]:
         """Optimizer param groups of the method's own trainable parameters (none by default).

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .._validate import check_float
 from ..cggm import CGGM
@@ -101,6 +101,13 @@ class CGGMMethod(Method):
         if self.clip_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(self._model_params, self.clip_grad_norm)
         return (self.cggm.rho * coeffs).to(torch.float32)
+
+    def modules(self) -> List[nn.Module]:
+        return [self.cggm.heads]
+
+    def to(self, device) -> "CGGMMethod":
+        self.cggm.to(device)
+        return self
 
     def state_dict(self) -> Dict[str, Any]:
         return self.cggm.state_dict()

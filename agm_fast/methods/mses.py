@@ -23,6 +23,7 @@ class MSESMethod(Method):
             its defaults.
     """
 
+    needs_epoch_metrics = True
     core = MSES
     options = (
         Option("patience", "epochs without improvement of the smoothed loss before a stop", type=int),

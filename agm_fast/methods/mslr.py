@@ -22,6 +22,7 @@ class MSLRMethod(Method):
         **kwargs: the arguments of :class:`agm_fast.MSLR` (``init_lr_scales``, ``history``), with its defaults.
     """
 
+    needs_epoch_metrics = True
     core = MSLR
     options = (
         Option("init_lr_scales", "initial gradient scale per modality, comma-separated (default 1 each)",

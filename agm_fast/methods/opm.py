@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..functional import ogm_scores
 from ..fusion import per_modality_logits
@@ -74,6 +74,9 @@ class OPMMethod(Method):
         out = StepOutput(self.head(fused_in), feats, weight, coeffs, epoch)
         self._last = (out, target)
         return out
+
+    def modules(self) -> List[nn.Module]:
+        return [self.opm]
 
     def state_dict(self) -> Dict[str, Any]:
         return self.opm.state_dict()

@@ -1,0 +1,195 @@
+"""Hugging Face ``Trainer`` integration: a model wrapper whose forward is the method's, a ``TrainerCallback`` that
+modulates the gradients in ``on_pre_optimizer_step`` and keeps the method's state in the Trainer's checkpoints, and a
+``Trainer`` subclass for what a callback cannot do.
+
+::
+
+    method = agm_fast.methods.create("agm", encoders=[enc_a, enc_v], fusion=head, alpha=1.5)
+    trainer = BalancedTrainer(method=method, args=TrainingArguments(output_dir="out", max_grad_norm=1.0),
+                              train_dataset=dataset, data_collator=collate)
+    trainer.train()
+
+A batch is a dict ``{"inputs": [x_0, ..., x_{M-1}], "labels": y}`` (:func:`collate` builds it from ``(x_0, ..., y)``
+samples). :class:`BalancedModel` runs ``method.forward`` inside the model's forward, so AGM's subset evaluation and
+OPM's dropping happen there, and under DDP the step goes through DDP's forward (the gradients are averaged before
+the modulation; every method computes its coefficients from the global batch).
+
+Why a Trainer subclass: the stock Trainer clips the gradient norm before ``on_pre_optimizer_step``, so a callback
+modulates clipped gradients. :class:`BalancedTrainer` modulates before clipping, as the reference loops and the
+Lightning integration do (with an fp16 grad scaler the gradients are unscaled only inside the clipping, so there it
+modulates right after it). It also puts the method's own parameters (CGGM's heads) in the optimizer at their
+learning rate. With the stock Trainer, ``BalancingCallback`` is exact when ``max_grad_norm=0``. FSDP and DeepSpeed
+shard the gradients, which no method can read whole yet: both are refused with one message.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..methods import Method
+from . import missing
+
+try:
+    from transformers import Trainer, TrainerCallback
+except ImportError:
+    raise missing("transformers", "hf") from None
+
+__all__ = ["BalancedModel", "BalancedTrainer", "BalancingCallback", "STATE_FILE", "collate"]
+
+# The method's state, in every checkpoint-N folder the Trainer writes.
+STATE_FILE = "agm_fast_method.pt"
+
+
+def collate(samples: Sequence[Sequence[Tensor]]) -> Dict[str, Any]:
+    """``{"inputs": [x_0, ..., x_{M-1}], "labels": y}`` from samples ``(x_0, ..., x_{M-1}, y)``."""
+    if not samples:
+        raise ValueError("samples: expected at least one sample, got none")
+    columns = list(zip(*samples))
+    if len(columns) < 3:
+        raise ValueError(f"samples: expected (x_0, ..., x_(M-1), y) with M >= 2, got {len(columns)} fields")
+    stacked = [torch.stack([torch.as_tensor(v) for v in col]) for col in columns]
+    return {"inputs": stacked[:-1], "labels": stacked[-1]}
+
+
+class BalancedModel(nn.Module):
+    """The model the Trainer trains: ``method``'s encoders and fusion head, with the method's forward and loss.
+
+    ``forward(inputs, labels)`` returns ``{"loss", "logits"}`` in training; without labels (or in eval mode) the fused
+    logits of a plain forward. ``epoch`` is set by the callback at every epoch start.
+
+    Args:
+        method: the method.
+    """
+
+    def __init__(self, method: Method) -> None:
+        super().__init__()
+        if not isinstance(method, Method):
+            raise TypeError(f"method: expected an agm_fast.methods.Method, got {type(method).__name__}")
+        self.method = method
+        self.encoders = nn.ModuleList(method.encoders)
+        self.fusion = method.fusion
+        # The method's own modules (AGM's state, OPM, CGGM's heads) are not registered here: the callback moves them
+        # and saves their state next to the model's in each checkpoint (safetensors holds tensors only).
+        self.epoch = 0
+
+    def forward(self, inputs: List[Tensor], labels: Optional[Tensor] = None, **unused: Any):
+        if labels is None or not self.training:
+            logits = self.method.head(self.method.encode(list(inputs)))
+            if labels is None:
+                return {"logits": logits}
+            return {"loss": nn.functional.cross_entropy(logits, labels), "logits": logits}
+        out = self.method.forward(list(inputs), labels, self.epoch)
+        return {"loss": self.method.loss(out, labels), "logits": out.logits}
+
+
+def _method_of(model: nn.Module) -> Method:
+    inner = getattr(model, "module", model)
+    method = getattr(inner, "method", None)
+    if not isinstance(method, Method):
+        raise TypeError("model: expected an agm_fast.integrations.hf.BalancedModel (or a model with .method)")
+    return method
+
+
+class BalancingCallback(TrainerCallback):
+    """Modulates the gradients in ``on_pre_optimizer_step``, sets the epoch, and saves / restores the method's state
+    with the Trainer's checkpoints.
+
+    Args:
+        method: the method of the model being trained.
+        metrics: optional ``metrics(epoch) -> {"modality_accuracy": [...], "modality_loss": [...]}`` for methods that
+            follow per-modality validation metrics (MSLR, MSES).
+
+    Attributes:
+        coefficients: the ``[M]`` coefficients of every optimizer step (detached).
+        modulated_step: the global step whose gradients were last modulated (:class:`BalancedTrainer` modulates
+            before clipping and sets it, so that this callback does not modulate the same step again).
+    """
+
+    def __init__(self, method: Method, metrics=None) -> None:
+        if not isinstance(method, Method):
+            raise TypeError(f"method: expected an agm_fast.methods.Method, got {type(method).__name__}")
+        if method.needs_epoch_metrics and metrics is None:
+            raise TypeError(f"metrics: expected a callable that gives {method.name} its per-modality metrics, got None")
+        self.method = method
+        self.metrics = metrics
+        self.coefficients: List[Tensor] = []
+        self.modulated_step = -1
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if model is not None:
+            self.method.to(next(model.parameters()).device)
+        # A resumed run: the Trainer has restored its state, so the step names the checkpoint it resumed from.
+        if state.global_step > 0:
+            path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", STATE_FILE)
+            if os.path.exists(path):
+                self.method.load_state_dict(torch.load(path, map_location="cpu", weights_only=False))
+
+    def on_epoch_begin(self, args, state, control, model=None, **kwargs):
+        if model is not None:
+            getattr(model, "module", model).epoch = int(state.epoch or 0)
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.modulate(state.global_step)
+
+    def modulate(self, step: int) -> None:
+        """Modulate the gradients of optimizer step ``step`` (once)."""
+        if self.modulated_step != step:
+            self.coefficients.append(self.method.before_optimizer_step().detach())
+            self.modulated_step = step
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if self.metrics is not None:
+            epoch = int(round(state.epoch or 0)) - 1
+            self.method.end_epoch(epoch, self.metrics(epoch))
+
+    def on_save(self, args, state, control, **kwargs):
+        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        if state.is_world_process_zero and os.path.isdir(folder):
+            torch.save(self.method.state_dict(), os.path.join(folder, STATE_FILE))
+
+
+class BalancedTrainer(Trainer):
+    """A ``Trainer`` that trains a :class:`BalancedModel` and modulates the gradients after AMP unscaling and before
+    gradient clipping.
+
+    Args:
+        method: the method; the model (a :class:`BalancedModel`) is built from it unless ``model`` is given.
+        metrics: as :class:`BalancingCallback`.
+        **kwargs: the ``Trainer``'s arguments.
+    """
+
+    def __init__(self, method: Method, metrics=None, model: Optional[nn.Module] = None, **kwargs: Any) -> None:
+        model = BalancedModel(method) if model is None else model
+        self.balancing = BalancingCallback(method, metrics=metrics)
+        callbacks = [self.balancing] + list(kwargs.pop("callbacks", None) or [])
+        super().__init__(model=model, callbacks=callbacks, **kwargs)
+        kind = str(getattr(self.accelerator, "distributed_type", ""))
+        if "FSDP" in kind or "DEEPSPEED" in kind:
+            raise NotImplementedError(
+                f"BalancedTrainer: {kind} shards the gradients, and agm_fast's methods need each parameter's whole "
+                "gradient; train with DDP (or one device)"
+            )
+
+    def create_optimizer(self, model=None):
+        """The Trainer's optimizer over the model, plus the method's own parameter groups (CGGM's heads at their
+        scaled learning rate, without weight decay)."""
+        if self.optimizer is None:
+            model = self.model if model is None else model
+            extra = self.balancing.method.param_groups(self.args.learning_rate)
+            params = [p for p in model.parameters() if p.requires_grad]
+            cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args, model)
+            groups = [{"params": params, "weight_decay": self.args.weight_decay}] + extra
+            self.optimizer = cls(groups, **kwargs)
+        return self.optimizer
+
+    def _clip_grad_norm(self, model):
+        # Modulate first and clip the modulated gradients, as the reference loops do. With an fp16 grad scaler the
+        # gradients are only unscaled inside the clipping, so there the callback modulates right after it.
+        scaler = getattr(self.accelerator, "scaler", None)
+        if scaler is None or not scaler.is_enabled():
+            self.balancing.modulate(self.state.global_step)
+        return super()._clip_grad_norm(model)

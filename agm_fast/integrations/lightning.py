@@ -1,0 +1,184 @@
+"""PyTorch Lightning integration: a Callback that drives any agm_fast method, and a LightningModule whose training
+step is the method's.
+
+::
+
+    method = agm_fast.methods.create("ogm_ge", encoders=[enc_a, enc_v], fusion=head, alpha=0.8)
+    module = BalancedModule(method, lr=0.05, momentum=0.9)          # adds its BalancingCallback itself
+    lightning.Trainer(max_epochs=30, precision="bf16-mixed").fit(module, train_loader, val_loader)
+
+Batches are ``(x_0, ..., x_{M-1}, y)`` tuples or ``{"inputs": [...], "labels": y}`` dicts. The gradients are modulated
+in ``on_before_optimizer_step``, which Lightning calls after AMP has unscaled them and before gradient clipping and
+the optimizer step. The method's state (running means, noise offsets, CGGM's heads...) is saved in Lightning's
+checkpoints through the callback's ``state_dict`` and restored on ``fit(ckpt_path=...)``. Under
+``strategy="ddp"`` the training step runs inside DDP's forward, so the gradients are averaged before the modulation
+and every method computes its coefficients from the global batch (see docs/training-at-scale.md).
+
+A LightningModule of your own works too: call ``self.method.forward`` and ``self.method.loss`` in its
+``training_step`` and pass ``BalancingCallback(method)`` to the Trainer (or return it from ``configure_callbacks``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..fusion import per_modality_logits
+from ..methods import Method
+from . import missing
+
+try:
+    import lightning.pytorch as pl
+except ImportError:  # the standalone package name
+    try:
+        import pytorch_lightning as pl
+    except ImportError:
+        raise missing("lightning", "lightning") from None
+
+__all__ = ["BalancedModule", "BalancingCallback", "split_batch"]
+
+
+def split_batch(batch) -> Tuple[List[Tensor], Tensor]:
+    """``(inputs, labels)`` from a ``(x_0, ..., x_{M-1}, y)`` tuple or an ``{"inputs": [...], "labels": y}`` dict."""
+    if isinstance(batch, Mapping):
+        if "inputs" not in batch or "labels" not in batch:
+            raise KeyError(f"batch: expected the keys 'inputs' and 'labels', got {sorted(batch)}")
+        return list(batch["inputs"]), batch["labels"]
+    if not isinstance(batch, (list, tuple)) or len(batch) < 3:
+        raise TypeError("batch: expected (x_0, ..., x_{M-1}, y) with M >= 2, or a dict with 'inputs' and 'labels'")
+    return list(batch[:-1]), batch[-1]
+
+
+class BalancingCallback(pl.Callback):
+    """Modulates the gradients with ``method.before_optimizer_step()`` and keeps the method's state in checkpoints.
+
+    Args:
+        method: the :class:`agm_fast.methods.Method` whose ``forward`` the LightningModule's ``training_step`` calls.
+
+    Attributes:
+        coefficients: the ``[M]`` coefficients of every optimizer step of the current fit (detached, on the device).
+    """
+
+    def __init__(self, method: Method) -> None:
+        if not isinstance(method, Method):
+            raise TypeError(f"method: expected an agm_fast.methods.Method, got {type(method).__name__}")
+        self.method = method
+        self.coefficients: List[Tensor] = []
+
+    @property
+    def state_key(self) -> str:
+        return f"BalancingCallback[{self.method.name or type(self.method).__name__}]"
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if self.method.needs_epoch_metrics and not callable(getattr(pl_module, "modality_metrics", None)):
+            raise TypeError(
+                f"pl_module: expected a modality_metrics() method for {self.method.name} (it follows per-modality "
+                "validation metrics), got a LightningModule without one; use BalancedModule or define it"
+            )
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self.method.to(pl_module.device)
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self.coefficients.append(self.method.before_optimizer_step().detach())
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        fn = getattr(pl_module, "modality_metrics", None)
+        metrics = fn() if callable(fn) else None
+        if metrics:
+            self.method.end_epoch(trainer.current_epoch, metrics)
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"method": self.method.state_dict()}
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        self.method.load_state_dict(state_dict["method"])
+
+
+class BalancedModule(pl.LightningModule):
+    """A LightningModule that trains ``method``'s encoders and fusion head with the method's training step.
+
+    ``training_step`` runs ``method.forward`` (AGM evaluates its subsets there, OPM drops features there) and
+    ``method.loss``; the :class:`BalancingCallback` it returns from ``configure_callbacks`` modulates the gradients.
+    ``validation_step`` records the fused accuracy and, per modality, the accuracy and cross-entropy of the
+    per-modality logits (:func:`agm_fast.fusion.per_modality_logits`), which ``modality_metrics`` hands to
+    ``method.end_epoch`` (MSLR and MSES follow them).
+
+    Args:
+        method: the method (built on the encoders and fusion head this module trains).
+        lr: the learning rate (the method's own parameter groups, e.g. CGGM's heads, are scaled from it).
+        optimizer: the optimizer class (default ``torch.optim.SGD``).
+        **optimizer_kwargs: passed to the optimizer (``momentum``, ``weight_decay``, ...).
+    """
+
+    def __init__(self, method: Method, lr: float, optimizer=torch.optim.SGD, **optimizer_kwargs: Any) -> None:
+        super().__init__()
+        if not isinstance(method, Method):
+            raise TypeError(f"method: expected an agm_fast.methods.Method, got {type(method).__name__}")
+        self.method = method
+        self.encoders = nn.ModuleList(method.encoders)
+        self.fusion = method.fusion
+        self.lr = float(lr)
+        self.optimizer_class = optimizer
+        self.optimizer_kwargs = dict(optimizer_kwargs)
+        self.callback = BalancingCallback(method)
+        self._val: Optional[Dict[str, Tensor]] = None
+        self._last_metrics: Optional[Dict[str, List[float]]] = None
+
+    def forward(self, *inputs: Tensor) -> Tensor:
+        """Inference: the fused logits ``[B, C]``."""
+        return self.method.head(self.method.encode(list(inputs)))
+
+    def configure_callbacks(self):
+        return [self.callback]
+
+    def configure_optimizers(self):
+        groups = [{"params": [p for p in self.encoders.parameters()] + list(self.fusion.parameters())}]
+        groups += self.method.param_groups(self.lr)
+        return self.optimizer_class(groups, lr=self.lr, **self.optimizer_kwargs)
+
+    def training_step(self, batch, batch_idx: int) -> Tensor:
+        inputs, labels = split_batch(batch)
+        out = self.method.forward(inputs, labels, self.current_epoch)
+        loss = self.method.loss(out, labels)
+        self.log("train_loss", loss.detach(), prog_bar=True, on_step=False, on_epoch=True, batch_size=labels.shape[0])
+        return loss
+
+    def on_validation_epoch_start(self) -> None:
+        self._val = None
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        inputs, labels = split_batch(batch)
+        feats = self.method.encode(inputs)
+        logits = self.method.head(feats)
+        per = per_modality_logits(self.fusion, feats)
+        B, M = labels.shape[0], per.shape[0]
+        sums = {
+            "n": torch.tensor(float(B), device=labels.device),
+            "correct": (logits.argmax(-1) == labels).sum().float(),
+            "loss": F.cross_entropy(logits.float(), labels, reduction="sum"),
+            "modality_correct": (per.argmax(-1) == labels).sum(1).float(),
+            "modality_loss": F.cross_entropy(
+                per.float().permute(1, 2, 0), labels.unsqueeze(1).expand(B, M), reduction="none"
+            ).sum(0),
+        }
+        self._val = sums if self._val is None else {k: self._val[k] + v for k, v in sums.items()}
+
+    def on_validation_epoch_end(self) -> None:
+        if self._val is None:
+            return
+        n = self.trainer.strategy.reduce(self._val["n"], reduce_op="sum")
+        totals = {k: self.trainer.strategy.reduce(v, reduce_op="sum") for k, v in self._val.items()}
+        self.log("val_acc", totals["correct"] / n, sync_dist=False)
+        self.log("val_loss", totals["loss"] / n, sync_dist=False)
+        self._last_metrics = {
+            "modality_accuracy": (totals["modality_correct"] / n).tolist(),
+            "modality_loss": (totals["modality_loss"] / n).tolist(),
+        }
+
+    def modality_metrics(self) -> Optional[Dict[str, Sequence[float]]]:
+        """The last validation epoch's per-modality accuracy and loss (None before the first validation)."""
+        return self._last_metrics
