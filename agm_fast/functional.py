@@ -472,6 +472,8 @@ def ogm_ge_(
     noise: bool = True,
     seed: int = 0,
     offset: int = 0,
+    starts: Optional[Sequence[int]] = None,
+    sigma: Optional[Tensor] = None,
 ) -> None:
     """OGM / OGM-GE gradient update, in place, between ``backward()`` and ``optimizer.step()``.
 
@@ -490,6 +492,11 @@ def ogm_ge_(
         noise: add the Gaussian noise (OGM-GE, default) or only scale (OGM).
         seed: noise seed in [0, 2^63). Default 0.
         offset: noise offset in [0, 2^63); advance it every step for fresh noise. Default 0.
+        starts: for shards of larger tensors (FSDP), the global index of each tensor's first element: element j then
+            draws the noise of element ``starts[i] + j``, bitwise the slice of the whole tensor's noise. Empty
+            tensors (empty shards) are allowed and keep their index. Default: every tensor is whole.
+        sigma: ``[len(grads)]`` float32 stds on the grads' device to use instead of computing each tensor's (a
+            shard's std must be the whole tensor's: :func:`agm_fast.distributed.sharded_std`). Default: computed.
 
     Returns:
         None; ``grads`` are modified in place.
@@ -516,9 +523,15 @@ def ogm_ge_(
         raise TypeError(f"noise: expected a bool, got {type(noise).__name__}")
     seed = _check_key_int(seed, "seed")
     offset = _check_key_int(offset, "offset")
+    if starts is not None:
+        if isinstance(starts, (str, bytes)) or not isinstance(starts, Sequence):
+            raise TypeError(f"starts: expected a list of element offsets, got {type(starts).__name__}")
+        starts = [_check_key_int(v, f"starts[{i}]") for i, v in enumerate(starts)]
+    if sigma is not None and not isinstance(sigma, Tensor):
+        raise TypeError(f"sigma: expected a float32 tensor [len(grads)], got {type(sigma).__name__}")
     grads, group = list(grads), list(group)
-    ops._ogm_ge_check(grads, group, coeffs)
-    ops.ogm_ge_(grads, group, coeffs, noise, seed, offset)
+    ops._ogm_ge_check(grads, group, coeffs, starts, sigma)
+    ops.ogm_ge_(grads, group, coeffs, noise, seed, offset, starts, sigma)
 
 
 __all__ += ["ogm_ge_"]

@@ -233,7 +233,13 @@ _OGM_GE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _OGM_GE_MAX_NUMEL = 1 << 34
 
 
-def _ogm_ge_check(grads: List[Tensor], group: List[int], coeffs: Tensor) -> None:
+def _ogm_ge_check(
+    grads: List[Tensor],
+    group: List[int],
+    coeffs: Tensor,
+    starts: Optional[List[int]] = None,
+    sigma: Optional[Tensor] = None,
+) -> None:
     """Metadata checks of :func:`ogm_ge_` (no tensor values are read); raises TypeError / ValueError."""
     if len(grads) == 0:
         raise ValueError("grads: expected at least one gradient tensor, got an empty list")
@@ -252,8 +258,6 @@ def _ogm_ge_check(grads: List[Tensor], group: List[int], coeffs: Tensor) -> None
             )
         if not g.is_contiguous():
             raise ValueError(f"grads[{i}]: expected a contiguous tensor (it is modified in place)")
-        if g.numel() == 0:
-            raise ValueError(f"grads[{i}]: expected at least one element, got an empty tensor")
         if g.numel() >= _OGM_GE_MAX_NUMEL:
             raise ValueError(f"grads[{i}]: at most 2^34 - 1 elements are supported, got {g.numel()}")
     num_groups = max(group) + 1
@@ -266,6 +270,22 @@ def _ogm_ge_check(grads: List[Tensor], group: List[int], coeffs: Tensor) -> None
         )
     if coeffs.device != device:
         raise ValueError(f"coeffs: expected a tensor on the grads' device {device}, got {coeffs.device}")
+    if starts is not None:
+        if len(starts) != len(grads):
+            raise ValueError(
+                f"starts: expected one element offset per gradient tensor ({len(grads)}), got {len(starts)}"
+            )
+        for i, (s0, g) in enumerate(zip(starts, grads)):
+            if s0 < 0 or s0 + g.numel() >= _OGM_GE_MAX_NUMEL:
+                raise ValueError(f"starts[{i}]: expected an offset >= 0 that keeps the shard below 2^34, got {s0}")
+    if sigma is not None:
+        if sigma.dtype != torch.float32 or tuple(sigma.shape) != (len(grads),):
+            raise ValueError(
+                f"sigma: expected a float32 tensor [{len(grads)}] (one std per tensor), got {sigma.dtype} "
+                f"{tuple(sigma.shape)}"
+            )
+        if sigma.device != device:
+            raise ValueError(f"sigma: expected a tensor on the grads' device {device}, got {sigma.device}")
 
 
 # seed and offset are SymInts: under torch.compile a per-step offset then becomes a dynamic int after one recompile,
@@ -273,9 +293,21 @@ def _ogm_ge_check(grads: List[Tensor], group: List[int], coeffs: Tensor) -> None
 @torch.library.custom_op(
     "agm_fast::ogm_ge_",
     mutates_args={"grads"},
-    schema="(Tensor(a!)[] grads, int[] group, Tensor coeffs, bool noise, SymInt seed, SymInt offset) -> ()",
+    schema=(
+        "(Tensor(a!)[] grads, int[] group, Tensor coeffs, bool noise, SymInt seed, SymInt offset, "
+        "int[]? starts=None, Tensor? sigma=None) -> ()"
+    ),
 )
-def ogm_ge_(grads: List[Tensor], group: List[int], coeffs: Tensor, noise: bool, seed: int, offset: int) -> None:
+def ogm_ge_(
+    grads: List[Tensor],
+    group: List[int],
+    coeffs: Tensor,
+    noise: bool,
+    seed: int,
+    offset: int,
+    starts: Optional[List[int]] = None,
+    sigma: Optional[Tensor] = None,
+) -> None:
     """In place, for tensor i of modality ``m = group[i]``: ``g <- coeffs[m] * g``, plus ``sigma * z`` with noise.
 
     ``sigma = std_unbiased(g before scaling) + 1e-8`` (std 0 for a one-element tensor) and ``z`` the Philox normals of
@@ -289,16 +321,20 @@ def ogm_ge_(grads: List[Tensor], group: List[int], coeffs: Tensor, noise: bool, 
         noise: add the Gaussian noise (OGM-GE) or only scale (OGM).
         seed: noise seed, ``0 <= seed < 2^63``.
         offset: noise offset (advance it every step), ``0 <= offset < 2^63``.
+        starts: per tensor, the global index of its first element when it is a shard of a larger tensor (its noise
+            is then the slice of the whole tensor's); None: 0 for every tensor.
+        sigma: ``[len(grads)]`` float32 stds to use instead of computing them (a shard's std is the whole tensor's,
+            from merged moments); None: computed.
     """
-    _ogm_ge_check(grads, group, coeffs)
+    _ogm_ge_check(grads, group, coeffs, starts, sigma)
     if _backend.select(grads[0].device, has=("ext", "torch")) == "ext":
         # Loading agm_fast._C registers agm_fast::_ogm_ge_impl (csrc/agm_fast.cpp) for CPU and, if built, CUDA.
         _backend.get_ext()
-        torch.ops.agm_fast._ogm_ge_impl(grads, group, coeffs, noise, seed, offset)
+        torch.ops.agm_fast._ogm_ge_impl(grads, group, coeffs, noise, seed, offset, starts, sigma)
     else:
-        ref.ogm_ge_ref(grads, group, coeffs, noise, seed, offset)
+        ref.ogm_ge_ref(grads, group, coeffs, noise, seed, offset, starts, sigma)
 
 
 @ogm_ge_.register_fake
-def _(grads, group, coeffs, noise, seed, offset):
-    _ogm_ge_check(grads, group, coeffs)
+def _(grads, group, coeffs, noise, seed, offset, starts=None, sigma=None):
+    _ogm_ge_check(grads, group, coeffs, starts, sigma)

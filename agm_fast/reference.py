@@ -415,7 +415,7 @@ def philox4x32_ref(counters: Tensor, key: Sequence[int]) -> Tensor:
     return torch.stack([c0, c1, c2, c3], dim=-1)
 
 
-def philox_normal_ref(numel: int, seed: int, offset: int, index: int, device=None) -> Tensor:
+def philox_normal_ref(numel: int, seed: int, offset: int, index: int, device=None, start: int = 0) -> Tensor:
     """The standard normal noise of tensor ``index`` under ``(seed, offset)``, as the kernels draw it.
 
     Element ``e`` belongs to counter ``q = e // 4``: ``(q, index, offset & 0xFFFFFFFF, offset >> 32)`` under the key
@@ -429,12 +429,15 @@ def philox_normal_ref(numel: int, seed: int, offset: int, index: int, device=Non
         offset: the noise offset (its low 64 bits are used).
         index: the tensor's position in the gradient list (its low 32 bits are used).
         device: where to compute.
+        start: the global index of the first element (a shard of a larger tensor): the elements are
+            ``start .. start + N - 1`` of the whole tensor's noise.
 
     Returns:
         ``[N]`` float32.
     """
-    nq = (numel + 3) // 4
-    q = torch.arange(nq, dtype=torch.int64, device=device)
+    first_q = start // 4
+    nq = (start + numel + 3) // 4 - first_q
+    q = torch.arange(first_q, first_q + nq, dtype=torch.int64, device=device)
     words = (index & _MASK32, offset & _MASK32, (offset >> 32) & _MASK32)
     counters = torch.stack([q & _MASK32] + [torch.full_like(q, w) for w in words], dim=-1)
     x = philox4x32_ref(counters, (seed & _MASK32, (seed >> 32) & _MASK32))
@@ -444,11 +447,19 @@ def philox_normal_ref(numel: int, seed: int, offset: int, index: int, device=Non
     r = torch.sqrt(-2.0 * torch.log(u1))
     theta = u2 * (2.0 * math.pi)
     z = torch.stack([r * torch.cos(theta), r * torch.sin(theta)], dim=-1)
-    return z.reshape(-1)[:numel]
+    lane = start % 4
+    return z.reshape(-1)[lane : lane + numel]
 
 
 def ogm_ge_ref(
-    grads: Sequence[Tensor], group: Sequence[int], coeffs: Tensor, noise: bool, seed: int, offset: int
+    grads: Sequence[Tensor],
+    group: Sequence[int],
+    coeffs: Tensor,
+    noise: bool,
+    seed: int,
+    offset: int,
+    starts: Optional[Sequence[int]] = None,
+    sigma: Optional[Tensor] = None,
 ) -> None:
     """OGM / OGM-GE gradient update, in place, for tensor i of modality ``m = group[i]``.
 
@@ -463,14 +474,21 @@ def ogm_ge_ref(
         coeffs: ``[M]`` coefficients (indexed on the device: no host sync).
         noise: add the noise (OGM-GE) or only scale (OGM).
         seed, offset: the noise key (see :func:`philox_normal_ref`).
+        starts: per tensor the global index of its first element (a shard), or None (0).
+        sigma: ``[len(grads)]`` stds to use instead of computing them, or None.
     """
     for i, g in enumerate(grads):
+        if g.numel() == 0:
+            continue
         x = g.reshape(-1).to(torch.float32)
         k = coeffs[group[i]].to(torch.float32)
         if noise:
-            std = torch.std(x) if x.numel() > 1 else x.new_zeros(())
-            z = philox_normal_ref(x.numel(), seed, offset, i, device=g.device)
-            y = k * x + (std + 1e-8) * z
+            if sigma is not None:
+                s = sigma[i].to(torch.float32)
+            else:
+                s = (torch.std(x) if x.numel() > 1 else x.new_zeros(())) + 1e-8
+            z = philox_normal_ref(x.numel(), seed, offset, i, device=g.device, start=0 if starts is None else starts[i])
+            y = k * x + s * z
         else:
             y = k * x
         g.copy_(y.view_as(g))

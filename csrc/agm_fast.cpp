@@ -31,7 +31,9 @@ bool with_cuda() {
 }  // namespace agm_fast
 
 TORCH_LIBRARY_FRAGMENT(agm_fast, m) {
-  m.def("_ogm_ge_impl(Tensor(a!)[] grads, int[] group, Tensor coeffs, bool noise, int seed, int offset) -> ()");
+  m.def(
+      "_ogm_ge_impl(Tensor(a!)[] grads, int[] group, Tensor coeffs, bool noise, int seed, int offset, "
+      "int[]? starts=None, Tensor? sigma=None) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(agm_fast, CPU, m) {

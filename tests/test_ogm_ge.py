@@ -287,7 +287,6 @@ def test_errors(backend):
         (ValueError, "contiguous", ([g[0], torch.randn(3, 4).t()], [0, 1], c)),
         (ValueError, "group", (g, [0], c)),
         (ValueError, "group\\[1\\]", (g, [1, -1], c)),
-        (ValueError, "empty", ([g[0], torch.randn(0)], [0, 1], c)),
         (ValueError, "at least one", ([], [], c)),
         (TypeError, "coeffs", (g, [0, 1], torch.ones(2, dtype=torch.float64))),
         (ValueError, "coeffs", (g, [0, 1], torch.ones(2, device="meta"))),
@@ -304,6 +303,22 @@ def test_errors(backend):
         functional.ogm_ge_(g, [0, 1], c, offset=2**63)
     with pytest.raises(TypeError, match="noise"):
         functional.ogm_ge_(g, [0, 1], c, noise=1)
+    with pytest.raises(ValueError, match="starts"):
+        functional.ogm_ge_(g, [0, 1], c, starts=[0])
+    with pytest.raises(ValueError, match="starts\\[1\\]"):
+        functional.ogm_ge_(g, [0, 1], c, starts=[0, -4])
+    with pytest.raises(ValueError, match="starts\\[0\\]"):
+        functional.ogm_ge_(g, [0, 1], c, starts=[2**34 - 2, 0])
+    with pytest.raises(TypeError, match="starts"):
+        functional.ogm_ge_(g, [0, 1], c, starts=3)
+    with pytest.raises(ValueError, match="sigma"):
+        functional.ogm_ge_(g, [0, 1], c, sigma=torch.ones(3))
+    with pytest.raises(ValueError, match="sigma"):
+        functional.ogm_ge_(g, [0, 1], c, sigma=torch.ones(2, dtype=torch.float64))
+    with pytest.raises(ValueError, match="sigma"):
+        functional.ogm_ge_(g, [0, 1], c, sigma=torch.ones(2, device="meta"))
+    with pytest.raises(TypeError, match="sigma"):
+        functional.ogm_ge_(g, [0, 1], c, sigma=[1.0, 1.0])
     # the op itself gives the same errors
     with pytest.raises(ValueError, match="coeffs"):
         torch.ops.agm_fast.ogm_ge_(g, [0, 1], torch.ones(3), True, 0, 0)
@@ -312,6 +327,75 @@ def test_errors(backend):
     # 2^34 elements overflow the Philox counter (checked on metadata only)
     with pytest.raises(ValueError, match="2\\^34"):
         functional.ogm_ge_([torch.empty(2**34, device="meta")], [0], torch.ones(1, device="meta"))
+
+
+# Shards (FSDP): a shard's noise is bitwise the slice of the whole tensor's, with the whole tensor's std.
+
+
+def _shard_bounds(numel, cuts):
+    edges = [0] + sorted(cuts) + [numel]
+    return list(zip(edges[:-1], edges[1:]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("numel,cuts", [(37, [5, 5, 18]), (4103, [1, 2051, 4100]), (20000, [6147, 13001]), (9, [])])
+def test_shards_draw_the_slice_of_the_whole_noise(backend, dtype, numel, cuts):
+    # Shards cut anywhere (inside a Philox counter's four lanes, empty shards, 1-element shards): applying the op to
+    # each shard with its start and the whole tensor's sigma gives bitwise the whole tensor's result.
+    torch.manual_seed(numel)
+    other = torch.randn(50).to(dtype)
+    whole = (torch.randn(numel) * 2 + 0.3).to(dtype)
+    coeffs = torch.tensor([0.7, 1.3])
+    # The std is given (the extension's own accumulation order is not torch.std's; the sharded std comes from
+    # merged moments in any case).
+    sig = torch.stack([other.float().std(), whole.float().std()]) + 1e-8
+    expect = [other.clone(), whole.clone()]
+    functional.ogm_ge_(expect, [0, 1], coeffs, seed=11, offset=5, sigma=sig)
+    computed = [other.clone(), whole.clone()]
+    functional.ogm_ge_(computed, [0, 1], coeffs, seed=11, offset=5)
+    torch.testing.assert_close(computed, expect)
+    got = whole.clone()
+    for lo, hi in _shard_bounds(numel, cuts):
+        shard = got[lo:hi]  # a view: the op writes into got
+        o = other.clone()
+        functional.ogm_ge_([o, shard], [0, 1], coeffs, seed=11, offset=5, starts=[0, lo], sigma=sig)
+        assert torch.equal(o, expect[0])
+    assert torch.equal(got, expect[1])
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_given_sigma_is_used_as_given(backend):
+    g = torch.randn(1000)
+    z = ref.philox_normal_ref(1000, 3, 4, 0)
+    out = g.clone()
+    functional.ogm_ge_([out], [0], torch.tensor([0.5]), seed=3, offset=4, sigma=torch.tensor([0.25]))
+    torch.testing.assert_close(out, 0.5 * g + 0.25 * z, rtol=1e-6, atol=1e-6)
+    # without noise, sigma is not read
+    out = g.clone()
+    functional.ogm_ge_([out], [0], torch.tensor([0.5]), noise=False, sigma=torch.tensor([float("nan")]))
+    assert torch.equal(out, 0.5 * g)
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_empty_tensors_keep_their_index(backend):
+    # An empty shard is left alone and the tensors after it draw the noise of their own index.
+    a, b = torch.randn(10), torch.randn(12)
+    expect = [a.clone(), torch.empty(0), b.clone()]
+    functional.ogm_ge_(expect, [0, 1, 1], torch.tensor([1.0, 2.0]), seed=1, offset=2)
+    got = [a.clone(), b.clone()]
+    functional.ogm_ge_(got, [0, 1], torch.tensor([1.0, 2.0]), seed=1, offset=2)
+    assert torch.equal(expect[0], got[0])
+    assert not torch.equal(expect[2], got[1])  # index 2, not 1
+    z = ref.philox_normal_ref(12, 1, 2, 2)
+    torch.testing.assert_close(expect[2], 2.0 * b + (b.std() + 1e-8) * z, rtol=1e-5, atol=1e-5)
+    functional.ogm_ge_([torch.empty(0)], [0], torch.ones(1))  # only empty: nothing to do, no error
+
+
+def test_philox_normal_ref_start_is_a_slice():
+    whole = ref.philox_normal_ref(103, 7, 9, 2)
+    for start, n in [(0, 103), (1, 10), (3, 1), (4, 99), (50, 53), (102, 1), (40, 0)]:
+        assert torch.equal(ref.philox_normal_ref(n, 7, 9, 2, start=start), whole[start : start + n])
 
 
 @needs_ext
@@ -324,6 +408,12 @@ def test_ext_checks_its_arguments():
         torch.ops.agm_fast._ogm_ge_impl([torch.ones(3, dtype=torch.int32)], [0], torch.ones(1), True, 0, 0)
     with pytest.raises(RuntimeError, match="group\\[0\\]"):
         torch.ops.agm_fast._ogm_ge_impl([torch.randn(3)], [-1], torch.ones(1), True, 0, 0)
+    with pytest.raises(RuntimeError, match="starts"):
+        torch.ops.agm_fast._ogm_ge_impl([torch.randn(3)], [0], torch.ones(1), True, 0, 0, [0, 1])
+    with pytest.raises(RuntimeError, match="starts\\[0\\]"):
+        torch.ops.agm_fast._ogm_ge_impl([torch.randn(3)], [0], torch.ones(1), True, 0, 0, [-1])
+    with pytest.raises(RuntimeError, match="sigma"):
+        torch.ops.agm_fast._ogm_ge_impl([torch.randn(3)], [0], torch.ones(1), True, 0, 0, None, torch.ones(2))
 
 
 # torch.library and torch.compile
@@ -332,8 +422,8 @@ def test_ext_checks_its_arguments():
 def test_schema():
     # The contract other modules rely on. seed and offset are SymInts so that a per-step offset does not recompile.
     assert str(torch.ops.agm_fast.ogm_ge_.default._schema) == (
-        "agm_fast::ogm_ge_(Tensor(a!)[] grads, int[] group, Tensor coeffs, bool noise, SymInt seed, SymInt offset)"
-        " -> ()"
+        "agm_fast::ogm_ge_(Tensor(a!)[] grads, int[] group, Tensor coeffs, bool noise, SymInt seed, SymInt offset, "
+        "int[]? starts=None, Tensor? sigma=None) -> ()"
     )
     assert "ogm_ge_" in ops.__all__ and "ogm_ge_" in functional.__all__
 

@@ -112,24 +112,28 @@ Moments chunk_moments(const void* data, int64_t begin, int64_t end) {
 
 template <typename scalar_t>
 void chunk_apply(void* data, int64_t begin, int64_t end, float k, bool noise, float sigma, uint32_t index,
-                 uint64_t seed, uint64_t offset) {
+                 uint64_t seed, uint64_t offset, int64_t start) {
   scalar_t* x = static_cast<scalar_t*>(data);
   if (!noise) {
     for (int64_t j = begin; j < end; ++j) x[j] = static_cast<scalar_t>(k * static_cast<float>(x[j]));
     return;
   }
-  float z[kBlock];
+  // Four normals per Philox counter; a shard that starts inside a counter's four elements draws from there.
+  float z[kBlock + 4];
   for (int64_t b = begin; b < end; b += kBlock) {
     const int64_t n = std::min(kBlock, end - b);
-    // b is a multiple of 4 (kChunk and kBlock are), so element b starts Philox counter b / 4.
-    fill_normals(static_cast<uint64_t>(b / 4), (n + 3) / 4, index, seed, offset, z);
+    const int64_t first = start + b;  // the global index of element b
+    const int64_t lane = first % 4;
+    fill_normals(static_cast<uint64_t>(first / 4), (lane + n + 3) / 4, index, seed, offset, z);
     scalar_t* xb = x + b;
-    for (int64_t j = 0; j < n; ++j) xb[j] = static_cast<scalar_t>(k * static_cast<float>(xb[j]) + sigma * z[j]);
+    for (int64_t j = 0; j < n; ++j) {
+      xb[j] = static_cast<scalar_t>(k * static_cast<float>(xb[j]) + sigma * z[lane + j]);
+    }
   }
 }
 
 using MomentsFn = Moments (*)(const void*, int64_t, int64_t);
-using ApplyFn = void (*)(void*, int64_t, int64_t, float, bool, float, uint32_t, uint64_t, uint64_t);
+using ApplyFn = void (*)(void*, int64_t, int64_t, float, bool, float, uint32_t, uint64_t, uint64_t, int64_t);
 
 struct Chunk {
   int64_t tensor;
@@ -140,8 +144,8 @@ struct Chunk {
 }  // namespace
 
 void ogm_ge_cpu(at::TensorList grads, at::IntArrayRef group, const at::Tensor& coeffs, bool noise, int64_t seed,
-                int64_t offset) {
-  check_ogm_ge_args(grads, group, coeffs);
+                int64_t offset, at::OptionalIntArrayRef starts, const c10::optional<at::Tensor>& sigma_in) {
+  check_ogm_ge_args(grads, group, coeffs, starts, sigma_in);
   TORCH_CHECK(grads[0].device().is_cpu(), "ogm_ge_cpu: expected CPU tensors, got ", grads[0].device());
   const int64_t num_tensors = static_cast<int64_t>(grads.size());
 
@@ -165,7 +169,11 @@ void ogm_ge_cpu(at::TensorList grads, at::IntArrayRef group, const at::Tensor& c
   const int num_threads = at::get_num_threads();
 
   std::vector<float> sigma(num_tensors, 0.0f);
-  if (noise) {
+  if (noise && sigma_in.has_value()) {
+    const at::Tensor given = sigma_in->contiguous();
+    const float* sp = given.const_data_ptr<float>();
+    for (int64_t i = 0; i < num_tensors; ++i) sigma[i] = sp[i];
+  } else if (noise) {
     std::vector<Moments> partial(num_chunks);
 #pragma omp parallel for schedule(static) num_threads(num_threads)
     for (int64_t c = 0; c < num_chunks; ++c) {
@@ -192,7 +200,7 @@ void ogm_ge_cpu(at::TensorList grads, at::IntArrayRef group, const at::Tensor& c
     const Chunk& ch = chunks[c];
     const int64_t i = ch.tensor;
     apply_fn[i](data[i], ch.begin, ch.end, k[group[i] * k_stride], noise, sigma[i], static_cast<uint32_t>(i), useed,
-                uoffset);
+                uoffset, starts.has_value() ? (*starts)[i] : 0);
   }
 }
 

@@ -40,6 +40,7 @@ struct TensorRecord {
   int64_t num_chunks;
   int64_t index;        // position in the user's list (the Philox counter word)
   int64_t group;        // modality: which coefficient scales it
+  int64_t start;        // global index of element 0 (a shard of a larger tensor; 0 otherwise)
 };
 constexpr int64_t kRecordWords = sizeof(TensorRecord) / sizeof(int64_t);
 static_assert(sizeof(TensorRecord) == kRecordWords * sizeof(int64_t), "TensorRecord must be packed int64 words");
@@ -139,7 +140,7 @@ template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
     ogm_ge_apply_kernel(const int64_t* __restrict__ table, int64_t num_tensors, int64_t chunk0,
                         const double2* __restrict__ partial, const float* __restrict__ coeffs, int64_t coeff_stride,
-                        bool noise, uint64_t seed, uint64_t offset) {
+                        const float* __restrict__ given_sigma, bool noise, uint64_t seed, uint64_t offset) {
   __shared__ Moments shared_moments[kWarps];
   __shared__ float shared_sigma;
   const int64_t chunk = chunk0 + blockIdx.x;
@@ -154,31 +155,39 @@ __global__ void __launch_bounds__(kThreads)
     return;
   }
 
-  Moments m{0.0, 0.0, 0.0};
-  for (int64_t j = threadIdx.x; j < rec.num_chunks; j += kThreads) {
-    const double2 p = partial[rec.first_chunk + j];
-    const double count = static_cast<double>(imin(kChunk, rec.numel - j * kChunk));
-    m = merge(m, Moments{count, p.x, p.y});
+  float sigma;
+  if (given_sigma != nullptr) {
+    // The caller's sigma (the merged moments of all shards of the tensor).
+    sigma = given_sigma[rec.index];
+  } else {
+    Moments m{0.0, 0.0, 0.0};
+    for (int64_t j = threadIdx.x; j < rec.num_chunks; j += kThreads) {
+      const double2 p = partial[rec.first_chunk + j];
+      const double count = static_cast<double>(imin(kChunk, rec.numel - j * kChunk));
+      m = merge(m, Moments{count, p.x, p.y});
+    }
+    m = block_merge(m, shared_moments);
+    if (threadIdx.x == 0) {
+      // One element has no unbiased std: it is taken as 0. A NaN m2 (non-finite gradient) stays NaN through fmax.
+      const double var = m.n > 1.0 ? fmax(m.m2, 0.0) / (m.n - 1.0) : 0.0;
+      shared_sigma = static_cast<float>(isnan(m.m2) ? m.m2 : sqrt(var)) + 1e-8f;
+    }
+    __syncthreads();
+    sigma = shared_sigma;
   }
-  m = block_merge(m, shared_moments);
-  if (threadIdx.x == 0) {
-    // One element has no unbiased std: it is taken as 0. A NaN m2 (non-finite gradient) stays NaN through fmax.
-    const double var = m.n > 1.0 ? fmax(m.m2, 0.0) / (m.n - 1.0) : 0.0;
-    shared_sigma = static_cast<float>(isnan(m.m2) ? m.m2 : sqrt(var)) + 1e-8f;
-  }
-  __syncthreads();
-  const float sigma = shared_sigma;
 
-  const uint64_t q0 = static_cast<uint64_t>(begin / 4);
+  // Global quads (Philox counters) that cover this chunk's elements: a shard may start inside a quad.
+  const int64_t first = rec.start + begin;
+  const int64_t q_first = first / 4;
+  const int64_t num_quads = (first + n + 3) / 4 - q_first;
   const uint32_t index = static_cast<uint32_t>(rec.index);
-  const int64_t num_quads = (n + 3) / 4;
   for (int64_t q = threadIdx.x; q < num_quads; q += kThreads) {
     float z[4];
-    philox::normal4(q0 + static_cast<uint64_t>(q), index, seed, offset, z[0], z[1], z[2], z[3]);
+    philox::normal4(static_cast<uint64_t>(q_first + q), index, seed, offset, z[0], z[1], z[2], z[3]);
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-      const int64_t j = 4 * q + e;
-      if (j < n) x[j] = static_cast<scalar_t>(k * static_cast<float>(x[j]) + sigma * z[e]);
+      const int64_t j = 4 * (q_first + q) + e - first;
+      if (j >= 0 && j < n) x[j] = static_cast<scalar_t>(k * static_cast<float>(x[j]) + sigma * z[e]);
     }
   }
 }
@@ -186,8 +195,8 @@ __global__ void __launch_bounds__(kThreads)
 }  // namespace
 
 void ogm_ge_cuda(at::TensorList grads, at::IntArrayRef group, const at::Tensor& coeffs, bool noise, int64_t seed,
-                 int64_t offset) {
-  check_ogm_ge_args(grads, group, coeffs);
+                 int64_t offset, at::OptionalIntArrayRef starts, const c10::optional<at::Tensor>& sigma) {
+  check_ogm_ge_args(grads, group, coeffs, starts, sigma);
   const at::Device device = grads[0].device();
   TORCH_CHECK(device.is_cuda(), "ogm_ge_cuda: expected CUDA tensors, got ", device);
   const c10::cuda::CUDAGuard guard(device);
@@ -221,7 +230,7 @@ void ogm_ge_cuda(at::TensorList grads, at::IntArrayRef group, const at::Tensor& 
     const at::Tensor& g = grads[order[pos]];
     const int64_t chunks = (g.numel() + kChunk - 1) / kChunk;
     records[pos] = {reinterpret_cast<int64_t>(g.mutable_data_ptr()), g.numel(), chunk, chunks, order[pos],
-                    group[order[pos]]};
+                    group[order[pos]], starts.has_value() ? (*starts)[order[pos]] : 0};
     if (ranges.empty() || ranges.back().dtype != g.scalar_type()) ranges.push_back({g.scalar_type(), chunk, chunk});
     for (int64_t c = 0; c < chunks; ++c) chunk_tensor[chunk + c] = pos;
     chunk += chunks;
@@ -229,22 +238,28 @@ void ogm_ge_cuda(at::TensorList grads, at::IntArrayRef group, const at::Tensor& 
   }
   // The caching host allocator keeps the pinned block alive until this copy has run on the stream.
   const at::Tensor table = table_host.to(device, at::kLong, /*non_blocking=*/true);
-  const at::Tensor partial =
-      noise ? at::empty({num_chunks, 2}, at::TensorOptions().dtype(at::kDouble).device(device)) : at::Tensor();
-  double2* partial_ptr = noise ? reinterpret_cast<double2*>(partial.data_ptr<double>()) : nullptr;
+  const bool stats = noise && !sigma.has_value();
+  const at::Tensor partial = stats && num_chunks > 0
+                                 ? at::empty({num_chunks, 2}, at::TensorOptions().dtype(at::kDouble).device(device))
+                                 : at::Tensor();
+  double2* partial_ptr = partial.defined() ? reinterpret_cast<double2*>(partial.data_ptr<double>()) : nullptr;
+  const at::Tensor given = sigma.has_value() ? sigma->contiguous() : at::Tensor();
+  const float* given_ptr = given.defined() ? given.const_data_ptr<float>() : nullptr;
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   for (const Range& r : ranges) {
     const unsigned int blocks = static_cast<unsigned int>(r.chunk_end - r.chunk_begin);
+    // Only empty tensors (empty shards) of this dtype: nothing to launch.
+    if (blocks == 0) continue;
     AGM_FAST_DISPATCH_GRAD_TYPES(r.dtype, "ogm_ge_cuda", [&] {
-      if (noise) {
+      if (stats) {
         ogm_ge_stats_kernel<scalar_t>
             <<<blocks, kThreads, 0, stream>>>(table.const_data_ptr<int64_t>(), num_tensors, r.chunk_begin, partial_ptr);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
       ogm_ge_apply_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
           table.const_data_ptr<int64_t>(), num_tensors, r.chunk_begin, partial_ptr, coeffs.const_data_ptr<float>(),
-          coeffs.stride(0), noise, static_cast<uint64_t>(seed), static_cast<uint64_t>(offset));
+          coeffs.stride(0), given_ptr, noise, static_cast<uint64_t>(seed), static_cast<uint64_t>(offset));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
