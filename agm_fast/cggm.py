@@ -14,6 +14,7 @@ import torch.nn.functional as Fn
 from torch import Tensor, nn
 
 from . import distributed as dist_helpers
+from . import sharding
 from ._select import resolve_modalities
 from ._validate import check_choice, check_float, check_int
 from .fusion import output_layer
@@ -167,6 +168,12 @@ class CGGM:
             )
         if not weight.requires_grad:
             raise ValueError("fusion_out: expected a weight that requires grad, got one that does not")
+        if direction == "gradient" and sharding.is_sharded(weight):
+            raise ValueError(
+                'direction: "gradient" takes the gradient of the fusion output layer\'s weight inside the step\'s '
+                'graph, which FSDP2 replaces by a gathered copy; use direction="weights" (the reference) with a '
+                "sharded fusion head"
+            )
         C, D = weight.shape
         if C != num_classes:
             raise ValueError(
@@ -346,7 +353,8 @@ class CGGM:
         self.step += 1
         self._pending = {"coeffs": B, "head": head_w}
         if self.direction == "weights":
-            self._pending["fusion"] = self.fusion_weight.detach().clone()
+            with torch.no_grad():
+                self._pending["fusion"] = sharding.full(self.fusion_weight).detach().clone()
         return B
 
     def _reduce_head_grads(self) -> None:
@@ -373,13 +381,20 @@ class CGGM:
         """
         W = self.fusion_weight
         if self._pending is None:
-            return W.new_zeros(())
+            return torch.zeros((), dtype=W.dtype, device=W.device)
         B = self._pending["coeffs"]
         targets = self._pending["head"]
         if self.direction == "weights":
-            # Value at the stored weight, gradient into the live weight: the reference's one-step-stale graph.
-            fused = self._pending["fusion"] + (W - W.detach())
+            # Value at the stored weight, gradient into the live weight: the reference's one-step-stale graph. A
+            # sharded weight (FSDP2) is gathered whole, and the gradient flows back into this rank's shard.
+            Wf = sharding.full(W)
+            fused = self._pending["fusion"] + (Wf - Wf.detach())
         else:
+            if sharding.is_sharded(W):
+                raise ValueError(
+                    'direction: "gradient" needs the fusion output layer\'s weight in the step\'s graph, which FSDP2 '
+                    'replaces by a gathered copy; use direction="weights" (the reference) with a sharded fusion head'
+                )
             if task_loss is None:
                 raise ValueError(
                     'task_loss: expected the task loss with direction="gradient" (loss_term(task_loss)), got None'
@@ -446,16 +461,27 @@ class CGGM:
 
     def state_dict(self) -> Dict[str, object]:
         """Everything needed to resume: step count, metrics, B, the pending l_gm inputs, heads and head optimizer."""
-        pending = None
+        # The same keys and shapes before the first step as after it (zeros and flags stand in for what is not
+        # there yet), so that a sharded checkpoint (torch.distributed.checkpoint) loads into a fresh state.
+        M, dev = len(self.names), self.prev_metric.device
+        zeros = torch.zeros(M, dtype=torch.float64, device=dev)
         if self._pending is not None:
             pending = {k: (list(v) if isinstance(v, list) else v) for k, v in self._pending.items()}
+        else:
+            heads = [torch.zeros_like(layer.weight, device=dev) for layer in self._head_out]
+            pending = {"coeffs": zeros.clone(), "head": heads}
+            if self.direction == "weights":
+                W = self.fusion_weight
+                pending["fusion"] = torch.zeros(tuple(W.shape), dtype=W.dtype, device=dev)
         return {
             "names": list(self.names),
             "direction": self.direction,
             "step": self.step,
             "prev_metric": self.prev_metric.clone(),
-            "metric": None if self.metric is None else self.metric.clone(),
-            "coeffs": None if self.coeffs is None else self.coeffs.clone(),
+            "metric": zeros.clone() if self.metric is None else self.metric.clone(),
+            "coeffs": zeros.clone() if self.coeffs is None else self.coeffs.clone(),
+            "observed": self.metric is not None,
+            "has_pending": self._pending is not None,
             "pending": pending,
             "heads": self.heads.state_dict(),
             "head_optimizer": None if self.head_optimizer is None else self.head_optimizer.state_dict(),
@@ -474,9 +500,10 @@ class CGGM:
 
         self.step = int(state["step"])
         self.prev_metric = state["prev_metric"].to(dev, torch.float64)
-        self.metric = to_dev(state["metric"])
-        self.coeffs = to_dev(state["coeffs"])
-        pending = state["pending"]
+        observed = bool(state.get("observed", state["metric"] is not None))
+        self.metric = to_dev(state["metric"]) if observed else None
+        self.coeffs = to_dev(state["coeffs"]) if observed else None
+        pending = state["pending"] if state.get("has_pending", True) else None
         if pending is None:
             self._pending = None
         else:

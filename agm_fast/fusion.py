@@ -20,6 +20,8 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
+from . import sharding
+
 __all__ = [
     "ConcatFusion",
     "SumFusion",
@@ -364,10 +366,25 @@ def per_modality_logits(
     """
     features = _unpack(tuple(features))
     _check_features(features, None)
+    sharded = any(sharding.is_sharded(p) for p in fusion.parameters())
+    if sharded and torch.is_grad_enabled() and not detach_params:
+        raise ValueError(
+            "fusion: its parameters are sharded (FSDP2), so a gradient through them could not reach the shards; "
+            "call per_modality_logits under torch.no_grad() or with detach_params=True"
+        )
+    # Under FSDP2 the head's weights are read whole here, outside its forward (agm_fast.sharding.gathered); detached
+    # copies of them outlive the block, for a backward through the features.
+    with sharding.gathered(fusion):
+        return _per_modality_logits(fusion, features, head, detach_params, copy=sharded)
+
+
+def _per_modality_logits(
+    fusion: nn.Module, features, head: Optional[str], detach_params: bool, copy: bool = False
+) -> Tensor:
     if head not in (None, "concat", "zero_out"):
         raise ValueError(f"head: expected None, 'concat' or 'zero_out', got {head!r}")
     if detach_params:
-        params = {f"fusion.{name}": p.detach() for name, p in fusion.named_parameters()}
+        params = {f"fusion.{name}": p.detach().clone() if copy else p.detach() for name, p in fusion.named_parameters()}
         return torch.func.functional_call(_PerModalityLogits(fusion, head), params, tuple(features))
     if head is None and hasattr(fusion, "per_modality_logits"):
         return fusion.per_modality_logits(*features)

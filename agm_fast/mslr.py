@@ -257,7 +257,13 @@ class MSES:
             "best_loss": list(self.best_loss),
             "stopped": list(self.stopped),
             "stop_epoch": list(self.stop_epoch),
-            "best_state": [None if s is None else [t.clone() for t in s] for s in self._best_state],
+            # Zeros stand in for a best state not recorded yet (has_best False), so that the keys and shapes do not
+            # change during training (a sharded checkpoint loads into a fresh state).
+            "best_state": [
+                [t.detach().clone() for t in s] if s is not None else [torch.zeros_like(t) for t in self._tensors(m)]
+                for m, s in enumerate(self._best_state)
+            ],
+            "has_best": [s is not None for s in self._best_state],
         }
 
     def load_state_dict(self, state: Mapping[str, object]) -> None:
@@ -277,7 +283,8 @@ class MSES:
         self.best_loss = list(state["best_loss"])
         self.stopped = list(state["stopped"])
         self.stop_epoch = list(state["stop_epoch"])
+        has_best = state.get("has_best", [s is not None for s in state["best_state"]])
         self._best_state = [
-            None if s is None else [b.to(t.device, t.dtype) for b, t in zip(s, self._tensors(m))]
-            for m, s in enumerate(state["best_state"])
+            None if s is None or not has else [b.to(t.device, t.dtype) for b, t in zip(s, self._tensors(m))]
+            for m, (s, has) in enumerate(zip(state["best_state"], has_best))
         ]

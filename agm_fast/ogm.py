@@ -32,7 +32,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from . import _backend, distributed, functional
+from . import _backend, distributed, functional, sharding
 from . import reference as ref
 from ._select import resolve_modalities
 from ._validate import check_bool, check_choice, check_float, check_int, check_seed
@@ -70,6 +70,19 @@ def _gather_grads(params: Sequence[Sequence[nn.Parameter]]) -> Tuple[List[Tensor
             "none of the selected parameters has a gradient: call OGM between loss.backward() and optimizer.step()"
         )
     return grads, group
+
+
+def _shard_noise_args(grads: List[Tensor], noise: bool) -> Tuple[List[Tensor], List[int], Optional[Tensor]]:
+    """FSDP2 gradients: the local shards, their global element offsets and (with noise) the std of each whole
+    gradient from the merged shard moments (one all-gather of ``[T, 3]`` numbers, no host sync), as the op takes
+    them: ``sqrt(M2 / (N - 1)) + 1e-8``, std 0 for a one-element tensor, NaN kept (docs/methods.md, section 2)."""
+    local, starts, group = sharding.local_shards(grads, "gradients")
+    if not noise:
+        return local, starts, None
+    total, _, m2, _ = distributed.merge_moments(distributed.shard_moments(local), group)
+    var = torch.where(total > 1, m2.clamp_min(0) / (total - 1).clamp_min(1), torch.zeros_like(m2))
+    sigma = var.sqrt().to(torch.float32) + 1e-8
+    return local, starts, sigma
 
 
 def _as_coefficient(k: Union[Tensor, float], name: str) -> Tensor:
@@ -159,9 +172,19 @@ def update_model_with_OGM_GE(
     grads, group = _gather_grads(params)
     device = grads[0].device
     coeffs = torch.stack([_backend.to_device(_as_coefficient(k, n), device) for k, n in ((k_a, "k_a"), (k_v, "k_v"))])
+    _modulate(grads, group, coeffs, mode == "OGM_GE", seed, offset)
+
+
+def _modulate(grads: List[Tensor], group: List[int], coeffs: Tensor, noise: bool, seed: int, offset: int) -> None:
+    """The op on plain gradients, or on FSDP2 shards with their offsets and the whole gradients' std."""
+    starts = sigma = None
+    if any(sharding.is_sharded(g) for g in grads):
+        grads, starts, sigma = _shard_noise_args(grads, noise)
     # The op takes one coefficient per modality index up to max(group): a modality without gradients at the end of
     # the list has none.
-    functional.ogm_ge_(grads, group, coeffs[: max(group) + 1], noise=mode == "OGM_GE", seed=seed, offset=offset)
+    functional.ogm_ge_(
+        grads, group, coeffs[: max(group) + 1], noise=noise, seed=seed, offset=offset, starts=starts, sigma=sigma
+    )
 
 
 EncoderSpec = Union[nn.Module, str]
@@ -333,15 +356,7 @@ class OGMGE:
             # The fused op implements the CVPR rule; the journal tie rule and OGM+ are M-element device arithmetic.
             coeffs = self.coefficients(scores)
         grads, group = _gather_grads(self.params)
-        # Sliced to the modalities up to max(group): trailing modalities without gradients in this step have none.
-        functional.ogm_ge_(
-            grads,
-            group,
-            coeffs.to(grads[0].device)[: max(group) + 1],
-            noise=self.mode == "OGM_GE",
-            seed=self.seed,
-            offset=self.offset,
-        )
+        _modulate(grads, group, coeffs.to(grads[0].device), self.mode == "OGM_GE", self.seed, self.offset)
         self.offset += 1
         self.modulated_steps += 1
         self.last_scores = scores

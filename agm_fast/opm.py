@@ -33,12 +33,16 @@ Typical use::
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
+
+from . import distributed
 from . import reference as ref
 from ._seed import step_seed
 from ._validate import check_choice, check_float, check_int, check_seed
@@ -55,23 +59,51 @@ def _check_unit(value: float, name: str) -> float:
     return check_float(name, value, low=0.0, high=1.0)
 
 
-def opm_scores(fusion: nn.Module, features: Sequence[Tensor], labels: Tensor) -> Tensor:
+def opm_scores(
+    fusion: nn.Module, features: Sequence[Tensor], labels: Tensor, process_group: Optional["ProcessGroup"] = None
+) -> Tensor:
     """OGM-style scores ``s_m = sum_b softmax(out_m)[b, y_b]`` for OPM, from a detached copy of the head.
 
     The per-modality logits come from :func:`agm_fast.fusion.per_modality_logits` with the head's parameters
     detached and the features not, as the journal code computes them: the scores carry a gradient to the encoders,
     which the reference's theta gradient uses (``theta_grad="reference"``).
 
+    Under data parallelism (:func:`agm_fast.distributed.is_active` for ``process_group``) the scores are the sums
+    over the global batch, with the gradient of the global batch: the all-reduce's backward all-reduces the scores'
+    gradient, so each rank's encoders get the gradient a single process would give their samples.
+
     Args:
         fusion: the fusion head, ``fusion(*features) -> [B, C]``.
         features: M feature tensors ``[B, d_m]``.
         labels: ``[B]`` int64 class indices.
+        process_group: the data-parallel group (None: the default group, if initialised).
 
     Returns:
         ``[M]`` float32 scores.
     """
     logits = per_modality_logits(fusion, features, detach_params=True)
-    return ref.ogm_scores_ref(logits, labels, 0.0)[0]
+    scores = ref.ogm_scores_ref(logits, labels, 0.0)[0]
+    if distributed.is_active(process_group):
+        scores = _GlobalSum.apply(scores, process_group)
+    return scores
+
+
+class _GlobalSum(torch.autograd.Function):
+    """Sum over the group in forward; in backward the sum of every rank's gradient (each rank's loss depends on
+    the global sum, so the gradient that reaches a rank's own contribution is the total one)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, group) -> Tensor:
+        ctx.group = group
+        out = x.clone()
+        torch.distributed.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        grad = grad.clone()
+        torch.distributed.all_reduce(grad, group=ctx.group)
+        return grad, None
 
 
 def opm_drop_probs(scores: Tensor, q_base: float = 0.5, lam: float = 0.5) -> Tensor:
@@ -235,7 +267,10 @@ class OPM(nn.Module):
     features pass through unchanged. Nothing synchronises with the host.
 
     Randomness: each dropping step seeds a generator on the features' device from ``(seed, step)``, so a run is
-    reproducible and the step counter, in ``state_dict()``, resumes it.
+    reproducible and the step counter, in ``state_dict()``, resumes it. Under data parallelism (``process_group``
+    active) rank r draws the decisions of the whole batch and keeps rows ``[r B, (r + 1) B)``: the ranks drop what a
+    single process would drop on the global batch, provided every rank's batch has the same size B (a
+    ``DistributedSampler`` pads to equal shards).
 
     Args:
         dims: the M feature dimensions ``d_m`` (features per sample), which weight theta.
@@ -248,6 +283,8 @@ class OPM(nn.Module):
         warmup_epochs: no dropping before this epoch (default 6, the journal code's warm-up; 0 turns it off).
         theta_grad: ``"reference"`` (default: theta's gradient is theta, as the released code) or ``"none"``
             (theta a constant); see the module docstring.
+        process_group: the data-parallel group whose global batch the decisions are drawn for (None: the default
+            group when ``torch.distributed`` is initialised with more than one rank; otherwise local).
     """
 
     def __init__(
@@ -260,6 +297,7 @@ class OPM(nn.Module):
         window: WindowLike = None,
         warmup_epochs: int = 6,
         theta_grad: str = "reference",
+        process_group=None,
     ):
         super().__init__()
         if isinstance(dims, (str, bytes)) or not isinstance(dims, Sequence):
@@ -275,6 +313,7 @@ class OPM(nn.Module):
         self.warmup_epochs = check_int("warmup_epochs", warmup_epochs, low=0)
         self.window = Window.of(window).starting_at(self.warmup_epochs)
         self.theta_grad = check_choice("theta_grad", theta_grad, THETA_GRADS)
+        self.process_group = process_group
         self.step_count = 0
         self._generators: Dict[torch.device, torch.Generator] = {}
         self._dim_weights: Dict[torch.device, Tensor] = {}
@@ -352,7 +391,13 @@ class OPM(nn.Module):
         gen = self._generator(device)
         self.step_count += 1
         gate = torch.rand((), generator=gen, device=device)
-        u = torch.rand((B, M), generator=gen, device=device)
+        if distributed.is_active(self.process_group):
+            # The decisions of the global batch; this rank's rows (equal batch sizes on every rank).
+            world = torch.distributed.get_world_size(self.process_group)
+            rank = torch.distributed.get_rank(self.process_group)
+            u = torch.rand((world * B, M), generator=gen, device=device)[rank * B : (rank + 1) * B]
+        else:
+            u = torch.rand((B, M), generator=gen, device=device)
         execute = gate < self.p_exe
         keep = (u >= q.detach()) | ~execute
         weights = self._dim_weights.get(device)

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import sharding
 from .._subsets import encode
 from .._validate import check_choice, check_int, check_seed
 from ..window import Window, WindowLike
@@ -149,6 +150,7 @@ class Method:
         self.window = Window.of(window)
         self.seed = check_seed("seed", seed)
         self.task = check_choice("task", task, TASKS)
+        self._first_params = [sharding.first_parameter(enc) for enc in self.encoders]
         self._last: Optional[Tuple[StepOutput, Tensor]] = None
         self._ones: Dict[torch.device, Tensor] = {}
         self._constants: Dict[torch.device, Tuple[Tuple[float, ...], Tensor]] = {}
@@ -268,6 +270,14 @@ class Method:
         return task if term is None else task + term
 
     def _resolve(self, out: Optional[StepOutput], target: Optional[Tensor]) -> Tuple[StepOutput, Tensor]:
+        for m, (enc, first) in enumerate(zip(self.encoders, self._first_params)):
+            if sharding.first_parameter(enc) is not first:
+                # fully_shard (or any re-registration) replaced the parameters the method selected at construction:
+                # their gradients would never be modulated.
+                raise RuntimeError(
+                    f"encoders[{m}]: its parameters were replaced after the method was built (fully_shard?); build "
+                    "the method after sharding the model"
+                )
         if out is None or target is None:
             if self._last is None:
                 raise RuntimeError("before_optimizer_step: no step to modulate; call forward() first")

@@ -7,6 +7,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from .. import distributed
 from ..functional import ogm_scores
 from ..fusion import per_modality_logits
 from ..opm import OPM, THETA_GRADS, opm_scores
@@ -25,7 +26,7 @@ class OPMMethod(Method):
         feature_dims: the M feature sizes (default: ``fusion.dims``, which every head of :mod:`agm_fast.fusion`
             has).
         **kwargs: the arguments of :class:`agm_fast.OPM` (``q_base``, ``lam``, ``p_exe``, ``warmup_epochs``,
-            ``theta_grad``), with its defaults.
+            ``theta_grad``, ``process_group``), with its defaults.
     """
 
     core = OPM
@@ -60,12 +61,15 @@ class OPMMethod(Method):
         """Encoders, per-sample feature dropping (inside the window), then the fusion head."""
         feats = self.encode(inputs)
         if self.opm.active(epoch):
+            group = self.opm.process_group
             if self.opm.theta_grad == "reference":
-                scores = opm_scores(self.fusion, feats, target)
+                scores = opm_scores(self.fusion, feats, target, group)
             else:
                 with torch.no_grad():
                     logits = per_modality_logits(self.fusion, [h.detach() for h in feats])
                     scores = ogm_scores(logits, target, 0.0)[0]
+                    if distributed.is_active(group):
+                        scores = distributed.global_sums(scores, group)
             q = self.opm.drop_probs(scores)
             fused_in, weight = self.opm(*feats, drop_probs=q, epoch=epoch)
             coeffs = (1 - q.detach()).float()
