@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import math
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -222,3 +224,26 @@ def test_shard_layout_and_ogm_ge_collectives():
 def test_sharded_checkpoint_resumes_every_method_exactly(tmp_path, monkeypatch):
     monkeypatch.setenv("AGM_FAST_TEST_CKPT", str(tmp_path))
     _spawn(_check_checkpoint, timeout=240.0)
+
+
+def _torchrun(*args, cwd):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "examples" / "fsdp_train.py"), *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=180)
+
+
+def test_fsdp_example_runs_with_torchrun_and_resumes_exactly(tmp_path):
+    # Two epochs straight, and one epoch then a resumed second: the same last line (loss, accuracies, coefficients).
+    straight = _torchrun("--method", "ogm_ge", "--epochs", "2", cwd=tmp_path)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    ck = str(tmp_path / "ck")
+    first = _torchrun("--method", "ogm_ge", "--epochs", "1", "--checkpoint", ck, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    again = _torchrun("--method", "ogm_ge", "--epochs", "1", "--checkpoint", ck, cwd=tmp_path)
+    assert again.returncode != 0 and "pass --resume" in again.stdout + again.stderr
+    resumed = _torchrun("--method", "ogm_ge", "--epochs", "2", "--checkpoint", ck, "--resume", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout
+    last = [line for line in straight.stdout.splitlines() if line.startswith("epoch 2/2")]
+    assert last and last == [line for line in resumed.stdout.splitlines() if line.startswith("epoch 2/2")]
