@@ -129,9 +129,9 @@ def time_interleaved(
 def peak_memory(fn: Callable[[], object], device: torch.device) -> int:
     """Peak bytes that one call of ``fn`` allocates on top of what was allocated before it.
 
-    CUDA: ``torch.cuda.max_memory_allocated`` after a reset. CPU: the profiler's memory view (``profile_memory``), the
-    largest running total of torch's own allocations during the call; it sees every tensor torch allocates, which
-    RSS does not resolve.
+    CUDA: ``torch.cuda.max_memory_allocated`` after a reset. CPU: the profiler's memory view (``profile_memory``): the
+    largest rise of the running total of torch's own allocations during the call; it sees every tensor torch
+    allocates, which RSS does not resolve.
 
     Args:
         fn: the call (one training step).
@@ -166,8 +166,14 @@ def peak_memory(fn: Callable[[], object], device: torch.device) -> int:
         prof.export_chrome_trace(path)
         with open(path) as fh:
             events = json.load(fh)["traceEvents"]
-    totals = [e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]"]
-    return int(max(totals, default=0))
+    # The running total starts at 0 and also falls when tensors allocated before the call are freed; the peak is
+    # the largest rise above the lowest level reached before it.
+    peak, low = 0, 0
+    for e in sorted((e for e in events if e.get("name") == "[memory]"), key=lambda e: e["ts"]):
+        total = e["args"]["Total Allocated"]
+        low = min(low, total)
+        peak = max(peak, total - low)
+    return int(peak)
 
 
 def copy_bandwidth(device: torch.device, nbytes: int = 1 << 28) -> float:
