@@ -34,7 +34,7 @@ try:
 except ImportError:  # pragma: no cover - no distributed build
     FSDPModule = None
 
-__all__ = ["is_sharded", "shard_start", "local_shards", "gathered", "full", "check_not_sharded"]
+__all__ = ["is_sharded", "shard_start", "local_shards", "gathered", "full", "first_parameter"]
 
 
 def is_sharded(t) -> bool:
@@ -97,12 +97,6 @@ def _units(module: nn.Module) -> List[nn.Module]:
     if FSDPModule is None:
         return []
     return [m for m in module.modules() if isinstance(m, FSDPModule)]
-
-
-def check_not_sharded(module: nn.Module, name: str, what: str) -> None:
-    """Raise if ``module`` has sharded parameters (for code paths that cannot work on shards)."""
-    if any(is_sharded(p) for p in module.parameters()):
-        raise ValueError(f"{name}: {what}")
 
 
 @contextlib.contextmanager
