@@ -1,8 +1,12 @@
 """Test set-up: without a GPU the Triton kernels run in Triton's CPU interpreter."""
 
 import os
+import sys
 
 import torch
+
+# The shared test helpers (agm_models, toy_method, lightning_ddp) live here, beside the tests of every folder.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -81,7 +81,7 @@ SANE = {
 @given(name=st.sampled_from(methods.available()), data=st.data())
 def test_method_constructors_accept_or_name_the_argument(name, data):
     cls, preset = methods.get(name)
-    options = [o.name for o in cls.options if o.name not in preset]
+    options = [o.name for o in cls.HPARAMS if o.cli and o.name not in preset]
     parts = Parts(2)
     kwargs = {}
     for opt in options:
@@ -110,7 +110,7 @@ def test_method_constructors_accept_or_name_the_argument(name, data):
 def test_method_steps_on_finite_inputs_give_finite_results(name, M, B, steps, seed, data):
     cls, preset = methods.get(name)
     kwargs = {
-        o.name: data.draw(SANE[o.name], label=o.name) for o in cls.options if o.name in SANE and o.name not in preset
+        o.name: data.draw(SANE[o.name], label=o.name) for o in cls.HPARAMS if o.name in SANE and o.name not in preset
     }
     if name == "mslr":
         kwargs["init_lr_scales"] = kwargs["init_lr_scales"][:1] * M

@@ -102,9 +102,9 @@ def test_a_bad_hyperparameter_is_refused_at_construction(kind, arg, value, exc):
 def test_the_method_interface_refuses_what_its_class_refuses(name):
     enc, fus = parts()
     cls, preset = methods.get(name)
-    for opt in cls.options:
+    for opt in cls.HPARAMS:
         default = cls.defaults()[opt.name]
-        if opt.type is float and isinstance(default, float) and opt.name not in preset:
+        if opt.parse is float and isinstance(default, float) and opt.name not in preset:
             with pytest.raises(ValueError, match=f"^{opt.name}(\\[0\\])?: expected"):
                 methods.create(name, enc, fus, **{opt.name: NAN})
 

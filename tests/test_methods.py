@@ -208,14 +208,12 @@ def test_create_errors():
 
 
 def test_a_new_method_is_one_class_and_one_registry_entry():
+    @methods.declare(methods.HParams(methods.HParam("factor", 0.5, "gradient factor", parse=float)))
     class Halve(methods.Method):
         """Halves every encoder's gradients inside the window."""
 
-        options = (methods.Option("factor", "gradient factor"),)
-
-        def __init__(self, encoders, fusion, *, window=None, seed=0, task="classification", factor=0.5):
+        def __init__(self, encoders, fusion, *, window=None, seed=0, task="classification"):
             super().__init__(encoders, fusion, window=window, seed=seed, task=task)
-            self.factor = factor
 
         def before_optimizer_step(self, out=None, target=None):
             out, target = self._resolve(out, target)

@@ -6,16 +6,20 @@ import torch
 from agm_fast import methods
 
 
+def _factor(name, value):
+    if not 0 < value <= 1:
+        raise ValueError(f"{name}: expected a number in (0, 1], got {value}")
+    return float(value)
+
+
+@methods.declare(methods.HParams(
+    methods.HParam("factor", 0.5, "gradient factor of the strongest encoder", _factor, parse=float),
+))
 class DampStrongest(methods.Method):
     """Inside the window, multiply the gradients of the encoder with the largest gradient norm by ``factor``."""
 
-    options = (methods.Option("factor", "gradient factor of the strongest encoder"),)
-
-    def __init__(self, encoders, fusion, *, window=None, seed=0, task="classification", factor=0.5):
+    def __init__(self, encoders, fusion, *, window=None, seed=0, task="classification"):
         super().__init__(encoders, fusion, window=window, seed=seed, task=task)
-        if not 0 < factor <= 1:
-            raise ValueError(f"factor: expected a number in (0, 1], got {factor}")
-        self.factor = factor
 
     def before_optimizer_step(self, out=None, target=None):
         out, target = self._resolve(out, target)

@@ -79,14 +79,14 @@ def option_table() -> Dict[str, Dict[str, Any]]:
     for name in _methods():
         cls, preset = methods.get(name)
         defaults = cls.defaults()
-        for opt in cls.options:
-            if opt.name in preset:
+        for opt in cls.HPARAMS:
+            if opt.name in preset or not opt.cli:
                 continue
             dest = opt.cli_flag[2:].replace("-", "_")
             entry = table.setdefault(
                 dest, {"flag": opt.cli_flag, "option": opt, "methods": [], "defaults": {}, "helps": {}}
             )
-            if entry["option"].type is not opt.type or entry["option"].choices != opt.choices:
+            if entry["option"].parse is not opt.parse or entry["option"].choices != opt.choices:
                 raise TypeError(f"{opt.cli_flag}: methods {entry['methods'][0]} and {name} disagree on its type")
             entry["methods"].append(name)
             entry["defaults"][name] = defaults[opt.name]
@@ -123,10 +123,10 @@ def _add_method_options(group, table: Dict[str, Dict[str, Any]]) -> None:
         helps = sorted(set(entry["helps"].values()))
         text = f"{'/'.join(entry['methods'])}: {'; '.join(helps)} (default: {defaults})"
         kwargs: Dict[str, Any] = dict(dest=dest, default=UNSET, help=text.replace("%", "%%"))
-        if opt.type is bool:
+        if opt.parse is bool:
             kwargs["action"] = "store_true"
         else:
-            kwargs["type"] = opt.type
+            kwargs["type"] = opt.parse
             if opt.choices is not None:
                 kwargs["choices"] = opt.choices
         flags = [entry["flag"]]

@@ -9,103 +9,57 @@
             agm_fast.methods.training_step(method, [x_a, x_v], y, epoch, optimizer)
         method.end_epoch(epoch, {"modality_accuracy": acc, "modality_loss": loss})
 
-Adding a method is one file with a :class:`Method` subclass and one :func:`register` call; the ``agm-fast``
-command line builds its ``--method`` choices and options from this registry.
+Each method is one folder here (``agm/``, ``ogm/``, ...) that declares its hyper-parameters once and registers itself
+from its ``__init__``; methods of other packages register through the ``agm_fast.methods`` entry-point group.
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, Tuple, Type
+import importlib
+import pkgutil
 
-from .base import TASKS, Method, Option, StepOutput, StepResult, training_step
+from .base import TASKS, Method, StepOutput, StepResult, encode, training_step
+from .hparams import HParam, HParams, declare
+from .registry import Registered, available, create, get, register, unregister
 
 __all__ = [
     "Method",
-    "Option",
+    "HParam",
+    "HParams",
+    "Registered",
     "StepOutput",
     "StepResult",
     "TASKS",
     "available",
     "create",
+    "declare",
+    "encode",
     "get",
     "register",
     "training_step",
+    "unregister",
 ]
 
-_REGISTRY: Dict[str, Tuple[Type[Method], Dict[str, Any]]] = {}
+# The built-in methods, in the order the command line lists them.
+BUILTIN = ("joint", "agm", "ogm", "opm", "cggm", "mslr", "mses")
 
 
-def register(name: str, cls: Type[Method], **preset: Any) -> Type[Method]:
-    """Register ``cls`` under ``name``; ``preset`` fixes constructor arguments for that name.
-
-    Args:
-        name: the registry key (also the ``--method`` value of the command line).
-        cls: a :class:`Method` subclass.
-        **preset: constructor arguments that this name fixes (e.g. ``mode="OGM"``).
-
-    Returns:
-        ``cls``.
-    """
-    if not isinstance(name, str) or not name.isidentifier():
-        raise ValueError(f"name: expected an identifier such as 'ogm_ge', got {name!r}")
-    if not (isinstance(cls, type) and issubclass(cls, Method)):
-        raise TypeError(f"cls: expected a subclass of agm_fast.methods.Method, got {cls!r}")
-    if name in _REGISTRY and _REGISTRY[name] != (cls, preset):
-        raise ValueError(f"name: {name!r} is already registered for {_REGISTRY[name][0].__name__}")
-    _REGISTRY[name] = (cls, dict(preset))
-    return cls
+def _load_builtins() -> None:
+    found = {m.name for m in pkgutil.iter_modules(__path__) if m.ispkg}
+    for name in BUILTIN + tuple(sorted(found - set(BUILTIN))):
+        importlib.import_module(f"{__name__}.{name}")
 
 
-def unregister(name: str) -> None:
-    """Remove ``name`` from the registry (a no-op for an unknown name)."""
-    _REGISTRY.pop(name, None)
+def _load_entry_points() -> None:
+    from importlib.metadata import entry_points
+
+    try:
+        eps = entry_points(group="agm_fast.methods")
+    except TypeError:  # Python < 3.10
+        eps = entry_points().get("agm_fast.methods", [])
+    for ep in eps:
+        ep.load()
 
 
-def available() -> Tuple[str, ...]:
-    """The registered method names, in registration order."""
-    return tuple(_REGISTRY)
-
-
-def get(name: str) -> Tuple[Type[Method], Dict[str, Any]]:
-    """The class and preset arguments registered under ``name``."""
-    if name not in _REGISTRY:
-        raise ValueError(f"method: expected one of {available()}, got {name!r}")
-    cls, preset = _REGISTRY[name]
-    return cls, dict(preset)
-
-
-def create(name: str, encoders, fusion, **kwargs: Any) -> Method:
-    """Build the method registered under ``name`` on the model's ``encoders`` and ``fusion`` head.
-
-    Args:
-        name: a registered name (:func:`available`).
-        encoders: M encoder modules, one per modality.
-        fusion: the fusion head, ``fusion(*features) -> [B, C]``.
-        **kwargs: the method's hyper-parameters, ``window`` and ``seed``.
-
-    Returns:
-        The :class:`Method`.
-    """
-    cls, preset = get(name)
-    clash = sorted(set(preset) & set(kwargs))
-    if clash:
-        raise ValueError(f"{clash[0]}: fixed to {preset[clash[0]]!r} by method {name!r}, got {kwargs[clash[0]]!r}")
-    method = cls(encoders, fusion, **preset, **kwargs)
-    method.name = name
-    return method
-
-
-def _register_builtins() -> None:
-    from . import agm, cggm, joint, mses, mslr, ogm, opm
-
-    register("joint", joint.Joint)
-    register("agm", agm.AGMMethod)
-    register("ogm", ogm.OGMMethod, mode="OGM")
-    register("ogm_ge", ogm.OGMMethod, mode="OGM_GE")
-    register("opm", opm.OPMMethod)
-    register("cggm", cggm.CGGMMethod)
-    register("mslr", mslr.MSLRMethod)
-    register("mses", mses.MSESMethod)
-
-
-_register_builtins()
+_load_builtins()
+_load_entry_points()

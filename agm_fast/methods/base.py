@@ -23,20 +23,22 @@ training (same gradients, coefficients 1), while state that must keep accumulati
 
 from __future__ import annotations
 
-import inspect
-from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
+import warnings
+from typing import Any, ClassVar, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import sharding
-from .._subsets import encode
 from .._validate import check_choice, check_int, check_seed
 from ..window import Window, WindowLike
+from .hparams import HParams
 
-__all__ = ["Method", "Option", "StepOutput", "StepResult", "training_step", "TASKS"]
+__all__ = ["Method", "StepOutput", "StepResult", "training_step", "encode", "TASKS"]
+
+# The version of the layout of Method.state_dict().
+STATE_FORMAT = 1
 
 TASKS = ("classification", "regression")
 
@@ -76,27 +78,18 @@ class StepResult(NamedTuple):
     coeffs: Tensor
 
 
-@dataclass(frozen=True)
-class Option:
-    """A hyper-parameter a method exposes on the command line; its default is the constructor's.
-
-    Attributes:
-        name: the constructor argument.
-        help: one line for ``--help``.
-        type: parses the command-line text (``bool``: a switch without a value).
-        choices: the allowed values, or None.
-        flag: the command-line flag (default ``--`` + name with ``-`` for ``_``).
-    """
-
-    name: str
-    help: str
-    type: Callable[[str], Any] = float
-    choices: Optional[Tuple[Any, ...]] = None
-    flag: Optional[str] = None
-
-    @property
-    def cli_flag(self) -> str:
-        return self.flag or "--" + self.name.replace("_", "-")
+def encode(encoders: Sequence[nn.Module], xs: Sequence[Tensor]) -> List[Tensor]:
+    """Each encoder on its modality's input; an encoder must return one feature tensor ``[B, ...]``."""
+    feats = []
+    for m, (enc, x) in enumerate(zip(encoders, xs)):
+        h = enc(x)
+        if not isinstance(h, Tensor):
+            raise TypeError(
+                f"encoders[{m}]: expected a module that returns one feature tensor [B, ...], got "
+                f"{type(h).__name__}; wrap it so that it returns the features only"
+            )
+        feats.append(h)
+    return feats
 
 
 class Method:
@@ -114,17 +107,14 @@ class Method:
 
     #: The registry key (set by :func:`agm_fast.methods.register`).
     name: ClassVar[str] = ""
-    #: The hyper-parameters exposed on the command line.
-    options: ClassVar[Tuple[Option, ...]] = ()
+    #: The hyper-parameters, declared once (:func:`agm_fast.methods.hparams.declare` sets it).
+    HPARAMS: ClassVar[HParams] = HParams()
     #: Whether the method has a modulation window (joint training has none).
     windowed: ClassVar[bool] = True
     #: Whether :meth:`end_epoch` needs per-modality validation metrics (MSLR, MSES).
     needs_epoch_metrics: ClassVar[bool] = False
     #: Fusion heads of :mod:`agm_fast.fusion` (by name) that the method cannot work with.
     unsupported_fusions: ClassVar[Tuple[str, ...]] = ()
-    #: The class (or function) whose constructor defines the options' defaults and takes the remaining keyword
-    #: arguments; None: this class's own constructor.
-    core: ClassVar[Optional[Callable[..., Any]]] = None
 
     def __init__(
         self,
@@ -154,6 +144,9 @@ class Method:
         self._last: Optional[Tuple[StepOutput, Tensor]] = None
         self._ones: Dict[torch.device, Tensor] = {}
         self._constants: Dict[torch.device, Tuple[Tuple[float, ...], Tensor]] = {}
+        if not hasattr(self, "hparams_values"):
+            self.hparams_values: Dict[str, Any] = {}
+            self.hparams_given = frozenset()
 
     @property
     def num_modalities(self) -> int:
@@ -162,28 +155,15 @@ class Method:
 
     @classmethod
     def defaults(cls) -> Dict[str, Any]:
-        """The default of every option, read from the constructor that defines it (:attr:`core`, else this class)."""
-        params = inspect.signature(cls.core or cls.__init__).parameters
-        return {opt.name: params[opt.name].default for opt in cls.options}
-
-    def _core_kwargs(self, kwargs: Mapping[str, Any]) -> Dict[str, Any]:
-        """Check ``kwargs`` against :attr:`core`'s constructor and record the options' values."""
-        params = inspect.signature(self.core).parameters
-        for key in kwargs:
-            if key not in params or params[key].kind in (params[key].POSITIONAL_ONLY, params[key].VAR_KEYWORD):
-                raise TypeError(f"{key}: not an argument of {type(self).__name__} (nor of {self.core.__name__})")
-        self._hparams = {**self.defaults(), **{o.name: kwargs[o.name] for o in self.options if o.name in kwargs}}
-        return dict(kwargs)
+        """The default of every hyper-parameter."""
+        return cls.HPARAMS.defaults()
 
     def hyperparameters(self) -> Dict[str, Any]:
-        """The value of every option of this instance (what a checkpoint records)."""
-        values = getattr(self, "_hparams", None)
-        if values is None:
-            return {opt.name: getattr(self, opt.name) for opt in self.options}
-        return dict(values)
+        """The value of every hyper-parameter of this instance (what a checkpoint records)."""
+        return dict(getattr(self, "hparams_values", {}))
 
     def describe(self) -> Dict[str, Any]:
-        """The method's name, window and hyper-parameters."""
+        """The method's name, window and every hyper-parameter."""
         window = None if not self.windowed else [self.window.start, self.window.end]
         return {"method": self.name, "window": window, **self.hyperparameters()}
 
@@ -322,13 +302,50 @@ class Method:
         """
         return []
 
-    def state_dict(self) -> Dict[str, Any]:
-        """The method's training state (not the model's weights)."""
+    def method_state(self) -> Dict[str, Any]:
+        """The method's own training state (what a subclass keeps; none by default)."""
         return {}
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict`."""
+    def load_method_state(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`method_state`."""
         return None
+
+    def state_dict(self) -> Dict[str, Any]:
+        """The method's training state (not the model's weights), with M and the hyper-parameters it was taken
+        under."""
+        return {
+            "format": STATE_FORMAT,
+            "method": self.name,
+            "num_modalities": self.num_modalities,
+            "hparams": self.hyperparameters(),
+            "state": self.method_state(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`.
+
+        Raises:
+            ValueError: the state was taken with another number of modalities.
+
+        A hyper-parameter that differs from the state's is kept as this instance has it, with one warning that
+        names each difference.
+        """
+        if not isinstance(state, Mapping):
+            raise TypeError(f"state: expected the dict of Method.state_dict(), got {type(state).__name__}")
+        if "format" not in state:
+            # A state saved before the hyper-parameters were recorded: the method's own state alone.
+            self.load_method_state(state)
+            return
+        M = int(state["num_modalities"])
+        if M != self.num_modalities:
+            raise ValueError(
+                f"state: taken with {M} modalities, expected {self.num_modalities} (the encoders of this method)"
+            )
+        saved, mine = dict(state.get("hparams", {})), self.hyperparameters()
+        diff = [f"{k}={saved[k]!r} in the state, {mine[k]!r} here" for k in mine if k in saved and saved[k] != mine[k]]
+        if diff:
+            warnings.warn(f"state: hyper-parameters differ from this method's: {'; '.join(diff)}", stacklevel=2)
+        self.load_method_state(state["state"])
 
     def _metric(self, metrics: Mapping[str, Sequence[float]], key: str) -> List[float]:
         if key not in metrics:

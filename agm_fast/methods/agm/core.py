@@ -1,59 +1,11 @@
 """AGM (Li et al., ICCV 2023): Shapley mono-modal outputs and adaptive gradient modulation.
 
-The maths is in docs/methods.md, sections 1 and 5.
+- :class:`AGM`, one call per step: ``res = agm(*inputs, target=y, epoch=epoch)`` evaluates every needed subset
+  output, the mono-modal outputs, scores and coefficients, and returns logits whose value is f(A) and whose gradient
+  is already modulated;
+- :class:`GradMod` and :class:`AGMCoefficients`, the two halves of the reference training loop, for ported code.
 
-Three classes:
-
-- :class:`GradMod`, the mirror of the reference wrapper: ``forward(*inputs) -> (psi_0, ..., psi_{M-1}, out)`` and
-  ``update_scale(*coeffs)``, for code ported from the reference training loop;
-- :class:`AGMCoefficients`, the reference loop's score, running-mean and coefficient arithmetic, on the device;
-- :class:`AGM`, the one-call form: ``res = agm(*inputs, target=y, epoch=epoch)`` evaluates every subset output,
-  the mono-modal outputs, scores and coefficients in one op, and returns logits whose value is f(A) and whose
-  gradient is already modulated.
-
-How the subset outputs f(S) are evaluated (``strategy``: ``"sequential"``, ``"batched"``, ``"factorized"``, one
-result up to float rounding) is described in :mod:`agm_fast._subsets` and docs/methods.md, section 5. ``"auto"``
-picks factorized when encoders and fusion are given, batched for a black-box model (choose ``"sequential"`` for a
-model whose eval-mode output mixes samples, e.g. one that normalises over the batch in eval mode). ``max_batch``
-bounds the rows of a stacked call: the masked subsets are split into chunks of at most ``max_batch // B`` subsets
-(at least one).
-
-Parity switches and behaviour beyond the reference (all documented here and in the class docstrings):
-
-- ``masked_mode="train"`` (factorized only, a deviation): the masked passes reuse the full pass's train-mode encoder
-  features; only the muted features come from a zero sample in eval mode. The cost is close to plain training.
-- ``mute="feature"`` (factorized only): a muted modality's feature is a baseline (zeros, or given tensors or
-  learned ``nn.Parameter`` s) instead of the encoder's output on a zero input.
-- ``shapley="exact"`` returns phi (f(empty) is evaluated); ``"sampled"`` estimates the reference variant psi from
-  ``num_permutations`` random permutations per step, drawn on the host from ``(seed, step)``; its estimates still sum
-  to f(A) exactly. Exact variants support up to 8 modalities.
-- Outside the modulation window the coefficients are 1; ``hold_last=True`` keeps the last value, as the reference
-  code does.
-- ``task="regression"`` scores each modality by the mean squared error of psi_m against the target.
-- Non-finite logits propagate: the scores and coefficients of that step are NaN (so AMP's GradScaler skips the
-  step) and the running state (running means, count, last coefficients) is left unchanged.
-- The running state is updated only in training mode (``module.train()``); a call in eval mode computes the
-  coefficients from the current state without changing it.
-
-Typical use::
-
-    agm = agm_fast.AGM(encoders=[audio_net, video_net], fusion=head, alpha=1.5, cap=10.0, window=(0, 70))
-    for epoch in range(epochs):
-        for audio, video, y in loader:
-            res = agm(audio, video, target=y, epoch=epoch)
-            loss = torch.nn.functional.cross_entropy(res.logits, y)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-
-Porting the reference loop::
-
-    model = agm_fast.GradMod(model, num_modalities=2)
-    coeff = agm_fast.AGMCoefficients(num_modalities=2, alpha=1.5, cap=10.0)
-    m_a, m_v, out = model(audio, video)
-    loss = criterion(out, y)
-    model.update_scale(*coeff((m_a, m_v), y))
-    loss.backward()
+The maths, the subset strategies and every switch are in docs/methods.md, sections 1 and 5.
 """
 
 from __future__ import annotations
@@ -63,12 +15,15 @@ from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from . import distributed, ops
-from . import reference as ref
-from ._subsets import ShapleyBase
-from ._validate import check_bool, check_choice, check_float
-from .functional import _agm_check_modalities, _agm_check_target
-from .window import Window, WindowLike
+from ... import distributed, ops
+from ... import reference as ref
+from ..._validate import check_choice
+from ...functional import _agm_check_modalities as check_modalities
+from ...functional import _agm_check_target
+from ...window import Window, WindowLike
+from ..hparams import declare
+from .config import COEFFICIENT_HPARAMS, HPARAMS, SUBSET_HPARAMS
+from .subsets import ShapleyBase
 
 __all__ = ["AGM", "AGMCoefficients", "AGMResult", "GradMod"]
 
@@ -111,6 +66,7 @@ class _ScaleGrad(torch.autograd.Function):
         return grad * scale, None, None
 
 
+@declare(SUBSET_HPARAMS)
 class GradMod(ShapleyBase):
     """The reference AGM wrapper: mono-modal outputs whose gradients are scaled by ``update_scale``.
 
@@ -156,21 +112,13 @@ class GradMod(ShapleyBase):
         *,
         encoders: Optional[Sequence[nn.Module]] = None,
         fusion: Optional[nn.Module] = None,
-        strategy: str = "auto",
-        masked_mode: str = "eval",
-        shapley: str = "reference",
-        mute: str = "input",
         baselines: Optional[Sequence[Tensor]] = None,
-        num_permutations: int = 16,
         seed: int = 0,
-        max_batch: Optional[int] = None,
         mode_invariant=None,
-        checkpoint_masked: bool = False,
     ) -> None:
         super().__init__(
-            model, num_modalities, encoders, fusion, strategy, masked_mode, shapley, mute, baselines,
-            num_permutations, seed, max_batch, register_model=True, mode_invariant=mode_invariant,
-            checkpoint_masked=checkpoint_masked,
+            model, num_modalities, encoders, fusion, self.hparams_values, baselines, seed, register_model=True,
+            mode_invariant=mode_invariant,
         )
         self._scales: List[Coefficient] = [1.0] * self.num_modalities
 
@@ -219,6 +167,7 @@ class GradMod(ShapleyBase):
         return (*scaled, out)
 
 
+@declare(COEFFICIENT_HPARAMS)
 class AGMCoefficients(nn.Module):
     """Scores, running means and coefficients of the reference AGM training loop, on the device.
 
@@ -250,21 +199,14 @@ class AGMCoefficients(nn.Module):
     def __init__(
         self,
         num_modalities: int,
-        alpha: float,
-        cap: Optional[float] = 10.0,
         window: WindowLike = None,
-        hold_last: bool = False,
         task: str = "classification",
         process_group=None,
     ) -> None:
         super().__init__()
-        M = _agm_check_modalities(num_modalities, "sampled")
+        M = check_modalities(num_modalities, "sampled")
         self.num_modalities = M
-        # A negative alpha would invert the modulation and a cap <= 0 would only ever damp: both are refused.
-        self.alpha = check_float("alpha", alpha, low=0.0)
-        self.cap = check_float("cap", cap, low=0.0, low_open=True, allow_none=True)
         self.window = Window.of(window)
-        self.hold_last = check_bool("hold_last", hold_last)
         self.task = check_choice("task", task, _TASKS)
         self.process_group = process_group
         self.register_buffer("running", torch.zeros(M))
@@ -334,6 +276,7 @@ class AGMCoefficients(nn.Module):
         return coeffs
 
 
+@declare(HPARAMS)
 class AGM(ShapleyBase):
     """AGM in one call per step: subset outputs, mono-modal outputs, scores, coefficients and modulated logits.
 
@@ -366,30 +309,20 @@ class AGM(ShapleyBase):
         encoders: Optional[Sequence[nn.Module]] = None,
         fusion: Optional[nn.Module] = None,
         num_modalities: Optional[int] = None,
-        alpha: float = 1.0,
-        cap: Optional[float] = 10.0,
         window: WindowLike = None,
-        hold_last: bool = False,
-        strategy: str = "auto",
-        masked_mode: str = "eval",
-        shapley: str = "reference",
-        mute: str = "input",
         baselines: Optional[Sequence[Tensor]] = None,
         task: str = "classification",
-        num_permutations: int = 16,
         seed: int = 0,
-        max_batch: Optional[int] = None,
         process_group=None,
         mode_invariant=None,
-        checkpoint_masked: bool = False,
     ) -> None:
         super().__init__(
-            model, num_modalities, encoders, fusion, strategy, masked_mode, shapley, mute, baselines,
-            num_permutations, seed, max_batch, register_model=False, mode_invariant=mode_invariant,
-            checkpoint_masked=checkpoint_masked,
+            model, num_modalities, encoders, fusion, self.hparams_values, baselines, seed, register_model=False,
+            mode_invariant=mode_invariant,
         )
         self.coefficients = AGMCoefficients(
-            self.num_modalities, alpha, cap, window, hold_last, task, process_group=process_group
+            self.num_modalities, window=window, task=task, process_group=process_group,
+            **{k: self.hparams_values[k] for k in COEFFICIENT_HPARAMS.names},
         )
 
     @property

@@ -6,49 +6,40 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from torch import Tensor, nn
 
-from .._subsets import MASKED_MODES, SHAPLEY, STRATEGIES
-from ..agm import AGM
-from ._parse import cap_or_none
-from .base import Method, Option, StepOutput
+from ..base import Method, StepOutput
+from ..hparams import declare
+from .config import HPARAMS
+from .core import AGM
 
 __all__ = ["AGMMethod"]
 
 
+@declare(HPARAMS)
 class AGMMethod(Method):
     """AGM (docs/methods.md, section 1): the loss logits come from :class:`agm_fast.AGM`, whose value is f(A) and
     whose gradient is already modulated by this step's coefficients; :meth:`before_optimizer_step` changes nothing.
 
     Args:
         encoders, fusion, window, seed, task: as :class:`agm_fast.methods.Method`.
-        **kwargs: the arguments of :class:`agm_fast.AGM` (``alpha``, ``cap``, ``hold_last``, ``strategy``,
-            ``masked_mode``, ``shapley``, ``num_permutations``, ``mute``, ``baselines``, ``max_batch``,
-            ``process_group``), with its defaults.
+        baselines, process_group, mode_invariant: as :class:`agm_fast.AGM`.
+        **hparams: AGM's hyper-parameters (``agm_fast.methods.agm.config.HPARAMS``).
+
+    Example::
+
+        method = agm_fast.methods.create("agm", encoders=[enc_a, enc_v], fusion=head, alpha=1.5, window=(0, 70))
     """
 
-    core = AGM
-    options = (
-        Option("alpha", "modulation strength (published: AV-MNIST 2.5, CREMA-D 1.5, UR-Funny 4.0 / 6.0)"),
-        Option("cap", "upper bound on rbar - r, or 'none'", type=cap_or_none),
-        Option("hold_last", "keep the last coefficients outside the window (the reference) instead of 1", type=bool),
-        Option("strategy", "how the subset outputs f(S) are evaluated", type=str, choices=STRATEGIES),
-        Option("masked_mode", "mode of the masked passes (eval: the reference)", type=str, choices=MASKED_MODES),
-        Option("shapley", "mono-modal outputs psi (reference), exact phi, or permutation-sampled", type=str,
-               choices=SHAPLEY),
-        Option("num_permutations", "permutations per step for --shapley sampled", type=int, flag="--permutations"),
-    )
-
     def __init__(
-        self, encoders, fusion, *, window=None, seed: int = 0, task: str = "classification", **kwargs: Any
+        self, encoders, fusion, *, window=None, seed: int = 0, task: str = "classification", baselines=None,
+        process_group=None, mode_invariant=None,
     ) -> None:
         super().__init__(encoders, fusion, window=window, seed=seed, task=task)
-        kwargs = self._core_kwargs(kwargs)
-        if "num_permutations" in kwargs and kwargs.get("shapley", "reference") != "sampled":
-            raise ValueError(
-                f"num_permutations: applies to shapley='sampled', got shapley={kwargs.get('shapley', 'reference')!r}"
-            )
-        for key in ("encoders", "fusion", "model", "num_modalities"):
-            kwargs.pop(key, None)
-        self.agm = AGM(encoders=list(self.encoders), fusion=fusion, window=window, seed=seed, task=task, **kwargs)
+        if "num_permutations" in self.hparams_given and self.shapley != "sampled":
+            raise ValueError(f"num_permutations: applies to shapley='sampled', got shapley={self.shapley!r}")
+        self.agm = AGM(
+            encoders=list(self.encoders), fusion=fusion, window=window, seed=seed, task=task, baselines=baselines,
+            process_group=process_group, mode_invariant=mode_invariant, **self.hparams_values,
+        )
         self.window = self.agm.coefficients.window
 
     def forward(self, inputs: Sequence[Tensor], target: Tensor, epoch: Optional[int]) -> StepOutput:
@@ -66,8 +57,8 @@ class AGMMethod(Method):
     def modules(self) -> List[nn.Module]:
         return [self.agm]
 
-    def state_dict(self) -> Dict[str, Any]:
+    def method_state(self) -> Dict[str, Any]:
         return self.agm.state_dict()
 
-    def load_state_dict(self, state) -> None:
+    def load_method_state(self, state) -> None:
         self.agm.load_state_dict(state)

@@ -19,7 +19,7 @@ from typing import List, Optional, Sequence, Union
 
 from torch import nn
 
-from ._validate import describe
+from ..._validate import describe
 
 __all__ = ["ModeInvariance", "mode_dependence"]
 

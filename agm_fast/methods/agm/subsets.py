@@ -1,45 +1,26 @@
-"""Subset evaluation for AGM: every f(S) a Shapley variant needs, by one of three strategies.
+"""How AGM evaluates the subset outputs f(S): sequential, batched or factorized (docs/methods.md, section 5).
 
-The maths is in docs/methods.md, section 5.
-
-
-- ``"sequential"``: one model call per subset (the reference): the full pass in the model's current mode, then every
-  masked pass in eval mode, after which each submodule gets its previous mode back.
-- ``"batched"``: the full pass, then every masked pass stacked along the batch into one eval-mode call of the model.
-  Exact for any model whose eval-mode output is per-sample (BatchNorm running stats, no dropout).
-- ``"factorized"`` (``encoders=[...]``, ``fusion=``; the model is ``fusion(enc_0(x_0), ..., enc_{M-1}(x_{M-1}))``):
-  each encoder runs on the real input once in its current mode (the full pass) and once in eval mode (the masked
-  passes), a muted encoder runs once on a single zero sample in eval mode and is broadcast, and the fusion runs once
-  in its current mode (the full set) and once in eval mode over every masked subset stacked. A linear head (an
-  ``nn.Linear`` over the concatenated features, or any module with ``contributions(*features) -> (pieces, bias)``
-  such that ``fusion(*features) == sum(pieces) + bias``) needs no subset evaluation of the head: f(S) is assembled
-  from per-modality ``[B, C]`` pieces.
-
-The full pass always runs first, so masked eval-mode passes see the BatchNorm running statistics after this step's
-update, and it is the only pass that updates them or draws dropout masks. No pass is detached.
+The full pass always runs first, in the model's current mode; the masked passes run in eval mode (or reuse the full
+pass for encoders that compute the same in both modes, :mod:`.modes`). No pass is detached.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from . import ops
-from . import reference as ref
-from ._backend import to_device
-from ._modes import ModeInvariance
-from ._seed import step_seed
-from ._validate import check_bool, check_choice, check_int, check_seed
-from .functional import _agm_check_modalities
+from ... import ops
+from ... import reference as ref
+from ..._backend import to_device
+from ..._seed import step_seed
+from ..._validate import check_seed
+from ...functional import _agm_check_modalities
+from .modes import ModeInvariance
 
-STRATEGIES = ("auto", "sequential", "batched", "factorized")
-SHAPLEY = ("reference", "exact", "sampled")
-MASKED_MODES = ("eval", "train")
-MUTES = ("input", "feature")
 
 def encode(encoders: Sequence[nn.Module], xs: Sequence[Tensor]) -> List[Tensor]:
     """Each encoder on its modality's input; an encoder must return one feature tensor ``[B, ...]``."""
@@ -79,23 +60,15 @@ class ShapleyBase(nn.Module):
         num_modalities: Optional[int],
         encoders: Optional[Sequence[nn.Module]],
         fusion: Optional[nn.Module],
-        strategy: str,
-        masked_mode: str,
-        shapley: str,
-        mute: str,
+        hp: Mapping[str, Any],
         baselines: Optional[Sequence[Tensor]],
-        num_permutations: int,
         seed: int,
-        max_batch: Optional[int],
         register_model: bool,
         mode_invariant=None,
-        checkpoint_masked: bool = False,
     ) -> None:
         super().__init__()
-        check_choice("strategy", strategy, STRATEGIES)
-        check_choice("masked_mode", masked_mode, MASKED_MODES)
-        check_choice("shapley", shapley, SHAPLEY)
-        check_choice("mute", mute, MUTES)
+        strategy, masked_mode, shapley, mute = hp["strategy"], hp["masked_mode"], hp["shapley"], hp["mute"]
+        num_permutations, max_batch = hp["num_permutations"], hp["max_batch"]
         if model is not None and (encoders is not None or fusion is not None):
             raise ValueError(
                 "model: expected either model= (a black box) or encoders= and fusion= (factorized), got both"
@@ -144,11 +117,8 @@ class ShapleyBase(nn.Module):
             )
         if baselines is not None and mute != "feature":
             raise ValueError(f"baselines: muted features that need mute='feature', got mute={mute!r}")
-        num_permutations = check_int("num_permutations", num_permutations, low=1)
-        if max_batch is not None:
-            max_batch = check_int("max_batch", max_batch, low=1)
         seed = check_seed("seed", seed)
-        self.checkpoint_masked = check_bool("checkpoint_masked", checkpoint_masked)
+        self.checkpoint_masked = hp["checkpoint_masked"]
         if mode_invariant is not None and (strategy != "factorized" or masked_mode != "eval"):
             raise ValueError(
                 "mode_invariant: decides the eval-mode masked passes of strategy='factorized' with masked_mode="

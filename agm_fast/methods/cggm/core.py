@@ -13,11 +13,13 @@ import torch
 import torch.nn.functional as Fn
 from torch import Tensor, nn
 
-from . import distributed as dist_helpers
-from . import sharding
-from ._select import resolve_modalities
-from ._validate import check_choice, check_float, check_int
-from .fusion import output_layer
+from ... import distributed as dist_helpers
+from ... import sharding
+from ..._select import resolve_modalities
+from ..._validate import check_choice, check_float, check_int
+from ...fusion import output_layer
+from ..hparams import declare
+from .config import HPARAMS
 
 __all__ = ["CGGM"]
 
@@ -25,9 +27,9 @@ __all__ = ["CGGM"]
 S_EPS = 1e-8
 
 _TASKS = ("classification", "regression")
-_DIRECTIONS = ("weights", "gradient")
 
 
+@declare(HPARAMS)
 class CGGM:
     """Classifier-guided gradient modulation for any number of modalities.
 
@@ -131,24 +133,17 @@ class CGGM:
         fusion_out: Union[nn.Module, Tensor],
         feature_dims: Sequence[int],
         num_classes: int,
-        rho: float = 1.3,
-        lam: float = 0.1,
-        direction: str = "weights",
         task: str = "classification",
         metric: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
         head_loss: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
-        bound: Optional[float] = None,
         heads: Optional[Sequence[nn.Module]] = None,
         head_optimizer: Optional[Callable[..., torch.optim.Optimizer]] = torch.optim.Adam,
         head_lr: Optional[float] = None,
         model: Optional[nn.Module] = None,
         process_group=None,
     ):
-        check_choice("direction", direction, _DIRECTIONS)
         check_choice("task", task, _TASKS)
-        rho = check_float("rho", rho, low=0.0, low_open=True)
-        lam = check_float("lam", lam, low=0.0)
-        bound = check_float("bound", bound, low=0.0, low_open=True, allow_none=True)
+        rho, lam, direction, bound = self.rho, self.lam, self.direction, self.bound
         num_classes = check_int("num_classes", num_classes, low=1)
         if head_lr is not None:
             head_lr = check_float("head_lr", head_lr, low=0.0, low_open=True)

@@ -7,14 +7,16 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from .._validate import check_float
-from ..cggm import CGGM
-from ..fusion import FiLMFusion, SumFusion, output_layer
-from .base import Method, Option, StepOutput
+from ...fusion import FiLMFusion, SumFusion, output_layer
+from ..base import Method, StepOutput
+from ..hparams import declare
+from .config import HPARAMS, METHOD_HPARAMS
+from .core import CGGM
 
 __all__ = ["CGGMMethod"]
 
 
+@declare(METHOD_HPARAMS)
 class CGGMMethod(Method):
     """CGGM (docs/methods.md, section 4) with the reference's training step.
 
@@ -27,22 +29,17 @@ class CGGMMethod(Method):
     Args:
         encoders, fusion, window, seed, task: as :class:`agm_fast.methods.Method`.
         feature_dims: the M feature sizes (default: ``fusion.dims``).
-        head_lr_scale: the heads' learning rate over the main one (default 0.5, the reference), > 0.
-        clip_grad_norm: the gradient-norm bound applied after the scaling (default 0.8, the reference), or None.
-        **kwargs: the arguments of :class:`agm_fast.CGGM` (``rho``, ``lam``, ``direction``, ``bound``, ``metric``,
-            ``head_loss``, ``heads``, ``process_group``), with its defaults.
+        metric, head_loss, heads, process_group: as :class:`agm_fast.CGGM`.
+        **hparams: CGGM's hyper-parameters (``agm_fast.methods.cggm.config.METHOD_HPARAMS``), including
+            ``head_lr_scale`` and the reference's gradient-norm clip ``clip_grad_norm=0.8``.
+
+    Example::
+
+        method = agm_fast.methods.create("cggm", encoders=[enc_a, enc_v], fusion=head, rho=1.3, lam=0.1)
     """
 
-    core = CGGM
     # A sum head has one output layer per modality, so there is no single fusion output layer to compare with.
     unsupported_fusions = ("sum",)
-    options = (
-        Option("rho", "gradient magnitude scale"),
-        Option("lam", "weight of the direction loss term"),
-        Option("direction", "cosine between head weights (the reference) or gradients (the paper)", type=str,
-               choices=("weights", "gradient")),
-        Option("bound", "clamp every B_m to [-bound, bound] (default: no bound, the reference)"),
-    )
 
     def __init__(
         self,
@@ -53,18 +50,13 @@ class CGGMMethod(Method):
         seed: int = 0,
         task: str = "classification",
         feature_dims: Optional[Sequence[int]] = None,
-        head_lr_scale: float = 0.5,
-        clip_grad_norm: Optional[float] = 0.8,
-        **kwargs: Any,
+        metric=None,
+        head_loss=None,
+        heads=None,
+        process_group=None,
     ) -> None:
         super().__init__(encoders, fusion, window=window, seed=seed, task=task)
-        self.head_lr_scale = check_float("head_lr_scale", head_lr_scale, low=0.0, low_open=True)
-        self.clip_grad_norm = check_float("clip_grad_norm", clip_grad_norm, low=0.0, low_open=True, allow_none=True)
         dims = self.feature_dims(feature_dims)
-        kwargs = self._core_kwargs(kwargs)
-        for key in ("head_optimizer", "head_lr", "model", "num_classes", "feature_dims", "fusion_out"):
-            if key in kwargs:
-                raise TypeError(f"{key}: set by {type(self).__name__}, not an argument")
         if isinstance(fusion, SumFusion):
             raise ValueError("fusion: expected a head with one output layer, got a SumFusion (one layer per modality)")
         if isinstance(fusion, FiLMFusion) and len(self.encoders) != 2:
@@ -75,7 +67,8 @@ class CGGMMethod(Method):
         out_layer = output_layer(fusion)
         self.cggm = CGGM(
             list(self.encoders), out_layer, feature_dims=dims, num_classes=out_layer.weight.shape[0], task=task,
-            head_optimizer=None, **kwargs,
+            head_optimizer=None, metric=metric, head_loss=head_loss, heads=heads, process_group=process_group,
+            **{k: self.hparams_values[k] for k in HPARAMS.names},
         )
         self._model_params = [p for m in (*self.encoders, fusion) for p in m.parameters() if p.requires_grad]
 
@@ -109,8 +102,8 @@ class CGGMMethod(Method):
         self.cggm.to(device)
         return self
 
-    def state_dict(self) -> Dict[str, Any]:
+    def method_state(self) -> Dict[str, Any]:
         return self.cggm.state_dict()
 
-    def load_state_dict(self, state) -> None:
+    def load_method_state(self, state) -> None:
         self.cggm.load_state_dict(state)

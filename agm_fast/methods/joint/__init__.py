@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from .base import Method
+from ..base import Method
+from ..registry import register
 
 __all__ = ["Joint"]
 
@@ -12,9 +13,16 @@ class Joint(Method):
 
     Args:
         encoders, fusion, seed, task: as :class:`agm_fast.methods.Method`.
+
+    Example::
+
+        method = agm_fast.methods.create("joint", encoders=[enc_a, enc_v], fusion=head)
     """
 
     windowed = False
 
     def __init__(self, encoders, fusion, *, window=None, seed: int = 0, task: str = "classification") -> None:
         super().__init__(encoders, fusion, window=window, seed=seed, task=task)
+
+
+register("joint", Joint)

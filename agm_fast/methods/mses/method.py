@@ -6,12 +6,15 @@ from typing import Any, Dict, Mapping, Optional, Sequence
 
 from torch import Tensor
 
-from ..mslr import MSES
-from .base import Method, Option, StepOutput
+from ..base import Method, StepOutput
+from ..hparams import declare
+from .config import HPARAMS
+from .core import MSES
 
 __all__ = ["MSESMethod"]
 
 
+@declare(HPARAMS)
 class MSESMethod(Method):
     """MSES (docs/methods.md, section 1.7): at each :meth:`end_epoch` in the window, the smoothed
     ``metrics["modality_loss"]`` decide which modalities stop; inside the window a stopped modality's gradients are
@@ -19,22 +22,20 @@ class MSESMethod(Method):
 
     Args:
         encoders, fusion, window, seed, task: as :class:`agm_fast.methods.Method`.
-        **kwargs: the arguments of :class:`agm_fast.MSES` (``patience``, ``smoothing``, ``skip_optimizer``), with
-            its defaults.
+        **hparams: MSES's hyper-parameters (``agm_fast.methods.mses.config.HPARAMS``).
+
+    Example::
+
+        method = agm_fast.methods.create("mses", encoders=[enc_a, enc_v], fusion=head, patience=5)
     """
 
     needs_epoch_metrics = True
-    core = MSES
-    options = (
-        Option("patience", "epochs without improvement of the smoothed loss before a stop", type=int),
-        Option("smoothing", "weight of the previous raw loss in the smoothed loss"),
-    )
 
     def __init__(
-        self, encoders, fusion, *, window=None, seed: int = 0, task: str = "classification", **kwargs: Any
+        self, encoders, fusion, *, window=None, seed: int = 0, task: str = "classification"
     ) -> None:
         super().__init__(encoders, fusion, window=window, seed=seed, task=task)
-        self.mses = MSES(list(self.encoders), **self._core_kwargs(kwargs))
+        self.mses = MSES(list(self.encoders), **self.hparams_values)
 
     def before_optimizer_step(self, out: Optional[StepOutput] = None, target: Optional[Tensor] = None) -> Tensor:
         out, target = self._resolve(out, target)
@@ -47,8 +48,8 @@ class MSESMethod(Method):
         if self.in_window(epoch):
             self.mses.epoch_end(self._metric(metrics, "modality_loss"))
 
-    def state_dict(self) -> Dict[str, Any]:
+    def method_state(self) -> Dict[str, Any]:
         return self.mses.state_dict()
 
-    def load_state_dict(self, state) -> None:
+    def load_method_state(self, state) -> None:
         self.mses.load_state_dict(state)

@@ -6,35 +6,35 @@ from typing import Any, Dict, Mapping, Optional, Sequence
 
 from torch import Tensor
 
-from ..mslr import MSLR
-from ._parse import float_list
-from .base import Method, Option, StepOutput
+from ..base import Method, StepOutput
+from ..hparams import declare
+from .config import HPARAMS
+from .core import MSLR
 
 __all__ = ["MSLRMethod"]
 
 
+@declare(HPARAMS)
 class MSLRMethod(Method):
     """MSLR (docs/methods.md, section 1.7): inside the window, encoder m's gradients are multiplied by
     ``init_m * ratio_m``; the ratios follow ``metrics["modality_accuracy"]`` at each :meth:`end_epoch` in the window.
 
     Args:
         encoders, fusion, window, seed, task: as :class:`agm_fast.methods.Method`.
-        **kwargs: the arguments of :class:`agm_fast.MSLR` (``init_lr_scales``, ``history``), with its defaults.
+        **hparams: MSLR's hyper-parameters (``agm_fast.methods.mslr.config.HPARAMS``).
+
+    Example::
+
+        method = agm_fast.methods.create("mslr", encoders=[enc_a, enc_v], fusion=head, history=5)
     """
 
     needs_epoch_metrics = True
-    core = MSLR
-    options = (
-        Option("init_lr_scales", "initial gradient scale per modality, comma-separated (default 1 each)",
-               type=float_list, flag="--lr-scales"),
-        Option("history", "past epochs the accuracy ratio averages over", type=int),
-    )
 
     def __init__(
-        self, encoders, fusion, *, window=None, seed: int = 0, task: str = "classification", **kwargs: Any
+        self, encoders, fusion, *, window=None, seed: int = 0, task: str = "classification"
     ) -> None:
         super().__init__(encoders, fusion, window=window, seed=seed, task=task)
-        self.mslr = MSLR(list(self.encoders), **self._core_kwargs(kwargs))
+        self.mslr = MSLR(list(self.encoders), **self.hparams_values)
 
     def before_optimizer_step(self, out: Optional[StepOutput] = None, target: Optional[Tensor] = None) -> Tensor:
         out, target = self._resolve(out, target)
@@ -47,8 +47,8 @@ class MSLRMethod(Method):
         if self.in_window(epoch):
             self.mslr.epoch_end(self._metric(metrics, "modality_accuracy"))
 
-    def state_dict(self) -> Dict[str, Any]:
+    def method_state(self) -> Dict[str, Any]:
         return self.mslr.state_dict()
 
-    def load_state_dict(self, state) -> None:
+    def load_method_state(self, state) -> None:
         self.mslr.load_state_dict(state)

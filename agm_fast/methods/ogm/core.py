@@ -32,17 +32,17 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from . import _backend, distributed, functional, sharding
-from . import reference as ref
-from ._select import resolve_modalities
-from ._validate import check_bool, check_choice, check_float, check_int, check_seed
-from .fusion import per_modality_logits
-from .window import Window, WindowLike
+from ... import _backend, distributed, functional, sharding
+from ... import reference as ref
+from ..._select import resolve_modalities
+from ..._validate import check_choice, check_seed
+from ...fusion import per_modality_logits
+from ...window import Window, WindowLike
+from ..hparams import declare
+from .config import HPARAMS, MODULATION_MODES
 
 __all__ = ["MODULATION_MODES", "calculate_coefficient", "update_model_with_OGM_GE", "OGMGE"]
 
-# The reference's --modulation flag values.
-MODULATION_MODES = ("Normal", "OGM", "OGM_GE")
 
 def _check_mode(mode: str) -> str:
     return check_choice("mode", mode, MODULATION_MODES)
@@ -190,6 +190,7 @@ def _modulate(grads: List[Tensor], group: List[int], coeffs: Tensor, noise: bool
 EncoderSpec = Union[nn.Module, str]
 
 
+@declare(HPARAMS)
 class OGMGE:
     """OGM / OGM-GE for any number of modalities, and the journal version (warm-up, tie rule, OGM+).
 
@@ -241,29 +242,13 @@ class OGMGE:
     def __init__(
         self,
         encoders: Union[Sequence[EncoderSpec], Mapping[str, EncoderSpec]],
-        alpha: float = 0.8,
-        mode: str = "OGM_GE",
         window: WindowLike = None,
-        conv_only: bool = False,
-        continuous: bool = False,
         seed: int = 0,
         model: Optional[nn.Module] = None,
-        journal: bool = False,
-        ogm_plus: bool = False,
-        warmup_epochs: Optional[int] = None,
-        plus_factor: float = 4.0,
         process_group=None,
     ):
-        self.mode = _check_mode(mode)
-        self.alpha = check_float("alpha", alpha, low=0.0)
-        self.conv_only = check_bool("conv_only", conv_only)
-        self.continuous = check_bool("continuous", continuous)
-        self.journal = check_bool("journal", journal)
-        self.ogm_plus = check_bool("ogm_plus", ogm_plus)
-        self.plus_factor = check_float("plus_factor", plus_factor, low=0.0, low_open=True)
-        if warmup_epochs is None:
-            warmup_epochs = 6 if self.journal else 0
-        self.warmup_epochs = check_int("warmup_epochs", warmup_epochs, low=0)
+        if self.warmup_epochs is None:
+            self.warmup_epochs = 6 if self.journal else 0
         self.window = Window.of(window).starting_at(self.warmup_epochs)
         if isinstance(encoders, Mapping):
             self.modalities = list(encoders.keys())

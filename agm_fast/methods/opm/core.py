@@ -42,17 +42,18 @@ from torch import Tensor, nn
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
 
-from . import distributed
-from . import reference as ref
-from ._seed import step_seed
-from ._validate import check_choice, check_float, check_int, check_seed
-from .fusion import per_modality_logits
-from .window import Window, WindowLike
+from ... import distributed
+from ... import reference as ref
+from ..._seed import step_seed
+from ..._validate import check_choice, check_float, check_int, check_seed
+from ...fusion import per_modality_logits
+from ...window import Window, WindowLike
+from ..hparams import declare
+from .config import HPARAMS, THETA_GRADS
 
 __all__ = ["OPM", "opm_drop_probs", "opm_theta", "opm_apply", "opm_loss", "opm_scores", "THETA_GRADS"]
 
 # "reference": theta's gradient is theta itself (the released code); "none": theta is a constant.
-THETA_GRADS = ("reference", "none")
 
 
 def _check_unit(value: float, name: str) -> float:
@@ -257,6 +258,7 @@ def opm_loss(logits: Tensor, labels: Tensor, sample_weight: Tensor) -> Tensor:
     return (ce * w).sum() / w.sum().clamp(min=1)
 
 
+@declare(HPARAMS)
 class OPM(nn.Module):
     """On-the-fly prediction modulation: drop the dominant modality's features per sample.
 
@@ -290,13 +292,8 @@ class OPM(nn.Module):
     def __init__(
         self,
         dims: Sequence[int],
-        q_base: float = 0.5,
-        lam: float = 0.5,
-        p_exe: float = 0.7,
         seed: int = 0,
         window: WindowLike = None,
-        warmup_epochs: int = 6,
-        theta_grad: str = "reference",
         process_group=None,
     ):
         super().__init__()
@@ -306,13 +303,8 @@ class OPM(nn.Module):
         if len(dims) < 2:
             raise ValueError(f"dims: expected at least two positive feature dimensions, got {dims}")
         self.dims = dims
-        self.q_base = _check_unit(q_base, "q_base")
-        self.lam = check_float("lam", lam, low=0.0)
-        self.p_exe = _check_unit(p_exe, "p_exe")
         self.seed = check_seed("seed", seed)
-        self.warmup_epochs = check_int("warmup_epochs", warmup_epochs, low=0)
         self.window = Window.of(window).starting_at(self.warmup_epochs)
-        self.theta_grad = check_choice("theta_grad", theta_grad, THETA_GRADS)
         self.process_group = process_group
         self.step_count = 0
         self._generators: Dict[torch.device, torch.Generator] = {}

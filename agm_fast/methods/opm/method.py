@@ -7,15 +7,18 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from .. import distributed
-from ..functional import ogm_scores
-from ..fusion import per_modality_logits
-from ..opm import OPM, THETA_GRADS, opm_scores
-from .base import Method, Option, StepOutput
+from ... import distributed
+from ...functional import ogm_scores
+from ...fusion import per_modality_logits
+from ..base import Method, StepOutput
+from ..hparams import declare
+from .config import HPARAMS
+from .core import OPM, opm_scores
 
 __all__ = ["OPMMethod"]
 
 
+@declare(HPARAMS)
 class OPMMethod(Method):
     """OPM (docs/methods.md, section 3): inside the window, each sample drops the dominant modalities' features
     with probability q_m and the loss averages over the samples that kept a modality; the coefficients reported
@@ -25,18 +28,13 @@ class OPMMethod(Method):
         encoders, fusion, window, seed: as :class:`agm_fast.methods.Method` (classification only).
         feature_dims: the M feature sizes (default: ``fusion.dims``, which every head of :mod:`agm_fast.fusion`
             has).
-        **kwargs: the arguments of :class:`agm_fast.OPM` (``q_base``, ``lam``, ``p_exe``, ``warmup_epochs``,
-            ``theta_grad``, ``process_group``), with its defaults.
-    """
+        process_group: as :class:`agm_fast.OPM`.
+        **hparams: OPM's hyper-parameters (``agm_fast.methods.opm.config.HPARAMS``).
 
-    core = OPM
-    options = (
-        Option("q_base", "base drop probability"),
-        Option("lam", "how much the imbalance raises the drop probability"),
-        Option("p_exe", "probability that a step drops at all"),
-        Option("warmup_epochs", "no dropping before this epoch (the journal code: 6)", type=int),
-        Option("theta_grad", "theta's gradient: theta itself (the reference) or none", type=str, choices=THETA_GRADS),
-    )
+    Example::
+
+        method = agm_fast.methods.create("opm", encoders=[enc_a, enc_v], fusion=head, q_base=0.5)
+    """
 
     def __init__(
         self,
@@ -47,14 +45,13 @@ class OPMMethod(Method):
         seed: int = 0,
         task: str = "classification",
         feature_dims: Optional[Sequence[int]] = None,
-        **kwargs: Any,
+        process_group=None,
     ) -> None:
         super().__init__(encoders, fusion, window=window, seed=seed, task=task)
         if self.task != "classification":
             raise ValueError(f"task: OPM scores class probabilities, expected 'classification', got {task!r}")
         dims = self.feature_dims(feature_dims)
-        kwargs = self._core_kwargs(kwargs)
-        self.opm = OPM(dims, window=window, seed=seed, **kwargs)
+        self.opm = OPM(dims, window=window, seed=seed, process_group=process_group, **self.hparams_values)
         self.window = self.opm.window
 
     def forward(self, inputs: Sequence[Tensor], target: Tensor, epoch: Optional[int]) -> StepOutput:
@@ -82,8 +79,8 @@ class OPMMethod(Method):
     def modules(self) -> List[nn.Module]:
         return [self.opm]
 
-    def state_dict(self) -> Dict[str, Any]:
+    def method_state(self) -> Dict[str, Any]:
         return self.opm.state_dict()
 
-    def load_state_dict(self, state) -> None:
+    def load_method_state(self, state) -> None:
         self.opm.load_state_dict(state)

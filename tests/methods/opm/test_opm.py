@@ -9,8 +9,8 @@ import torch.nn.functional as F
 
 import agm_fast
 from agm_fast.fusion import ConcatFusion
-from agm_fast.opm import OPM as _OPM
-from agm_fast.opm import opm_apply, opm_drop_probs, opm_loss, opm_scores, opm_theta
+from agm_fast.methods.opm import OPM as _OPM
+from agm_fast.methods.opm import opm_apply, opm_drop_probs, opm_loss, opm_scores, opm_theta
 
 
 def OPM(*args, **kwargs):

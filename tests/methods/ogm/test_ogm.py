@@ -10,7 +10,7 @@ from torch import nn
 import agm_fast
 from agm_fast import functional
 from agm_fast.fusion import ConcatFusion, SumFusion
-from agm_fast.ogm import OGMGE, calculate_coefficient, update_model_with_OGM_GE
+from agm_fast.methods.ogm import OGMGE, calculate_coefficient, update_model_with_OGM_GE
 
 
 def _scores_by_hand(logits, labels):

@@ -6,7 +6,7 @@ from agm_models import Composite, Encoder, clone, grads, make_batch, make_model
 from torch import nn
 
 import agm_fast
-from agm_fast.agm import AGM
+from agm_fast.methods.agm import AGM
 
 ce = nn.functional.cross_entropy
 

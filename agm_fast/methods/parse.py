@@ -1,10 +1,12 @@
-"""Parsers of command-line text for method options (shared by the method files)."""
+"""Parsers of command-line text for hyper-parameters (shared by the methods' declarations)."""
 
 from __future__ import annotations
 
 import argparse
 import math
 from typing import List, Optional
+
+__all__ = ["cap_or_none", "float_or_none", "float_list"]
 
 
 def cap_or_none(text: str) -> Optional[float]:
@@ -15,6 +17,9 @@ def cap_or_none(text: str) -> Optional[float]:
         return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number or 'none', got {text!r}") from None
+
+
+float_or_none = cap_or_none
 
 
 def float_list(text: str) -> List[float]:

@@ -29,7 +29,7 @@ from torch.distributed.device_mesh import init_device_mesh  # noqa: E402
 from torch.distributed.fsdp import fully_shard  # noqa: E402
 
 B, C, DIMS, EPOCHS, STEPS_PER_EPOCH = 6, 5, (7, 4), 3, 2
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 # Options that make each method act from the first step on this tiny problem (and the single process's group).
 CASES = {

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import agm_fast
-from agm_fast._modes import mode_dependence
+from agm_fast.methods.agm.modes import mode_dependence
 
 B, C, D_IN, D = 12, 5, 7, 8
 

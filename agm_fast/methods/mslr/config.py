@@ -1,0 +1,14 @@
+"""MSLR's hyper-parameters, declared once (docs/methods.md, section 1.7)."""
+
+from __future__ import annotations
+
+from ..hparams import HParam, HParams, any_value, integer
+from ..parse import float_list
+
+__all__ = ["HPARAMS"]
+
+HPARAMS = HParams(
+    HParam("init_lr_scales", None, "initial gradient scale per modality, comma-separated (None: 1 each)", any_value,
+           parse=float_list, flag="--lr-scales"),
+    HParam("history", 5, "past epochs the accuracy ratio averages over", integer(low=1), parse=int),
+)
