@@ -1,21 +1,10 @@
 """Multi-view data for ``agm-fast train``: the embedded UCI Multiple Features set and a user's own ``.npz`` files.
 
 The embedded set (``agm_fast/data/mfeat.npz``, credit in ``agm_fast/data/README.md``) holds 2000 handwritten digits
-'0'..'9' described by six views of unequal strength:
-
-====  ===========================================  ====
-name  view                                         dims
-====  ===========================================  ====
-fac   profile correlations                         216
-fou   Fourier coefficients of the character shapes  76
-kar   Karhunen-Loeve coefficients                    64
-pix   pixel averages in 2x3 windows                 240
-zer   Zernike moments                               47
-mor   morphological features                         6
-====  ===========================================  ====
-
-A user's file follows the same layout (see :func:`load_npz`), so pre-extracted features of any data set (audio and
-video embeddings, say) train the same way.
+'0'..'9' described by six views of unequal strength: ``fac`` (profile correlations, 216 dims), ``fou`` (Fourier
+coefficients, 76), ``kar`` (Karhunen-Loeve coefficients, 64), ``pix`` (pixel averages, 240), ``zer`` (Zernike
+moments, 47) and ``mor`` (morphological features, 6). A user's file follows the same layout (:func:`load_npz`), so
+pre-extracted features of any data set train the same way.
 """
 
 from __future__ import annotations

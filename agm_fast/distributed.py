@@ -1,31 +1,13 @@
 """Process-group helpers that make the balancing methods see the global batch under data parallelism.
 
-Under DistributedDataParallel each rank holds one shard of the batch. Coefficients computed from a shard differ from
-rank to rank, and DDP's gradient averaging then mixes differently modulated gradients. The classes therefore reduce
-the few statistics their coefficients depend on, and every rank computes the coefficients a single process would
-compute on the global batch:
+Each method reduces the few statistics its coefficients depend on, so every rank computes what one process computes
+on the global batch: AGM's score sums and counts (:func:`global_mean_scores`, 2M numbers), OGM's softmax-at-label
+sums and CGGM's correct / total counts (:func:`global_sums`). :func:`broadcast_seed` gives every rank the same noise
+seed; :func:`sharded_std` merges per-shard moments into the std of a whole FSDP-sharded gradient.
 
-* AGM: the per-modality score sums and sample counts, :func:`global_mean_scores` (one collective of 2M numbers);
-* OGM / OGM-GE: the softmax-at-label sums, :func:`global_sums` (M numbers);
-* CGGM: the per-modality correct and total counts, :func:`global_sums`.
-
-OGM-GE's Gaussian noise is keyed on ``(seed, offset, tensor index, element index)``. :func:`broadcast_seed` gives
-every rank rank ``src``'s seed once, at construction; the offset then advances identically on every rank, and the
-noise is added after DDP's gradient all-reduce (after ``backward()`` returns, before ``optimizer.step()``), so every
-replica adds the same noise to the same averaged gradient and the replicas stay bitwise identical.
-
-Under FSDP the gradients after ``backward()`` are shards (reduce-scattered and averaged). OGM-GE runs on the local
-shards: :func:`sharded_std` merges per-shard ``(count, mean, M2)`` into the per-tensor unbiased std of the whole
-gradient, the same on every rank, and returns each shard's global element offset. The noise of element ``i`` of a
-local shard is keyed on element index ``offset + i`` and on the tensor's index in the *unsharded* list of modulated
-parameters, so the sharded run adds exactly the noise of the unsharded one.
-
-Nothing is communicated when ``torch.distributed`` is unavailable or not initialised, when ``process_group`` is None
-and no default group exists, when the calling rank is not a member of ``process_group``, or when the group has a
-single rank (:func:`is_active` is False): the reductions then return their input unchanged, and :func:`sharded_std`
-the std of the local tensors. The reductions never read a value on the host: on NCCL, a
-wait makes the current CUDA stream wait for the collective and the host runs on. Inside ``torch.compile`` they use
-the traceable functional collectives, so a training step that calls them compiles with ``fullgraph=True``.
+Nothing is communicated when ``torch.distributed`` is not initialised, the rank is not in the group, or the group
+has one rank (:func:`is_active` is False). The reductions never read a value on the host, and inside
+``torch.compile`` they use the traceable functional collectives. docs/training-at-scale.md has the details.
 """
 
 from __future__ import annotations

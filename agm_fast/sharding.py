@@ -1,19 +1,10 @@
 """FSDP2 support: the methods on parameters and gradients sharded by ``torch.distributed.fsdp.fully_shard``.
 
-Under FSDP2 every parameter is a ``DTensor`` sharded on dim 0 over a 1-D device mesh: rank r holds rows
-``[r c, min((r + 1) c, n_0))`` with ``c = ceil(n_0 / W)`` (the layout of ``torch.chunk``), and after ``backward()``
-each gradient is the matching shard of the averaged gradient. Three things follow for the methods
-(docs/training-at-scale.md, "FSDP"):
-
-* element-wise gradient changes (the coefficients of OGM, CGGM, MSLR, MSES) act on the local shards as they are;
-* OGM-GE's noise needs each shard's global element offset and the std of the whole gradient:
-  :func:`local_shards` gives the shards and offsets from the DTensor metadata (no communication), and
-  :func:`agm_fast.distributed.merge_moments` the std;
-* what reads the fusion head's weights outside its forward (per-modality logits, CGGM's direction term) reads them
-  whole: :func:`gathered` all-gathers a head for the duration of a block, :func:`full` gives a whole weight that
-  back-propagates into its shard.
-
-Nothing here communicates unless a tensor is sharded, so every function is a no-op on plain tensors and modules.
+Element-wise gradient changes act on the local shards as they are. OGM-GE's noise needs each shard's global element
+offset (:func:`local_shards`, from the DTensor metadata, no communication) and the whole gradient's std. What reads
+the fusion head's weights outside its forward reads them whole: :func:`gathered` all-gathers a head for a block,
+:func:`full` gives a whole weight that back-propagates into its shard. Every function is a no-op on plain tensors
+(docs/training-at-scale.md, "FSDP").
 """
 
 from __future__ import annotations

@@ -1,19 +1,10 @@
 """The ``agm-fast`` command: ``agm-fast train`` and ``agm-fast bench``.
 
-``agm-fast train`` trains a multimodal classifier (one MLP encoder per view and a fusion head,
-:class:`agm_fast.models.MultiViewModel`) with any registered balancing method, on the embedded UCI Multiple
-Features data or on a user's ``.npz`` file, and writes ``metrics.csv``, ``summary.json``, ``curves.png`` and a
-resumable checkpoint to ``--out``. It is a thin client of :mod:`agm_fast.methods`: the ``--method`` choices, each
-method's options and their defaults come from the method registry, and the loop is
-:func:`agm_fast.methods.training_step`. ``agm-fast bench`` runs the training-step benchmarks of AGM and OGM-GE
-against their reference-style baselines.
-
-The ``coeff_<view>`` columns of ``metrics.csv`` hold, per epoch, the median over its steps of the coefficients the
-method reports for a view (agm ``c_m``; ogm / ogm_ge ``k_m``; opm the keep probability ``1 - q_m``; cggm
-``rho * B_m``; mslr ``init_m * ratio_m``; mses 1 while the view trains and 0 once stopped; joint 1);
-``coeff_mean_<view>`` holds the mean. The per-view accuracies (``val_acc_<view>``) are the accuracies of the
-Shapley mono-modal outputs ``psi_m`` on the validation split, computed the same way for every method
-(:func:`agm_fast.cli.report.evaluate`).
+``agm-fast train`` trains a multimodal classifier (:class:`agm_fast.models.MultiViewModel`) with any registered
+method on the embedded UCI Multiple Features data or a user's ``.npz`` file, and writes ``metrics.csv``,
+``summary.json``, ``curves.png`` and a resumable checkpoint to ``--out``. The ``--method`` choices and each method's
+options and defaults come from the methods' declarations, and the loop is :func:`agm_fast.methods.training_step`.
+``agm-fast bench`` runs the training-step benchmarks. What each column of ``metrics.csv`` means is in ``--help``.
 """
 
 from __future__ import annotations

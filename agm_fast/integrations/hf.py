@@ -1,6 +1,6 @@
-"""Hugging Face ``Trainer`` integration: a model wrapper whose forward is the method's, a ``TrainerCallback`` that
-modulates the gradients in ``on_pre_optimizer_step`` and keeps the method's state in the Trainer's checkpoints, and a
-``Trainer`` subclass for what a callback cannot do.
+"""Hugging Face ``Trainer`` integration: :class:`BalancedModel` (the method's forward inside the model's),
+:class:`BalancingCallback` (modulates in ``on_pre_optimizer_step`` and keeps the method's state in checkpoints) and
+:class:`BalancedTrainer` (modulates before clipping, and trains the method's own parameters).
 
 ::
 
@@ -9,17 +9,8 @@ modulates the gradients in ``on_pre_optimizer_step`` and keeps the method's stat
                               train_dataset=dataset, data_collator=collate)
     trainer.train()
 
-A batch is a dict ``{"inputs": [x_0, ..., x_{M-1}], "labels": y}`` (:func:`collate` builds it from ``(x_0, ..., y)``
-samples). :class:`BalancedModel` runs ``method.forward`` inside the model's forward, so AGM's subset evaluation and
-OPM's dropping happen there, and under DDP the step goes through DDP's forward (the gradients are averaged before
-the modulation; every method computes its coefficients from the global batch).
-
-Why a Trainer subclass: the stock Trainer clips the gradient norm before ``on_pre_optimizer_step``, so a callback
-modulates clipped gradients. :class:`BalancedTrainer` modulates before clipping, as the reference loops and the
-Lightning integration do (with an fp16 grad scaler the gradients are unscaled only inside the clipping, so there it
-modulates right after it). It also puts the method's own parameters (CGGM's heads) in the optimizer at their
-learning rate. With the stock Trainer, ``BalancingCallback`` is exact when ``max_grad_norm=0``. FSDP and DeepSpeed
-shard the gradients, which no method can read whole yet: both are refused with one message.
+A batch is a dict ``{"inputs": [x_0, ..., x_{M-1}], "labels": y}`` (:func:`collate` builds it). What is exact where
+(clipping order, fp16 scaling, DDP, FSDP) is in docs/training-at-scale.md.
 """
 
 from __future__ import annotations

@@ -8,14 +8,10 @@ step is the method's.
     lightning.Trainer(max_epochs=30, precision="bf16-mixed").fit(module, train_loader, val_loader)
 
 Batches are ``(x_0, ..., x_{M-1}, y)`` tuples or ``{"inputs": [...], "labels": y}`` dicts. The gradients are modulated
-in ``on_before_optimizer_step``, which Lightning calls after AMP has unscaled them and before gradient clipping and
-the optimizer step. The method's state (running means, noise offsets, CGGM's heads...) is saved in Lightning's
-checkpoints through the callback's ``state_dict`` and restored on ``fit(ckpt_path=...)``. Under
-``strategy="ddp"`` the training step runs inside DDP's forward, so the gradients are averaged before the modulation
-and every method computes its coefficients from the global batch (see docs/training-at-scale.md).
-
-A LightningModule of your own works too: call ``self.method.forward`` and ``self.method.loss`` in its
-``training_step`` and pass ``BalancingCallback(method)`` to the Trainer (or return it from ``configure_callbacks``).
+in ``on_before_optimizer_step`` (after AMP unscaling, before clipping); the method's state is saved in Lightning's
+checkpoints. A LightningModule of your own works too: call ``self.method.forward`` and ``self.method.loss`` in its
+``training_step`` and pass ``BalancingCallback(method)`` to the Trainer. docs/training-at-scale.md says what is exact
+where.
 """
 
 from __future__ import annotations

@@ -1,24 +1,16 @@
 """The training-step interface every balancing method implements, and the one loop that drives them.
 
-A method is built on the model's parts, ``encoders`` (M modules, ``encoders[m](x_m) -> [B, ...]``) and ``fusion``
-(``fusion(*features) -> [B, C]``), and a training loop calls its hooks in this order::
+A method is built on the model's ``encoders`` (M modules) and ``fusion`` head; a loop calls its hooks in order::
 
     out = method.forward(inputs, target, epoch)            # features in, logits out (OPM drops features here)
-    task = method.task_loss(out, target)                   # cross-entropy (weighted by OPM's sample weights)
-    loss = task + method.loss_term(task, out)              # CGGM's direction term; 0 for the others
+    loss = method.loss(out, target)                        # task loss (+ CGGM's direction term)
     optimizer.zero_grad(); loss.backward()
     coeffs = method.before_optimizer_step(out, target)     # modulate the gradients; [M] float32 on the device
     optimizer.step()
-    ...
     method.end_epoch(epoch, {"modality_accuracy": [...], "modality_loss": [...]})   # MSLR, MSES
 
-:func:`training_step` is those lines, written once. AGM, which evaluates every masked subset itself, implements
-``forward``; every other method uses the default forward. ``state_dict`` / ``load_state_dict`` hold what resuming
-needs, and ``param_groups(lr)`` names the method's own trainable parameters (CGGM's heads, AGM's learned baselines)
-for the main optimizer.
-
-The modulation window is one :class:`agm_fast.Window` for every method: outside it a method behaves as plain joint
-training (same gradients, coefficients 1), while state that must keep accumulating still does.
+:func:`training_step` is those lines, written once. docs/architecture.md states the contract (hooks, window,
+state) that every registered method passes.
 """
 
 from __future__ import annotations

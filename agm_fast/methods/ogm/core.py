@@ -1,28 +1,11 @@
 """OGM and OGM-GE (Peng et al., CVPR 2022) and the journal OGM (Wei et al., arXiv 2410.11582).
 
-On-the-fly gradient modulation: after ``backward()`` and before ``optimizer.step()``, the gradients of the dominant
-modality's encoder are scaled down by ``k_m = 1 - tanh(alpha * relu(rho))``; OGM-GE also adds Gaussian noise with the
-std of each gradient tensor, to every modulated modality (docs/methods.md, sections 2 and 3).
+After ``backward()`` and before ``optimizer.step()``, the dominant modality's encoder gradients are scaled by
+``k_m``; OGM-GE also adds Gaussian noise (docs/methods.md, sections 2 and 3). Two forms:
 
-Two forms:
-
-- the reference's functions, :func:`calculate_coefficient` and :func:`update_model_with_OGM_GE`, for code ported
-  from the reference training loop;
-- the class :class:`OGMGE`, for any number of modalities: scores and coefficients on the device (one op), then one
-  in-place op over every selected gradient, with no host synchronisation and a reproducible noise stream whose
-  offset lives in ``state_dict()``.
-
-Typical use::
-
-    ogm = agm_fast.OGMGE({"audio": model.audio_net, "visual": model.visual_net}, alpha=0.8, window=(0, 50))
-    for epoch in range(epochs):
-        for x_a, x_v, y in loader:
-            h_a, h_v = model.audio_net(x_a), model.visual_net(x_v)
-            loss = F.cross_entropy(model.fusion(h_a, h_v), y)
-            optimizer.zero_grad()
-            loss.backward()
-            ogm.step_from_features(y, model.fusion, [h_a, h_v], epoch=epoch)
-            optimizer.step()
+- the reference's functions, :func:`calculate_coefficient` and :func:`update_model_with_OGM_GE`, for ported code;
+- :class:`OGMGE`, for any number of modalities: scores, coefficients and the in-place (noisy) scaling on the device
+  with no host synchronisation, and a reproducible noise stream whose offset lives in ``state_dict()``.
 """
 
 from __future__ import annotations

@@ -1,25 +1,9 @@
-"""OPM: on-the-fly prediction modulation (Wei et al., arXiv 2410.11582; docs/methods.md, section 3).
+"""OPM: on-the-fly prediction modulation (Wei et al., arXiv 2410.11582; docs/methods.md, section 3.3).
 
-A feed-forward counterpart of OGM: instead of damping the dominant modality's gradients, OPM drops its features.
-From OGM-style scores ``s [M]`` (``s_m = sum_b softmax(out_m)[b, y_b]`` on a detached copy of the head):
-
-- ``rho_m = s_m / mean_{j != m} s_j``, ``r_m = tanh(relu(rho_m - 1))``;
-- drop probability ``q_m = q_base (1 + lam r_m)`` if ``r_m > 0`` else 0, clipped to [0, 1];
-- with probability ``p_exe`` per step, each sample drops each modality independently with probability ``q_m``
-  (its whole feature vector is zeroed), and every feature is scaled by ``1 / (1 - theta)``,
-  ``theta = sum_m d_m q_m / sum_m d_m``, in forward and backward;
-- nothing is dropped outside the modulation window (the journal's 6-epoch warm-up by default) or in evaluation.
-
-The reference removes the samples whose every modality was dropped, which changes the batch size with the data.
-Here those samples stay in the batch with loss weight 0 and the loss is the mean over the kept samples
-(:func:`opm_loss`): the loss value and the gradient are the same as removing them, with static shapes and no host
-synchronisation. (A fusion head with batch statistics, e.g. BatchNorm, still sees the zeroed samples.)
-
-The reference's theta gradient (``theta_grad="reference"``, the default): its scaling function returns theta itself
-as the gradient of theta, and theta is built from scores of the un-detached features, so the encoders receive an
-extra gradient ``theta * d theta / d h``. Computing the scores with :func:`opm_scores` keeps that path; with
-``theta_grad="none"`` theta is a constant. The extra term is not a gradient of the loss, so a loss scaler does not
-scale it.
+Instead of damping the dominant modality's gradients, OPM drops its features: each sample drops modality m with
+probability ``q_m`` (from OGM-style scores), and the kept features are scaled by ``1 / (1 - theta)``. Samples whose
+every modality was dropped keep loss weight 0 (:func:`opm_loss`) instead of leaving the batch, so shapes stay static
+and nothing syncs with the host.
 
 Typical use::
 
