@@ -2,8 +2,10 @@
 default: the command line, ``defaults()``, ``describe()``, the method state and the CLI checkpoint."""
 
 import importlib
+import importlib.util
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -93,3 +95,13 @@ def test_declarations_are_checked_once_at_construction():
         agm_fast.AGMCoefficients(2, cap=-1.0)
     with pytest.raises(TypeError, match="nope: not a hyper-parameter of OGMMethod"):
         methods.register("ogm_bad", methods.get("ogm").cls, nope=1)
+
+
+def test_the_docs_table_is_generated_from_the_declarations():
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("hparams_docs", root / "scripts" / "hparams_docs.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert (root / "docs" / "hyperparameters.md").read_text() == module.render(), (
+        "docs/hyperparameters.md is stale: run python scripts/hparams_docs.py"
+    )

@@ -276,6 +276,11 @@ class Method:
         each (MSLR follows the accuracies, MSES the losses; the others ignore them)."""
         return None
 
+    def decisions(self) -> Dict[str, Tensor]:
+        """What the last step decided, beyond its coefficients, for logging (detached tensors on the device: e.g.
+        MMPareto's per-encoder cosines and weights); empty by default. Each method documents its keys."""
+        return {}
+
     def modules(self) -> List[nn.Module]:
         """The method's own modules (AGM's state, OPM, CGGM's heads), not the model's."""
         return []
