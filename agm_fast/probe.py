@@ -131,13 +131,15 @@ def probe_encoders(
     def features(enc: nn.Module, x: Tensor) -> Tensor:
         return torch.cat([enc(x[i : i + chunk]) for i in range(0, x.shape[0], chunk)])
 
-    modes = [e.training for e in encoders]
+    # Every submodule's own mode comes back afterwards (a BatchNorm frozen with .eval() inside a training encoder
+    # stays frozen).
+    modes = [(sub, sub.training) for e in encoders for sub in e.modules()]
     try:
         for e in encoders:
             e.eval()
         train = [features(e, x) for e, x in zip(encoders, train_inputs)]
         test = [features(e, x) for e, x in zip(encoders, test_inputs)]
     finally:
-        for e, mode in zip(encoders, modes):
-            e.train(mode)
+        for sub, mode in modes:
+            sub.training = mode
     return linear_probe(train, train_labels, test, test_labels, **kwargs)

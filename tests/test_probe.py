@@ -75,3 +75,16 @@ def test_cli_probe_columns_summary_and_plot(tmp_path, capsys):
     probe = summary["probe_test_acc_per_modality"]
     assert set(probe) == {"fac", "zer"} and all(0.1 < a <= 1 for a in probe.values())
     assert summary["config"]["probe"] is True
+
+
+def test_probe_encoders_gives_every_submodule_its_own_mode_back():
+    torch.manual_seed(0)
+    enc = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU())
+    enc.train()
+    enc[1].eval()  # frozen statistics inside a training encoder
+    x, y = torch.randn(40, 4), torch.randint(0, 2, (40,))
+    agm_fast.probe_encoders([enc, enc], [x, x], y, [x, x], y)
+    assert enc.training and not enc[1].training
+    before = enc[1].running_mean.clone()
+    enc(torch.randn(8, 4) + 3.0)
+    assert torch.equal(enc[1].running_mean, before)

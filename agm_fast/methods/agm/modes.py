@@ -15,20 +15,69 @@ train-mode features, and the second pass can be skipped with no deviation at all
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Union
+import inspect
+import weakref
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 from torch import nn
 
 from ..._validate import describe
 
-__all__ = ["ModeInvariance", "mode_dependence"]
+__all__ = ["ModeInvariance", "mode_dependence", "uses_batch_statistics"]
 
 # timm's stochastic-depth and dropout modules, found by name so that timm need not be imported.
 _TIMM_DROPS = {"DropPath": "drop_prob", "DropBlock2d": "drop_prob", "PatchDropout": "prob"}
 
 
+_READS_TRAINING: Dict[type, bool] = {}
+
+
+def _reads_training(cls: type) -> bool:
+    """Whether the Python source of ``cls.forward`` reads ``.training`` (a LayerDrop, a functional dropout, any
+    train-only branch). torch's own modules are judged by the rules below instead."""
+    if cls not in _READS_TRAINING:
+        found = False
+        if not cls.__module__.startswith("torch.nn"):
+            try:
+                found = ".training" in inspect.getsource(cls.forward)
+            except (OSError, TypeError):
+                found = False
+        _READS_TRAINING[cls] = found
+    return _READS_TRAINING[cls]
+
+
+_BATCH_STATS: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
+
+
+def uses_batch_statistics(module: nn.Module) -> bool:
+    """Whether ``module`` normalises over the batch in eval mode too (a batch norm without running statistics), so
+    that its output on a row depends on the other rows."""
+    if module not in _BATCH_STATS:
+        _BATCH_STATS[module] = any(
+            isinstance(sub, nn.modules.batchnorm._BatchNorm) and not sub.track_running_stats for sub in module.modules()
+        )
+    return _BATCH_STATS[module]
+
+
+def _dropouts(module: nn.Module) -> List[Tuple[str, nn.Module, str]]:
+    """The dropout-like submodules whose probability can be raised later: ``(name, module, attribute)``."""
+    out = []
+    for name, sub in module.named_modules():
+        if isinstance(sub, nn.modules.dropout._DropoutNd):
+            out.append((name, sub, "p"))
+        elif isinstance(sub, nn.MultiheadAttention):
+            out.append((name, sub, "dropout"))
+        elif type(sub).__name__ in _TIMM_DROPS:
+            out.append((name, sub, _TIMM_DROPS[type(sub).__name__]))
+    return out
+
+
 def _why(name: str, module: nn.Module) -> Optional[str]:
     where = name or "the encoder"
+    if isinstance(module, nn.RReLU):
+        return f"{where} is RReLU (a random slope in train mode)"
+    if _reads_training(type(module)):
+        return f"{where} ({type(module).__name__}) reads self.training in its forward"
     if isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0:
         return f"{where} is {type(module).__name__}(p={module.p})"
     if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
@@ -80,20 +129,42 @@ class ModeInvariance:
             raise ValueError(f"mode_invariant: expected {M} values (one per encoder), got {len(override)}")
         self.decided: List[Optional[bool]] = []
         self.reasons: List[str] = []
+        # What decided each encoder: "override", "scan" (a mode-dependent module) or "check" (the first step).
+        self.source: List[str] = []
+        # Dropout-like modules at probability 0 when the encoder was found invariant: raising one later makes the
+        # encoder mode-dependent, which watch() sees at the next step.
+        self._watch: List[List[Tuple[str, nn.Module, str]]] = [_dropouts(enc) for enc in encoders]
         for m, (enc, value) in enumerate(zip(encoders, override)):
             if value is not None and not isinstance(value, bool):
                 raise TypeError(f"mode_invariant[{m}]: expected True, False or None, got {describe(value)}")
             if value is not None:
                 self.decided.append(value)
                 self.reasons.append("set by mode_invariant")
+                self.source.append("override")
                 continue
             reason = mode_dependence(enc)
             if reason is not None:
                 self.decided.append(False)
                 self.reasons.append(f"mode-dependent: {reason}")
+                self.source.append("scan")
             else:
                 self.decided.append(None)
                 self.reasons.append("no mode-dependent module found; checked on the first training step")
+                self.source.append("check")
+
+    def watch(self) -> None:
+        """Re-check the dropout probabilities of the encoders that reuse their full pass (a loop over their dropout
+        modules, no tensor work): one raised above 0 makes that encoder mode-dependent from this step on."""
+        for m, mods in enumerate(self._watch):
+            if self.decided[m] is not True or self.source[m] == "override":
+                continue
+            for name, sub, attr in mods:
+                value = float(getattr(sub, attr, 0.0) or 0.0)
+                if value > 0:
+                    self.decided[m] = False
+                    self.source[m] = "scan"
+                    self.reasons[m] = f"mode-dependent: {name or 'the encoder'} is {type(sub).__name__}({attr}={value})"
+                    break
 
     def reuse(self, m: int) -> Optional[bool]:
         """True: reuse the full pass's features; False: run the eval-mode pass; None: check at this step."""
@@ -115,5 +186,9 @@ class ModeInvariance:
             raise ValueError(
                 f"state: expected mode decisions for {len(self.decided)} encoders, got {len(state['decided'])}"
             )
-        self.decided = list(state["decided"])
-        self.reasons = list(state["reasons"])
+        # An explicit override and a module found by the scan win over the checkpoint: they describe the encoders as
+        # they are now. Only what the first-step check decided comes from the checkpoint.
+        for m, (decided, reason) in enumerate(zip(state["decided"], state["reasons"])):
+            if self.source[m] == "check":
+                self.decided[m] = decided
+                self.reasons[m] = reason

@@ -19,21 +19,8 @@ from ..._backend import to_device
 from ..._seed import step_seed
 from ..._validate import check_seed
 from ...functional import _agm_check_modalities
-from .modes import ModeInvariance
-
-
-def encode(encoders: Sequence[nn.Module], xs: Sequence[Tensor]) -> List[Tensor]:
-    """Each encoder on its modality's input; an encoder must return one feature tensor ``[B, ...]``."""
-    feats = []
-    for m, (enc, x) in enumerate(zip(encoders, xs)):
-        h = enc(x)
-        if not isinstance(h, Tensor):
-            raise TypeError(
-                f"encoders[{m}]: expected a module that returns one feature tensor [B, ...], got "
-                f"{type(h).__name__}; wrap it so that it returns the features only"
-            )
-        feats.append(h)
-    return feats
+from ..base import encode
+from .modes import ModeInvariance, uses_batch_statistics
 
 
 @contextlib.contextmanager
@@ -316,7 +303,10 @@ class ShapleyBase(nn.Module):
         :class:`agm_fast._modes.ModeInvariance`) or ran in eval mode already; otherwise an eval-mode pass.
         """
         encoder = self._parts[1][m]
-        zero = x.new_zeros((1,) + tuple(x.shape[1:]))
+        batch_stats = uses_batch_statistics(encoder)
+        # An encoder that normalises over the batch in eval mode sees the reference's zero batch of B rows (whose rows
+        # are all equal); any other encoder computes each row alone, so one zero row stands for all of them.
+        zero = x.new_zeros(((x.shape[0] if batch_stats else 1),) + tuple(x.shape[1:]))
         reuse = self._modes.reuse(m) if encoder.training else True
         real = muted = None
         # The check runs the eval-mode pass on the batch alone (not stacked with the zero sample): the same arithmetic
@@ -334,7 +324,7 @@ class ShapleyBase(nn.Module):
             self._modes.record(m, bool(equal), diff)
         elif need_real and reuse:
             real = h
-        elif need_real and need_zero:
+        elif need_real and need_zero and not batch_stats:
             # A mode-dependent encoder: one eval-mode call for the batch and the zero sample (eval outputs are
             # per-sample), as the eval-mode passes always ran.
             out = self._eval_call(encoder, torch.cat([x, zero]))
@@ -342,7 +332,7 @@ class ShapleyBase(nn.Module):
         elif need_real:
             real = self._eval_call(encoder, x)
         if need_zero:
-            muted = self._eval_call(encoder, zero)
+            muted = self._eval_call(encoder, zero)[:1]
         return real, muted
 
     def describe(self) -> dict:
@@ -372,6 +362,8 @@ class ShapleyBase(nn.Module):
         _, encoders, fusion = self._parts
         M = self.num_modalities
         B = xs[0].shape[0]
+        if self._modes is not None and self.training:
+            self._modes.watch()
         h = encode(encoders, xs)
         full = self._check_out(self._call_fusion(h), B, None, "fusion")
         C = full.shape[1]
@@ -386,7 +378,8 @@ class ShapleyBase(nn.Module):
                 with _eval_mode(encoders):
                     for m in range(M):
                         if (absent >> m) & 1:
-                            muted[m] = encoders[m](xs[m].new_zeros((1,) + tuple(xs[m].shape[1:])))
+                            rows = xs[m].shape[0] if uses_batch_statistics(encoders[m]) else 1
+                            muted[m] = encoders[m](xs[m].new_zeros((rows,) + tuple(xs[m].shape[1:])))[:1]
         else:
             for m in range(M):
                 real[m], muted[m] = self._masked_features(m, xs[m], h[m], (present >> m) & 1,

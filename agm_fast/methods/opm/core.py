@@ -250,12 +250,12 @@ class OPM(nn.Module):
     probabilities (:func:`opm_drop_probs`); with probability ``p_exe`` it draws per-sample, per-modality keep
     decisions (Bernoulli(1 - q_m)), zeros the dropped feature vectors and scales every feature by
     ``1 / (1 - theta)``. Otherwise (eval mode, outside the window, no scores, or the ``p_exe`` draw says no) the
-    features pass through unchanged. Nothing synchronises with the host.
+    features pass through unchanged. In one process nothing synchronises with the host.
 
     Randomness: each dropping step seeds a generator on the features' device from ``(seed, step)``, so a run is
     reproducible and the step counter, in ``state_dict()``, resumes it. Under data parallelism (``process_group``
-    active) rank r draws the decisions of the whole batch and keeps rows ``[r B, (r + 1) B)``: the ranks drop what a
-    single process would drop on the global batch, provided every rank's batch has the same size B (a
+    active) every rank draws the decisions of the whole batch and keeps its own rows (the local batch sizes are gathered
+    each step, so they may differ): the ranks drop what a single process would drop on the global batch (a
     ``DistributedSampler`` pads to equal shards).
 
     Args:
@@ -368,10 +368,16 @@ class OPM(nn.Module):
         self.step_count += 1
         gate = torch.rand((), generator=gen, device=device)
         if distributed.is_active(self.process_group):
-            # The decisions of the global batch; this rank's rows (equal batch sizes on every rank).
+            # The decisions of the global batch, drawn by every rank; this rank keeps its own rows. The local batch
+            # sizes may differ (a last batch), so every rank learns them: one gather of W numbers, read on the host.
             world = torch.distributed.get_world_size(self.process_group)
             rank = torch.distributed.get_rank(self.process_group)
-            u = torch.rand((world * B, M), generator=gen, device=device)[rank * B : (rank + 1) * B]
+            mine = torch.tensor([B], dtype=torch.int64, device=device)
+            sizes = [torch.empty_like(mine) for _ in range(world)]
+            torch.distributed.all_gather(sizes, mine, group=self.process_group)
+            sizes = [int(n) for n in torch.cat(sizes).tolist()]
+            start = sum(sizes[:rank])
+            u = torch.rand((sum(sizes), M), generator=gen, device=device)[start : start + B]
         else:
             u = torch.rand((B, M), generator=gen, device=device)
         execute = gate < self.p_exe
