@@ -15,6 +15,7 @@ state) that every registered method passes.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import Any, ClassVar, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
@@ -105,6 +106,14 @@ class Method:
     windowed: ClassVar[bool] = True
     #: Whether :meth:`end_epoch` needs per-modality validation metrics (MSLR, MSES).
     needs_epoch_metrics: ClassVar[bool] = False
+    #: How gradient accumulation over micro-batches works (docs/training-at-scale.md, "Gradient accumulation"):
+    #: ``"exact"``: the method acts in the forward, in the loss, or by a factor that is constant within an optimizer
+    #: step, so the summed micro-batch gradients are already what modulating each one and summing gives;
+    #: ``"hooks"``: each micro-batch's gradient is modulated as it reaches the parameters (``micro_batch_decision``,
+    #: ``modulate_micro_gradient``); ``"refused"``: the maths needs the whole step's gradient.
+    accumulation: ClassVar[str] = "refused"
+    #: Why accumulation is refused (for the error), when it is.
+    accumulation_refusal: ClassVar[str] = "its modulation needs the whole step's gradient"
     #: Fusion heads of :mod:`agm_fast.fusion` (by name) that the method cannot work with.
     unsupported_fusions: ClassVar[Tuple[str, ...]] = ()
 
@@ -139,6 +148,11 @@ class Method:
         if not hasattr(self, "hparams_values"):
             self.hparams_values: Dict[str, Any] = {}
             self.hparams_given = frozenset()
+        self.accumulation_steps = 1
+        self._hooks: List[Any] = []
+        self._pending: Optional[Tensor] = None
+        #: The coefficients of each micro-batch of the current (then last) optimizer step, under accumulation.
+        self.micro_coefficients: List[Tensor] = []
 
     @property
     def num_modalities(self) -> int:
@@ -218,8 +232,81 @@ class Method:
         self.in_window(epoch)
         feats = self.encode(inputs)
         out = StepOutput(self.head(feats), feats, None, None, epoch)
-        self._last = (out, target)
+        self._set_last(out, target)
         return out
+
+    def _set_last(self, out: StepOutput, target: Tensor) -> None:
+        """Record the step's forward (a new micro-batch: its modulation is still to be decided)."""
+        self._last = (out, target)
+        self._pending = None
+
+    @property
+    def accumulating(self) -> bool:
+        """Whether micro-batch gradients are modulated one by one (``set_accumulation(k)`` with k > 1 and hooks)."""
+        return bool(self._hooks)
+
+    def set_accumulation(self, steps: int) -> None:
+        """Declare that each optimizer step sums the gradients of ``steps`` micro-batches (one ``forward``, loss and
+        ``backward`` each), so that every micro-batch is modulated with its own coefficients, as if each were
+        modulated alone and the results summed. The trainer integrations call it from their own setting.
+
+        Args:
+            steps: micro-batches per optimizer step, >= 1 (1: no accumulation).
+
+        Raises:
+            ValueError: the method cannot split its modulation over micro-batches (``accumulation == "refused"``).
+        """
+        steps = check_int("steps", steps, low=1)
+        if steps > 1 and self.accumulation == "refused":
+            raise ValueError(
+                f"steps: {self.name or type(self).__name__} cannot modulate micro-batches one by one "
+                f"({self.accumulation_refusal}); expected 1 (no gradient accumulation), got {steps}"
+            )
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+        self.accumulation_steps = steps
+        self.micro_coefficients = []
+        if steps > 1 and self.accumulation == "hooks":
+            index = 0
+            for m, params in enumerate(self.modulated_parameters()):
+                for p in params:
+                    if p.requires_grad:
+                        self._hooks.append(p.register_hook(functools.partial(self._micro_hook, m, index)))
+                    index += 1
+
+    def modulated_parameters(self) -> List[List[Tensor]]:
+        """The parameters whose gradients the method modulates, per modality (``"hooks"`` methods)."""
+        return [[p for p in enc.parameters()] for enc in self.encoders]
+
+    def micro_batch_decision(self, out: StepOutput, target: Tensor) -> Tensor:
+        """``"hooks"`` methods: this micro-batch's ``[M]`` coefficients (and whatever the gradient hooks need),
+        decided from its forward before its backward."""
+        raise NotImplementedError
+
+    def modulate_micro_gradient(self, m: int, index: int, grad: Tensor, coeffs: Tensor) -> Tensor:
+        """``"hooks"`` methods: modality ``m``'s parameter number ``index`` receives ``grad`` from this micro-batch's
+        backward; returns what is accumulated instead."""
+        raise NotImplementedError
+
+    def prepare_backward(self, out: StepOutput, target: Tensor) -> None:
+        """Decide this micro-batch's modulation before its backward (a no-op without accumulation). :meth:`loss` and
+        :func:`training_step` call it; a gradient hook calls it too if nothing did."""
+        if self.accumulating and self._pending is None:
+            self._pending = self.micro_batch_decision(out, target)
+            self.micro_coefficients.append(self._pending.detach().to(torch.float32))
+
+    def _micro_hook(self, m: int, index: int, grad: Tensor) -> Tensor:
+        if self._pending is None:
+            out, target = self._resolve(None, None)
+            self.prepare_backward(out, target)
+        return self.modulate_micro_gradient(m, index, grad, self._pending)
+
+    def finish_accumulated_step(self) -> Tensor:
+        """Under accumulation, the end of an optimizer step: the mean of its micro-batches' coefficients."""
+        coeffs = torch.stack(self.micro_coefficients).mean(0) if self.micro_coefficients else None
+        self.micro_coefficients = []
+        return coeffs
 
     def task_loss(self, out: StepOutput, target: Tensor) -> Tensor:
         """The task loss of the step: cross-entropy (regression: MSE), averaged over the weighted samples."""
@@ -236,9 +323,11 @@ class Method:
         return None
 
     def loss(self, out: StepOutput, target: Tensor) -> Tensor:
-        """The loss to back-propagate: the task loss plus :meth:`loss_term`."""
+        """The loss to back-propagate: the task loss plus :meth:`loss_term` (under accumulation it also decides this
+        micro-batch's modulation, :meth:`prepare_backward`)."""
         task = self.task_loss(out, target)
         term = self.loss_term(task, out)
+        self.prepare_backward(out, target)
         return task if term is None else task + term
 
     def _resolve(self, out: Optional[StepOutput], target: Optional[Tensor]) -> Tuple[StepOutput, Tensor]:
@@ -376,6 +465,7 @@ def training_step(
     out = method.forward(inputs, target, epoch)
     task = method.task_loss(out, target)
     term = method.loss_term(task, out)
+    method.prepare_backward(out, target)
     loss = task if term is None else task + term
     optimizer.zero_grad(set_to_none=True)
     loss.backward()

@@ -29,6 +29,8 @@ class AGMMethod(Method):
         method = agm_fast.methods.create("agm", encoders=[enc_a, enc_v], fusion=head, alpha=1.5, window=(0, 70))
     """
 
+    accumulation = "exact"
+
     def __init__(
         self, encoders, fusion, *, window=None, seed: int = 0, task: str = "classification", baselines=None,
         process_group=None, mode_invariant=None,
@@ -46,7 +48,7 @@ class AGMMethod(Method):
         """Every subset output, the scores and the coefficients, in the AGM module; returns its loss logits."""
         res = self.agm(*inputs, target=target, epoch=epoch)
         out = StepOutput(res.logits, None, None, res.coeffs, epoch)
-        self._last = (out, target)
+        self._set_last(out, target)
         return out
 
     def param_groups(self, lr: float) -> List[Dict[str, Any]]:

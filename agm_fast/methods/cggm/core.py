@@ -417,6 +417,11 @@ class CGGM:
         """``lam * l_gm``, to add to this step's loss (see :meth:`l_gm`). Call once per step, before observe()."""
         return self.lam * self.l_gm(task_loss)
 
+    @property
+    def params(self) -> List[List[nn.Parameter]]:
+        """The selected parameters of each modality (whose gradients are scaled)."""
+        return [list(ps) for ps in self._params]
+
     @torch.no_grad()
     def scale_gradients_(self) -> None:
         """Multiply encoder m's gradients in place by ``rho * B_m``; call after backward and observe(), before step.

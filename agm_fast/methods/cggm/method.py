@@ -41,6 +41,8 @@ class CGGMMethod(Method):
     # A sum head has one output layer per modality, so there is no single fusion output layer to compare with.
     unsupported_fusions = ("sum",)
 
+    accumulation = "hooks"
+
     def __init__(
         self,
         encoders,
@@ -85,6 +87,11 @@ class CGGMMethod(Method):
     def before_optimizer_step(self, out: Optional[StepOutput] = None, target: Optional[Tensor] = None) -> Tensor:
         """Head metrics and coefficients; inside the window, the encoders' gradients scaled by ``rho * B_m``."""
         out, target = self._resolve(out, target)
+        if self.accumulating:
+            coeffs = self.finish_accumulated_step()
+            if self.in_window(out.epoch) and self.clip_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(self._model_params, self.clip_grad_norm)
+            return coeffs
         if out.features is None:
             raise ValueError("out: expected a StepOutput with the step's features (from forward()), got none")
         coeffs = self.cggm.observe(out.features, target)
@@ -94,6 +101,24 @@ class CGGMMethod(Method):
         if self.clip_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(self._model_params, self.clip_grad_norm)
         return (self.cggm.rho * coeffs).to(torch.float32)
+
+    def modulated_parameters(self) -> List[List[Tensor]]:
+        return [list(ps) for ps in self.cggm.params]
+
+    def micro_batch_decision(self, out: StepOutput, target: Tensor) -> Tensor:
+        """This micro-batch's heads, metrics and ``rho * B_m`` (ones outside the window), before its backward."""
+        if out.features is None:
+            raise ValueError("out: expected a StepOutput with the step's features (from forward()), got none")
+        coeffs = self.cggm.observe(out.features, target)
+        self._micro_active = self.in_window(out.epoch)
+        if not self._micro_active:
+            return self.ones(target.device)
+        return self.cggm.rho * coeffs
+
+    def modulate_micro_gradient(self, m: int, index: int, grad: Tensor, coeffs: Tensor) -> Tensor:
+        if not self._micro_active:
+            return grad
+        return grad * coeffs[m].to(device=grad.device, dtype=grad.dtype)
 
     def modules(self) -> List[nn.Module]:
         return [self.cggm.heads]

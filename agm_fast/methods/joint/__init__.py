@@ -19,6 +19,8 @@ class Joint(Method):
         method = agm_fast.methods.create("joint", encoders=[enc_a, enc_v], fusion=head)
     """
 
+    accumulation = "exact"
+
     windowed = False
 
     def __init__(self, encoders, fusion, *, window=None, seed: int = 0, task: str = "classification") -> None:

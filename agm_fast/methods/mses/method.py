@@ -29,6 +29,8 @@ class MSESMethod(Method):
         method = agm_fast.methods.create("mses", encoders=[enc_a, enc_v], fusion=head, patience=5)
     """
 
+    accumulation = "exact"
+
     needs_epoch_metrics = True
 
     def __init__(

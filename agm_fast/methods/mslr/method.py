@@ -28,6 +28,8 @@ class MSLRMethod(Method):
         method = agm_fast.methods.create("mslr", encoders=[enc_a, enc_v], fusion=head, history=5)
     """
 
+    accumulation = "exact"
+
     needs_epoch_metrics = True
 
     def __init__(

@@ -306,6 +306,15 @@ class OGMGE:
             ``[M]`` float32 coefficients on the logits' device (ones when this step does not modulate; with
             ``ogm_plus``, 1 for the dominant modalities and ``plus_factor`` for the others).
         """
+        coeffs, modulate = self.decide(labels, *per_modality_logits, epoch=epoch)
+        if modulate:
+            grads, group = _gather_grads(self.params)
+            _modulate(grads, group, coeffs.to(grads[0].device), self.mode == "OGM_GE", self.seed, self.offset - 1)
+        return coeffs
+
+    def decide(self, labels: Tensor, *per_modality_logits: Tensor, epoch: int) -> Tuple[Tensor, bool]:
+        """This step's coefficients and whether it modulates, without touching any gradient (the first half of
+        :meth:`step`; a modulating step takes the noise offset ``self.offset - 1``)."""
         logits = self._stack_logits(per_modality_logits)
         functional._check_ogm_logits(logits, "per_modality_logits")
         functional._check_class_labels(labels, logits.shape[1], logits.shape[2], logits.device)
@@ -314,7 +323,7 @@ class OGMGE:
         if not modulate:
             coeffs = torch.ones(self.num_modalities, dtype=torch.float32, device=logits.device)
             self.last_coeffs = coeffs
-            return coeffs
+            return coeffs, False
         scores, coeffs = functional.ogm_scores(logits, labels, self.alpha, self.continuous)
         if distributed.is_active(self.process_group):
             # The softmax-at-label sums of the global batch; the coefficients follow from them (M numbers).
@@ -323,13 +332,34 @@ class OGMGE:
         elif self.journal or self.ogm_plus:
             # The fused op implements the CVPR rule; the journal tie rule and OGM+ are M-element device arithmetic.
             coeffs = self.coefficients(scores)
-        grads, group = _gather_grads(self.params)
-        _modulate(grads, group, coeffs.to(grads[0].device), self.mode == "OGM_GE", self.seed, self.offset)
         self.offset += 1
         self.modulated_steps += 1
         self.last_scores = scores
         self.last_coeffs = coeffs
-        return coeffs
+        return coeffs, True
+
+    def modulate_one(self, m: int, index: int, grad: Tensor, coeffs: Tensor, offset: int) -> Tensor:
+        """One parameter's gradient of one micro-batch, modulated as :meth:`step` modulates it in a list where it is
+        number ``index`` (its noise index) and belongs to modality ``m``; returns a new tensor."""
+        if self.mode != "OGM_GE":
+            return grad * coeffs[m].to(device=grad.device, dtype=grad.dtype)
+        g = grad.contiguous().clone()
+        # Empty tensors before it keep the noise index of the whole list (the op skips them).
+        pad = g.new_empty(0)
+        functional.ogm_ge_([pad] * index + [g], [0] * index + [m], coeffs[: m + 1].to(g.device), noise=True,
+                           seed=self.seed, offset=offset)
+        return g
+
+    def features_logits(self, fusion: nn.Module, features: Sequence[Tensor]) -> Tensor:
+        """The per-modality logits ``[M, B, C]`` of the detached head on the features (as :meth:`step_from_features`
+        uses them)."""
+        if len(features) != self.num_modalities:
+            raise ValueError(f"features: expected {self.num_modalities} tensors (one per encoder), got {len(features)}")
+        # Features from an autocast region may be half precision; the head runs here, outside it, in its own dtype.
+        param = next(fusion.parameters(), None)
+        dtype = None if param is None else param.dtype
+        with torch.no_grad():
+            return per_modality_logits(fusion, [h.detach().to(dtype or h.dtype) for h in features])
 
     def step_from_features(self, labels: Tensor, fusion: nn.Module, features: Sequence[Tensor], epoch: int) -> Tensor:
         """:meth:`step` with the per-modality logits computed from the encoder features.
@@ -347,14 +377,7 @@ class OGMGE:
         Returns:
             ``[M]`` coefficients, as :meth:`step`.
         """
-        if len(features) != self.num_modalities:
-            raise ValueError(f"features: expected {self.num_modalities} tensors (one per encoder), got {len(features)}")
-        # Features from an autocast region may be half precision; the head runs here, outside it, in its own dtype.
-        param = next(fusion.parameters(), None)
-        dtype = None if param is None else param.dtype
-        with torch.no_grad():
-            logits = per_modality_logits(fusion, [h.detach().to(dtype or h.dtype) for h in features])
-        return self.step(labels, logits, epoch=epoch)
+        return self.step(labels, self.features_logits(fusion, features), epoch=epoch)
 
     def state_dict(self) -> Dict[str, int]:
         """The training state: seed, noise offset and step counters (what resuming needs)."""

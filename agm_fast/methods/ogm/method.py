@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 from torch import Tensor
 
+from ... import distributed
 from ..base import Method, StepOutput
 from ..hparams import declare
 from .config import HPARAMS
@@ -30,6 +31,8 @@ class OGMMethod(Method):
         method = agm_fast.methods.create("ogm_ge", encoders=[enc_a, enc_v], fusion=head, alpha=0.8)
     """
 
+    accumulation = "hooks"
+
     def __init__(
         self, encoders, fusion, *, window=None, seed: int = 0, task: str = "classification", process_group=None,
     ) -> None:
@@ -45,7 +48,31 @@ class OGMMethod(Method):
         out, target = self._resolve(out, target)
         if out.features is None:
             raise ValueError("out: expected a StepOutput with the step's features (from forward()), got none")
+        if self.accumulating:
+            return self.finish_accumulated_step()
         return self.ogm.step_from_features(target, self.fusion, out.features, epoch=out.epoch)
+
+    def modulated_parameters(self) -> List[List[Tensor]]:
+        return [list(ps) for ps in self.ogm.params]
+
+    def micro_batch_decision(self, out: StepOutput, target: Tensor) -> Tensor:
+        """This micro-batch's coefficients (and noise offset), from the detached head on its features."""
+        if out.features is None:
+            raise ValueError("out: expected a StepOutput with the step's features (from forward()), got none")
+        if self.ogm.mode == "OGM_GE" and distributed.is_active(self.ogm.process_group):
+            raise ValueError(
+                "steps: OGM-GE's noise needs each micro-batch's gradient averaged over the ranks, which DDP's "
+                "accumulation (no_sync) never forms; use OGM, or no gradient accumulation, under data parallelism"
+            )
+        coeffs, self._micro_active = self.ogm.decide(target, self.ogm.features_logits(self.fusion, out.features),
+                                                     epoch=out.epoch)
+        self._micro_offset = self.ogm.offset - 1
+        return coeffs
+
+    def modulate_micro_gradient(self, m: int, index: int, grad: Tensor, coeffs: Tensor) -> Tensor:
+        if not self._micro_active:
+            return grad
+        return self.ogm.modulate_one(m, index, grad, coeffs, self._micro_offset)
 
     def method_state(self) -> Dict[str, Any]:
         return self.ogm.state_dict()

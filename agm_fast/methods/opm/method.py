@@ -36,6 +36,8 @@ class OPMMethod(Method):
         method = agm_fast.methods.create("opm", encoders=[enc_a, enc_v], fusion=head, q_base=0.5)
     """
 
+    accumulation = "exact"
+
     def __init__(
         self,
         encoders,
@@ -73,7 +75,7 @@ class OPMMethod(Method):
         else:
             fused_in, weight, coeffs = feats, None, None
         out = StepOutput(self.head(fused_in), feats, weight, coeffs, epoch)
-        self._last = (out, target)
+        self._set_last(out, target)
         return out
 
     def modules(self) -> List[nn.Module]:

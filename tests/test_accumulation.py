@@ -1,0 +1,137 @@
+"""Gradient accumulation with the reference semantics, for every method: an optimizer step over K micro-batches of
+unequal size equals modulating each micro-batch's gradient with that micro-batch's own coefficients (and noise),
+then summing. Methods that cannot split their modulation refuse accumulation with one error."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import agm_fast
+from agm_fast import methods
+
+C, DIMS, SPLITS = 5, (7, 4), (5, 11)
+
+# Options that make each method act from the first step on this tiny problem.
+CASES = {
+    "joint": {},
+    "agm": {"alpha": 1.5},
+    "ogm": {"alpha": 0.8},
+    "ogm_ge": {"alpha": 0.8},
+    "opm": {"warmup_epochs": 0, "p_exe": 1.0},
+    "cggm": {"rho": 2.0, "lam": 0.2, "clip_grad_norm": None},
+    "mslr": {"history": 1},
+    "mses": {"patience": 0},
+}
+
+
+def _parts():
+    torch.manual_seed(0)
+    encoders = [nn.Sequential(nn.Linear(d, 9), nn.ReLU(), nn.Linear(9, 8)) for d in DIMS]
+    return encoders, agm_fast.ConcatFusion([8, 8], C)
+
+
+def _build(name, **extra):
+    encoders, fusion = _parts()
+    method = methods.create(name, encoders, fusion, seed=3, **{**CASES.get(name, {}), **extra})
+    params = [p for m in [*encoders, fusion] for p in m.parameters()]
+    params += [p for g in method.param_groups(0.1) for p in g["params"]]
+    return method, params
+
+
+def _batches(steps=3):
+    gen = torch.Generator().manual_seed(1)
+    B = sum(SPLITS)
+    return [([torch.randn(B, d, generator=gen) for d in DIMS], torch.randint(0, C, (B,), generator=gen))
+            for _ in range(steps)]
+
+
+def _micro(xs, y):
+    starts = [0, SPLITS[0]]
+    return [([x[s : s + n] for x in xs], y[s : s + n]) for s, n in zip(starts, SPLITS)]
+
+
+def _accumulated(name, batches, declare=True):
+    """Each step: K micro-batches through forward, loss (weighted by rows) and backward, then one modulation call."""
+    method, params = _build(name)
+    if declare:
+        method.set_accumulation(len(SPLITS))
+    out = []
+    for xs, y in batches:
+        for p in params:
+            p.grad = None
+        for mx, my in _micro(xs, y):
+            step_out = method.forward(mx, my, 0)
+            (method.loss(step_out, my) * (len(my) / len(y))).backward()
+        method.before_optimizer_step()
+        out.append([p.grad.clone() for p in params])
+        with torch.no_grad():
+            for p in params:
+                p.sub_(0.1 * p.grad)
+    return out
+
+
+def _one_by_one(name, batches):
+    """The definition: each micro-batch modulated alone (no accumulation), then the gradients summed."""
+    method, params = _build(name)
+    out = []
+    for xs, y in batches:
+        total = [torch.zeros_like(p) for p in params]
+        for mx, my in _micro(xs, y):
+            for p in params:
+                p.grad = None
+            step_out = method.forward(mx, my, 0)
+            (method.loss(step_out, my) * (len(my) / len(y))).backward()
+            method.before_optimizer_step(step_out, my)
+            for t, p in zip(total, params):
+                if p.grad is not None:
+                    t.add_(p.grad)
+        out.append(total)
+        with torch.no_grad():
+            for p, g in zip(params, total):
+                p.sub_(0.1 * g)
+    return out
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_accumulated_micro_batches_equal_each_modulated_alone_then_summed(name):
+    batches = _batches()
+    got, want = _accumulated(name, batches), _one_by_one(name, batches)
+    for step, (g, w) in enumerate(zip(got, want)):
+        for i, (a, b) in enumerate(zip(g, w)):
+            torch.testing.assert_close(a, b, msg=lambda m: f"{name}, step {step}, parameter {i}: {m}")
+
+
+@pytest.mark.parametrize("name", ["ogm", "ogm_ge", "cggm"])
+def test_without_declaring_accumulation_the_summed_gradient_is_modulated_once(name):
+    # What the interface did before accumulation was declared: the coefficients of the last micro-batch applied to
+    # the summed gradient. It differs, so the test above can fail.
+    batches = _batches(1)
+    got, want = _accumulated(name, batches, declare=False), _one_by_one(name, batches)
+    assert max((a - b).abs().max().item() for a, b in zip(got[0], want[0])) > 1e-4
+
+
+def test_micro_batch_coefficients_are_recorded_and_their_mean_returned():
+    method, params = _build("ogm")
+    method.set_accumulation(2)
+    xs, y = _batches(1)[0]
+    for mx, my in _micro(xs, y):
+        out = method.forward(mx, my, 0)
+        method.loss(out, my).backward()
+    recorded = [c.clone() for c in method.micro_coefficients]
+    coeffs = method.before_optimizer_step()
+    assert len(recorded) == 2 and not torch.equal(recorded[0], recorded[1])
+    torch.testing.assert_close(coeffs, (recorded[0] + recorded[1]) / 2)
+
+
+def test_accumulation_is_refused_by_a_method_that_needs_the_whole_step():
+    class Whole(methods.Method):
+        pass
+
+    encoders, fusion = _parts()
+    with pytest.raises(ValueError, match="^steps: .* cannot modulate micro-batches one by one"):
+        Whole(encoders, fusion).set_accumulation(2)
+    with pytest.raises(ValueError, match="^steps: expected"):
+        methods.create("ogm", encoders, fusion).set_accumulation(0)
+    copy.deepcopy(Whole(encoders, fusion)).set_accumulation(1)
