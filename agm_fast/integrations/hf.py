@@ -16,6 +16,7 @@ A batch is a dict ``{"inputs": [x_0, ..., x_{M-1}], "labels": y}`` (:func:`colla
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
@@ -63,9 +64,14 @@ class BalancedModel(nn.Module):
         self.method = method
         self.encoders = nn.ModuleList(method.encoders)
         self.fusion = method.fusion
-        # The method's own modules (AGM's state, OPM, CGGM's heads) are not registered here: the callback moves them
-        # and saves their state next to the model's in each checkpoint (safetensors holds tensors only).
+        # The method's own trainable parameters (CGGM's heads, AGM's learned baselines) are part of the model: the
+        # Trainer zeroes their gradients, moves them, and saves and restores them with the model's weights. The rest
+        # of the method's state goes to STATE_FILE beside each checkpoint.
+        self.method_parameters = nn.ParameterList([p for g in method.param_groups(1.0) for p in g["params"]])
         self.epoch = 0
+
+    # The loss is a mean over the micro-batch: the Trainer scales it for gradient accumulation (and nothing else).
+    accepts_loss_kwargs = False
 
     def forward(self, inputs: List[Tensor], labels: Optional[Tensor] = None, **unused: Any):
         if labels is None or not self.training:
@@ -109,15 +115,33 @@ class BalancingCallback(TrainerCallback):
         self.metrics = metrics
         self.coefficients: List[Tensor] = []
         self.modulated_step = -1
+        #: The checkpoint folder the run resumes from (set by :class:`BalancedTrainer`; None: ``output_dir``'s).
+        self.resume_from: Optional[str] = None
+        #: Whether the trainer modulates before clipping itself (:class:`BalancedTrainer`).
+        self.modulates_before_clipping = False
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if model is not None:
             self.method.to(next(model.parameters()).device)
+        self.method.set_accumulation(args.gradient_accumulation_steps)
+        if not self.modulates_before_clipping and args.max_grad_norm and args.max_grad_norm > 0:
+            warnings.warn(
+                f"max_grad_norm: the stock Trainer clips the gradients before on_pre_optimizer_step, so "
+                f"BalancingCallback modulates clipped gradients (the reference loops modulate, then clip); use "
+                f"agm_fast.integrations.hf.BalancedTrainer, or max_grad_norm=0, got {args.max_grad_norm}",
+                stacklevel=2,
+            )
         # A resumed run: the Trainer has restored its state, so the step names the checkpoint it resumed from.
         if state.global_step > 0:
-            path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", STATE_FILE)
-            if os.path.exists(path):
-                self.method.load_state_dict(torch.load(path, map_location="cpu", weights_only=False))
+            folder = self.resume_from or os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+            path = os.path.join(folder, STATE_FILE)
+            if not os.path.exists(path):
+                raise FileNotFoundError(
+                    f"resume_from_checkpoint: no {STATE_FILE} in {folder}, so the method's state (running means, "
+                    "noise offsets, heads) cannot be restored; resume from a checkpoint written with "
+                    "BalancingCallback"
+                )
+            self.method.load_state_dict(torch.load(path, map_location="cpu", weights_only=False))
 
     def on_epoch_begin(self, args, state, control, model=None, **kwargs):
         if model is not None:
@@ -156,6 +180,7 @@ class BalancedTrainer(Trainer):
     def __init__(self, method: Method, metrics=None, model: Optional[nn.Module] = None, **kwargs: Any) -> None:
         model = BalancedModel(method) if model is None else model
         self.balancing = BalancingCallback(method, metrics=metrics)
+        self.balancing.modulates_before_clipping = True
         callbacks = [self.balancing] + list(kwargs.pop("callbacks", None) or [])
         super().__init__(model=model, callbacks=callbacks, **kwargs)
         kind = str(getattr(self.accelerator, "distributed_type", ""))
@@ -165,13 +190,24 @@ class BalancedTrainer(Trainer):
                 "gradient; train with DDP (or one device)"
             )
 
+    def train(self, resume_from_checkpoint=None, *args: Any, **kwargs: Any):
+        """``Trainer.train``; the method's state is read from the checkpoint the run resumes from, wherever it is."""
+        folder = resume_from_checkpoint
+        if folder is True:
+            from transformers.trainer_utils import get_last_checkpoint
+
+            folder = get_last_checkpoint(self.args.output_dir)
+        self.balancing.resume_from = folder if isinstance(folder, str) else None
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
     def create_optimizer(self, model=None):
         """The Trainer's optimizer over the model, plus the method's own parameter groups (CGGM's heads at their
         scaled learning rate, without weight decay)."""
         if self.optimizer is None:
             model = self.model if model is None else model
             extra = self.balancing.method.param_groups(self.args.learning_rate)
-            params = [p for p in model.parameters() if p.requires_grad]
+            own = {id(p) for group in extra for p in group["params"]}
+            params = [p for p in model.parameters() if p.requires_grad and id(p) not in own]
             cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args, model)
             groups = [{"params": params, "weight_decay": self.args.weight_decay}] + extra
             self.optimizer = cls(groups, **kwargs)

@@ -77,6 +77,8 @@ class BalancingCallback(pl.Callback):
 
     def on_fit_start(self, trainer, pl_module) -> None:
         self.method.to(pl_module.device)
+        # Each micro-batch of an accumulated step is modulated with its own coefficients.
+        self.method.set_accumulation(trainer.accumulate_grad_batches)
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         self.coefficients.append(self.method.before_optimizer_step().detach())
