@@ -1,0 +1,186 @@
+"""MLB behind the method interface: unimodal heads with their own losses, and per-modality gradient coefficients."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ...fusion import ConcatFusion, SumFusion, output_layer
+from ..base import Method, StepOutput
+from ..hparams import declare
+from .config import HPARAMS
+from .core import mlb_coefficients, mlb_scores
+
+__all__ = ["MLBMethod"]
+
+
+@declare(HPARAMS)
+class MLBMethod(Method):
+    """MLB (Kontras et al., BMVC 2024; docs/methods.md, MLB section) with the reference's training step.
+
+    Inside the window the loss is the task loss plus every unimodal head's own loss (one backward); after it,
+    ``k_m = 1 + tanh(alpha (r_m - 1))`` from the heads' true-class probabilities multiplies the gradients of
+    encoder m, of head m (weight and bias) and of the fusion weight that reads modality m: the column block m of a
+    concat head (:class:`agm_fast.fusion.ConcatFusion` or an ``nn.Linear`` on the concatenation), ``fcs[m].weight``
+    of a :class:`agm_fast.fusion.SumFusion`. Fusion biases are never scaled; the parameters of any other fusion head
+    are not scaled (``scaled_fusion`` says which case applies). Outside the window: joint training.
+
+    Args:
+        encoders, fusion, window, seed, task: as :class:`agm_fast.methods.Method`.
+        heads: M modules ``features -> [B, C]`` (modality m's own classifier); default ``nn.Linear(d_m, C)`` each,
+            on the fusion output layer's device and dtype. Their parameters are in :meth:`param_groups` and their
+            weights in the method state either way (keep user heads out of the model's own param group).
+        feature_dims: the M feature sizes (default: ``fusion.dims``); needed only to build the default heads.
+        **hparams: MLB's hyper-parameters (``agm_fast.methods.mlb.config.HPARAMS``).
+
+    Example::
+
+        method = agm_fast.methods.create("mlb", encoders=[enc_a, enc_v], fusion=head, alpha=0.8)
+    """
+
+    def __init__(
+        self,
+        encoders,
+        fusion,
+        *,
+        window=None,
+        seed: int = 0,
+        task: str = "classification",
+        heads: Optional[Sequence[nn.Module]] = None,
+        feature_dims: Optional[Sequence[int]] = None,
+    ) -> None:
+        super().__init__(encoders, fusion, window=window, seed=seed, task=task)
+        M = self.num_modalities
+        out_layer = output_layer(fusion)
+        if heads is None:
+            dims = self.feature_dims(feature_dims)
+            w = out_layer.weight
+            heads = [nn.Linear(d, w.shape[0], device=w.device, dtype=w.dtype) for d in dims]
+        else:
+            if isinstance(heads, nn.Module) and not isinstance(heads, nn.ModuleList):
+                raise TypeError("heads: expected a list of M modules (one per modality), got a single module")
+            heads = list(heads)
+            if len(heads) != M:
+                raise ValueError(f"heads: expected {M} modules (one per modality), got {len(heads)}")
+            for m, h in enumerate(heads):
+                if not isinstance(h, nn.Module):
+                    raise TypeError(f"heads[{m}]: expected an nn.Module, got {type(h).__name__}")
+        self.heads = nn.ModuleList(heads)
+        # What the fusion head contributes to modality m's group: a concat head's column block (one in-place multiply
+        # by k gathered per column), a sum head's fcs[m].weight, or nothing.
+        self._concat: Optional[nn.Linear] = None
+        extra: List[List[nn.Parameter]] = [[] for _ in range(M)]
+        if isinstance(fusion, nn.Linear) or isinstance(fusion, ConcatFusion):
+            self._concat = fusion if isinstance(fusion, nn.Linear) else fusion.fc
+            self.scaled_fusion = "concat columns"
+        elif isinstance(fusion, SumFusion):
+            extra = [[fc.weight] for fc in fusion.fcs]
+            self.scaled_fusion = "sum weights"
+        else:
+            self.scaled_fusion = "none"
+        self._groups: List[List[nn.Parameter]] = []
+        for m in range(M):
+            seen, group = set(), []
+            for p in [*self.encoders[m].parameters(), *self.heads[m].parameters(), *extra[m]]:
+                if p.requires_grad and id(p) not in seen:
+                    seen.add(id(p))
+                    group.append(p)
+            self._groups.append(group)
+        self._columns: Optional[Tuple[Tuple[int, ...], Tensor]] = None
+        self._pending: Optional[Tuple[StepOutput, List[Tensor]]] = None
+        self._decisions: Dict[str, Tensor] = {}
+
+    def _head_loss(self, logits: Tensor, target: Tensor) -> Tensor:
+        if self.task == "regression":
+            return F.mse_loss(logits, target.to(logits.dtype).reshape(logits.shape))
+        return F.cross_entropy(logits, target)
+
+    def loss_term(self, task_loss: Tensor, out: StepOutput) -> Optional[Tensor]:
+        """Inside the window, ``sum_m loss(head_m(h_m), y)`` (cross-entropy; regression: MSE) on the features of
+        the last :meth:`forward`; None outside it."""
+        self._pending = None
+        if not self.in_window(out.epoch):
+            return None
+        if self._last is None or self._last[0] is not out or out.features is None:
+            raise ValueError("out: expected the StepOutput of the last forward() (its features and targets), got "
+                             "another")
+        target = self._last[1]
+        logits = [head(h) for head, h in zip(self.heads, out.features)]
+        self._pending = (out, [z.detach() for z in logits])
+        losses = [self._head_loss(z, target) for z in logits]
+        return sum(losses[1:], losses[0])
+
+    def _column_index(self, features: Sequence[Tensor], device: torch.device) -> Tensor:
+        # The modality of each input column of the concat head's weight, built once per feature widths.
+        widths = tuple(int(h.shape[1]) for h in features)
+        if self._columns is None or self._columns[0] != widths or self._columns[1].device != device:
+            cols = torch.repeat_interleave(torch.arange(len(widths)), torch.tensor(widths))
+            weight = self._concat.weight
+            if weight.shape[1] != cols.numel():
+                raise ValueError(f"fusion: its weight has {weight.shape[1]} input columns, but the features have "
+                                 f"{sum(widths)} in all")
+            self._columns = (widths, cols.to(device))
+        return self._columns[1]
+
+    def scale_gradients_(self, k: Tensor, features: Sequence[Tensor]) -> None:
+        """Multiply modality m's gradients by ``k[m]`` in place (encoder, head, fusion weight block m); gradients
+        that are None are skipped.
+
+        Args:
+            k: ``[M]`` coefficients on the gradients' device.
+            features: this step's M features (their widths give the concat head's column blocks).
+        """
+        for m, group in enumerate(self._groups):
+            grads = [p.grad for p in group if p.grad is not None]
+            if grads:
+                torch._foreach_mul_(grads, k[m])
+        if self._concat is not None and self._concat.weight.grad is not None:
+            g = self._concat.weight.grad
+            g.mul_(k.index_select(0, self._column_index(features, g.device)).to(g.dtype))
+
+    def before_optimizer_step(self, out: Optional[StepOutput] = None, target: Optional[Tensor] = None) -> Tensor:
+        """Inside the window: scores, ratios and k from the heads' logits of this step, then (unless
+        ``multi_loss_only``) the gradients scaled by k. Returns k as ``[M]`` float32 (ones when nothing is scaled)."""
+        out, target = self._resolve(out, target)
+        if not self.in_window(out.epoch):
+            self._decisions = {}
+            return self.ones(target.device)
+        if out.features is None:
+            raise ValueError("out: expected a StepOutput with the step's features (from forward()), got none")
+        if self._pending is not None and self._pending[0] is out:
+            logits = self._pending[1]
+        else:
+            # The unimodal losses were not in this step's loss: the heads still score the step's features.
+            with torch.no_grad():
+                logits = [head(h) for head, h in zip(self.heads, out.features)]
+        self._pending = None
+        scores = mlb_scores(logits, target, self.task)
+        ratios, k = mlb_coefficients(scores, self.alpha, self.beta, self.task)
+        self._decisions = {"scores": scores, "ratios": ratios, "k": k}
+        if self.multi_loss_only:
+            return self.ones(target.device)
+        self.scale_gradients_(k, out.features)
+        return k.to(torch.float32)
+
+    def decisions(self) -> Dict[str, Tensor]:
+        """The last step's ``"scores"`` (s_m), ``"ratios"`` (r_m) and ``"k"`` (k_m, also computed but not applied
+        with ``multi_loss_only``), each ``[M]``; empty after a step outside the window."""
+        return dict(self._decisions)
+
+    def param_groups(self, lr: float) -> List[Dict[str, Any]]:
+        """The unimodal heads, at ``lr`` (one optimizer for everything, as the reference)."""
+        return [{"params": list(self.heads.parameters()), "lr": lr}]
+
+    def modules(self) -> List[nn.Module]:
+        return [self.heads]
+
+    def method_state(self) -> Dict[str, Any]:
+        return {"heads": self.heads.state_dict()}
+
+    def load_method_state(self, state) -> None:
+        if "heads" not in state:
+            raise KeyError(f"state: expected a 'heads' entry (MLB's unimodal heads), got keys {sorted(state)}")
+        self.heads.load_state_dict(state["heads"])
