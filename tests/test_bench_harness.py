@@ -102,3 +102,14 @@ def test_quick_cpu_run_writes_its_json_lines_under_out(tmp_path, monkeypatch, ca
     assert all(r["check"] == "ok" and r["machine"].startswith("device: cpu") for r in records)
     assert {r["stage"] for r in records} == {"score+coeff", "copy (bandwidth ref.)", "modulate OGM", "modulate OGM_GE"}
     assert f"appended 9 records to {out / 'ogm_ge.jsonl'}" in capsys.readouterr().out
+
+
+def test_method_step_bench_times_each_method_against_joint(tmp_path):
+    from agm_fast.benchmarks import bench_method_step
+
+    out = tmp_path / "out"
+    argv = ["--quick", "--methods", "ogm,mslr", "--modalities", "2", "--out", str(out)]
+    assert bench_method_step.main(argv) == 0
+    records = [json.loads(line) for line in (out / "method_step.jsonl").read_text().splitlines()]
+    assert [r["method"] for r in records] == ["joint", "ogm", "mslr"]
+    assert records[0]["vs_joint"] == 1.0 and all(r["median_ms"] > 0 for r in records)
