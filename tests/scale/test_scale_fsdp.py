@@ -115,6 +115,47 @@ def _check_methods(rank: int, world: int) -> None:
             assert moved > 1e-4, f"{name}: the parameters equal joint training's; the method did nothing"
 
 
+# Unequal local batches: rank 0 holds 5 rows of 12, rank 1 the other 7. The loss of each rank is weighted by its share
+# of the global batch, so that FSDP's average of the ranks' gradients is the gradient of the global mean loss. OPM's
+# loss averages over the kept rows of each rank (its decisions are checked in test_scale_opm.py), and CGGM's heads
+# average their ranks' gradients: both are exact only with equal local batches.
+UNEQUAL = (5, 7)
+UNEQUAL_CASES = [n for n in CASES if n not in ("opm", "cggm")]
+
+
+def _train_weighted(name, mesh, group, rank, batches):
+    method, encoders, fusion, params, optimizer = _build(name, mesh, group)
+    start = sum(UNEQUAL[:rank]) if mesh is not None else 0
+    history = []
+    for i, (xs, y) in enumerate(batches):
+        N = len(y)
+        if mesh is not None:
+            xs, y = [x[start : start + UNEQUAL[rank]] for x in xs], y[start : start + UNEQUAL[rank]]
+        weight = len(y) * (len(UNEQUAL) if mesh is not None else 1) / N
+        epoch = i // STEPS_PER_EPOCH
+        out = method.forward(xs, y, epoch)
+        optimizer.zero_grad(set_to_none=True)
+        (method.loss(out, y) * weight).backward()
+        method.before_optimizer_step(out, y)
+        optimizer.step()
+        if (i + 1) % STEPS_PER_EPOCH == 0:
+            method.end_epoch(epoch, _metrics(epoch))
+        history.append(_whole(params))
+    return history
+
+
+def _check_unequal_local_batches(rank: int, world: int) -> None:
+    mesh = init_device_mesh("cpu", (world,))
+    own = [dist.new_group([r]) for r in range(world)][rank]
+    batches = _batches()
+    for name in UNEQUAL_CASES:
+        want = _train_weighted(name, None, own, rank, batches)
+        got = _train_weighted(name, mesh, None, rank, batches)
+        for step, (g, w) in enumerate(zip(got, want)):
+            for i, (a, b) in enumerate(zip(g, w)):
+                torch.testing.assert_close(a, b, msg=lambda m: f"{name}, step {step}, parameter {i}: {m}")
+
+
 def _check_layout_and_collectives(rank: int, world: int) -> None:
     from torch.distributed.tensor import Shard, distribute_tensor
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
@@ -215,6 +256,10 @@ def _check_checkpoint(rank: int, world: int) -> None:
 
 def test_every_method_under_fsdp2_equals_one_process_on_the_global_batch():
     _spawn(_check_methods, timeout=240.0)
+
+
+def test_unequal_local_batches_under_fsdp2_equal_one_process_on_the_global_batch():
+    _spawn(_check_unequal_local_batches, timeout=240.0)
 
 
 def test_shard_layout_and_ogm_ge_collectives():
