@@ -125,7 +125,7 @@ def main():
             "agm_fast.benchmarks": "benchmarks",
             "agm_fast.benchmarks.baselines": "benchmarks/baselines",
         },
-        package_data={"agm_fast.data": ["*.npz", "*.md"]},
+        package_data={"agm_fast.data": ["*.npz", "*.md"], "agm_fast.cli": ["methods.json"]},
         ext_modules=ext_modules,
         cmdclass=cmdclass,
     )

@@ -13,11 +13,12 @@ import hashlib
 import os
 import zipfile
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple
 
 import numpy as np
-import torch
-from torch import Tensor
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 __all__ = [
     "MFEAT_VIEWS",
@@ -262,6 +263,8 @@ def split_and_standardize(
         stats.append((mean, np.where(std > 1e-12, std, 1.0)))
     out = []
     for rows in idx:
+        import torch
+
         xs = [torch.from_numpy(((x[rows] - m) / s).astype(np.float32)) for x, (m, s) in zip(data.xs, stats)]
         out.append(SplitData(xs=xs, y=torch.from_numpy(data.y[rows]), index=rows))
     return tuple(out)

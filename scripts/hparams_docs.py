@@ -1,6 +1,7 @@
-"""Write docs/hyperparameters.md from the methods' declarations (``python scripts/hparams_docs.py``).
+"""Write docs/hyperparameters.md and the command line's catalog (agm_fast/cli/methods.json) from the methods'
+declarations (``python scripts/hparams_docs.py``).
 
-The page is generated, never edited by hand: tests/test_registry.py checks that it matches the declarations.
+Both are generated, never edited by hand: tests/test_registry.py checks that they match the declarations.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import os
 import sys
 
 from agm_fast import methods
+from agm_fast.cli import catalog
 from agm_fast.methods.hparams import table
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -34,9 +36,10 @@ def render() -> str:
 
 
 def main() -> int:
-    with open(PATH, "w") as f:
-        f.write(render())
-    print(f"wrote {PATH}")
+    for path, text in ((PATH, render()), (catalog.CATALOG_PATH, catalog.generate())):
+        with open(path, "w") as f:
+            f.write(text)
+        print(f"wrote {path}")
     return 0
 
 

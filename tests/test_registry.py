@@ -3,6 +3,7 @@ default: the command line, ``defaults()``, ``describe()``, the method state and 
 
 import importlib
 import importlib.util
+import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -105,3 +106,24 @@ def test_the_docs_table_is_generated_from_the_declarations():
     assert (root / "docs" / "hyperparameters.md").read_text() == module.render(), (
         "docs/hyperparameters.md is stale: run python scripts/hparams_docs.py"
     )
+    assert Path(cli.catalog.CATALOG_PATH).read_text() == cli.catalog.generate(), (
+        "agm_fast/cli/methods.json is stale: run python scripts/hparams_docs.py"
+    )
+
+
+def test_help_and_argument_errors_load_no_torch():
+    code = (
+        "import sys\n"
+        "from agm_fast.cli import main\n"
+        "for argv in (['--help'], ['train', '--help'], ['train', '--alpha', 'x']):\n"
+        "    try:\n"
+        "        main(argv)\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "heavy = sorted(m for m in ('torch', 'numpy', 'triton', 'matplotlib') if m in sys.modules)\n"
+        "print('heavy:', heavy)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "heavy: []" in proc.stdout, proc.stdout
+    assert "--alpha: invalid float value" in proc.stderr

@@ -15,12 +15,7 @@ import signal
 import sys
 from typing import Optional, Sequence
 
-import torch
-
-from ..models import MultiViewModel
 from .args import FUSIONS, METHODS, SUPPORT, CLIError, build_parser, explicit_dests, one_line
-from .report import evaluate
-from .run import Diverged, Interrupted, Terminate, device_of, train
 
 __all__ = [
     "main",
@@ -52,6 +47,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args = parser.parse_args(argv)
         if args.command is None:
             raise CLIError("choose a command: agm-fast train ... or agm-fast bench ... (see agm-fast --help)")
+        # Only a command that runs loads torch: --help and argument errors answer before this.
+        import torch
+
+        from .run import train
+
         if args.command == "train":
             args._explicit = explicit_dests(args._options, argv)
             threads = torch.get_num_threads()
@@ -64,13 +64,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     signal.signal(signal.SIGTERM, previous)
             return 0
         return bench(args)
-    except Diverged as exc:
-        print(f"agm-fast: diverged: {one_line(exc)}", file=sys.stderr)
-        return 3
-    except Interrupted as exc:
-        print(f"agm-fast: {one_line(exc)}", file=sys.stderr)
-        return exc.status
     except CLIError as exc:
+        # A run's own endings (loaded with the run, so never before it started).
+        run = sys.modules.get(f"{__name__}.run")
+        if run is not None and isinstance(exc, run.Diverged):
+            print(f"agm-fast: diverged: {one_line(exc)}", file=sys.stderr)
+            return 3
+        if run is not None and isinstance(exc, run.Interrupted):
+            print(f"agm-fast: {one_line(exc)}", file=sys.stderr)
+            return exc.status
         print(f"agm-fast: error: {one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -79,6 +81,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _raise_terminate(signum, frame):
+    from .run import Terminate
+
     raise Terminate()
 
 
@@ -92,6 +96,8 @@ def _on_sigterm():
 
 def bench(args: argparse.Namespace) -> int:
     """Run the training-step benchmarks (``agm-fast bench``); returns the exit status."""
+    from .run import device_of
+
     device = device_of(args.device)
     names = {"agm": "bench_agm_step", "ogm_ge": "bench_ogm_ge"}
     chosen = [args.only] if args.only else ["agm", "ogm_ge"]
@@ -118,3 +124,12 @@ def bench(args: argparse.Namespace) -> int:
         rc = mod.main(argv)
         status = status or int(rc or 0)
     return status
+
+
+_LAZY = {"train": ".run", "evaluate": ".report", "MultiViewModel": "..models"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module 'agm_fast.cli' has no attribute {name!r}")

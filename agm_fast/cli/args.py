@@ -10,8 +10,7 @@ import argparse
 import re
 from typing import Any, Dict, List, Sequence, Tuple
 
-from .. import data as data_mod
-from .. import methods
+from .catalog import Entry, entries, mfeat_views
 
 __all__ = [
     "CLIError",
@@ -53,15 +52,18 @@ def one_line(text) -> str:
 
 
 def _methods() -> Tuple[str, ...]:
-    return methods.available()
+    return tuple(e.name for e in entries())
+
+
+def _entry(name: str) -> Entry:
+    for e in entries():
+        if e.name == name:
+            return e
+    raise CLIError(f"--method: expected one of {', '.join(_methods())}, got {name!r}")
 
 
 def _support() -> Dict[str, Tuple[str, ...]]:
-    out = {}
-    for name in _methods():
-        cls, _ = methods.get(name)
-        out[name] = tuple(f for f in FUSIONS if f not in getattr(cls, "unsupported_fusions", ()))
-    return out
+    return {e.name: tuple(f for f in FUSIONS if f not in e.unsupported_fusions) for e in entries()}
 
 
 # The registry as the command line sees it (recomputed by build_parser, so a method registered later appears).
@@ -76,10 +78,9 @@ def option_table() -> Dict[str, Dict[str, Any]]:
     agree.
     """
     table: Dict[str, Dict[str, Any]] = {}
-    for name in _methods():
-        cls, preset = methods.get(name)
-        defaults = cls.defaults()
-        for opt in cls.HPARAMS:
+    for e in entries():
+        name, preset, defaults = e.name, e.preset, e.defaults()
+        for opt in e.options:
             if opt.name in preset or not opt.cli:
                 continue
             dest = opt.cli_flag[2:].replace("-", "_")
@@ -163,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--views",
         default=None,
-        help=f"comma-separated views, 2 to 6 of {','.join(data_mod.MFEAT_VIEWS)} (default {DEFAULT_VIEWS}; with "
+        help=f"comma-separated views, 2 to 6 of {','.join(mfeat_views())} (default {DEFAULT_VIEWS}; with "
         "--data: the x_<name> arrays of the file, default all of them)",
     )
     g.add_argument(
@@ -262,7 +263,7 @@ def resolve(args: argparse.Namespace) -> None:
             f"--method {args.method} does not support --fusion {args.fusion}; "
             f"supported: {', '.join(support[args.method])}"
         )
-    cls, _ = methods.get(args.method)
+    cls = _entry(args.method)
     for dest, entry in option_table().items():
         if hasattr(args, dest) and args.method not in entry["methods"]:
             raise CLIError(f"{entry['flag']} applies to --method {'/'.join(entry['methods'])}, not to --method "
@@ -270,7 +271,7 @@ def resolve(args: argparse.Namespace) -> None:
     if not cls.windowed:
         for dest in WINDOW_DESTS:
             if getattr(args, dest) is not None:
-                windowed = [m for m in _methods() if methods.get(m)[0].windowed]
+                windowed = [e.name for e in entries() if e.windowed]
                 raise CLIError(f"--{dest} applies to --method {'/'.join(windowed)}, not to --method {args.method}")
     for key in ("epochs", "hidden", "feature_dim", "threads"):
         if getattr(args, key) < 1:
@@ -298,7 +299,7 @@ def resolve(args: argparse.Namespace) -> None:
 
 def method_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
     """The constructor arguments of the chosen method that the command line gives (the rest keep their defaults)."""
-    cls, _ = methods.get(args.method)
+    cls = _entry(args.method)
     kwargs: Dict[str, Any] = {}
     for dest, entry in option_table().items():
         if args.method in entry["methods"] and hasattr(args, dest):
@@ -326,7 +327,7 @@ def config_of(args: argparse.Namespace, hyperparameters: Dict[str, Any]) -> Dict
     for dest, entry in table.items():
         if args.method in entry["methods"]:
             config[dest] = hyperparameters[entry["option"].name]
-    if methods.get(args.method)[0].windowed:
+    if _entry(args.method).windowed:
         config.update({dest: getattr(args, dest) for dest in WINDOW_DESTS})
     for key in ("batch_size", "lr", "momentum", "weight_decay", "hidden", "feature_dim", "seed", "probe"):
         config[key] = getattr(args, key)

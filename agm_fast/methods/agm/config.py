@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from ..._parse import cap_or_none
 from ..hparams import HParam, HParams, boolean, choice, integer, number
-from ..parse import cap_or_none
 
 __all__ = ["STRATEGIES", "SHAPLEY", "MASKED_MODES", "MUTES", "COEFFICIENT_HPARAMS", "SUBSET_HPARAMS", "HPARAMS"]
 

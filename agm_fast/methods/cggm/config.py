@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from ..._parse import float_or_none
 from ..hparams import HParam, HParams, choice, number
-from ..parse import float_or_none
 
 __all__ = ["DIRECTIONS", "HPARAMS", "METHOD_HPARAMS"]
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from ..._parse import float_list
 from ..hparams import HParam, HParams, any_value, integer
-from ..parse import float_list
 
 __all__ = ["HPARAMS"]
 
