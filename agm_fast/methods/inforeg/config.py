@@ -8,9 +8,10 @@ from typing import Any, Tuple
 from ..hparams import HParam, HParams, choice, integer, number
 from ..parse import float_list
 
-__all__ = ["HPARAMS", "TRACE_MODALITIES"]
+__all__ = ["HPARAMS", "SCORES", "TRACE_MODALITIES"]
 
 TRACE_MODALITIES = ("first", "leader")
+SCORES = ("sum", "mean")
 
 
 def _bases(name: str, value: Any) -> Tuple[float, ...]:
@@ -33,7 +34,7 @@ HPARAMS = HParams(
     HParam("trace_window", 10, "epochs the trace growth ratio k averages over (and zero padding)", integer(low=1),
            parse=int),
     HParam("trace_modality", "first", "whose trace gives k: 'first' (modality 0, the code) or 'leader' (the paper)",
-           choice(*TRACE_MODALITIES)),
+           choice(*TRACE_MODALITIES), parse=str, choices=TRACE_MODALITIES),
     HParam("score", "sum", "per-modality score: 'sum' (the code: batch sum of true-class probabilities) or 'mean'",
-           choice("sum", "mean")),
+           choice(*SCORES), parse=str, choices=SCORES, flag="--inforeg-score"),
 )
