@@ -190,3 +190,19 @@ def test_errors_name_the_argument():
         methods.create("inforeg", encs, fus, beta_bases=[1, 1, 1], trace_window=0)
     with pytest.raises(ValueError, match="task"):
         methods.create("inforeg", encs, fus, beta_bases=[1, 1, 1], task="regression")
+
+
+def test_non_finite_gradients_stay_non_finite():
+    dims, encs, fus = model(2)
+    method = methods.create("inforeg", encs, fus)
+    data = batches(dims, 2)
+    for xs, y in data:
+        out = method.forward(xs, y, 0)
+        method.loss(out, y).backward()
+        with torch.no_grad():
+            for p in encs[0].parameters():
+                p -= 0.1 * p.grad
+    encs[0][0].weight.grad[0, 0] = float("inf")
+    encs[1][0].weight.grad[0, 0] = float("nan")
+    method.before_optimizer_step(out, y)
+    assert torch.isinf(encs[0][0].weight.grad[0, 0]) and torch.isnan(encs[1][0].weight.grad[0, 0])
