@@ -26,13 +26,13 @@ __all__ = ["InfoRegMethod"]
 _CONV_OR_LINEAR = (nn.Linear, nn.modules.conv._ConvNd)
 
 
-def trace_ratio(history: List[Tensor], window: int) -> Tensor:
+def trace_ratio(history: List[Tensor], window: int, device=None) -> Tensor:
     """``k`` from one modality's per-epoch traces: 1 before any trace, else
     ``(L[-1] - L[-window-1]) / sum(L[-window:])`` with ``L`` = ``window`` zeros followed by ``history``; 0 where that
     sum is 0."""
     if not history:
-        return torch.ones(())
-    hist = torch.stack(list(history)).to(torch.float32)
+        return torch.ones((), device=device)
+    hist = torch.stack(list(history)).to(device=device, dtype=torch.float32)
     padded = torch.cat([torch.zeros(window, dtype=hist.dtype, device=hist.device), hist])
     num = padded[-1] - padded[-window - 1]
     den = padded[-window:].sum()
@@ -88,7 +88,7 @@ class InfoRegMethod(Method):
     def _begin_epoch(self, epoch) -> None:
         if self._open:
             self._close_epoch()
-        ks = torch.stack([trace_ratio(h, self.trace_window).to(self._device()) for h in self._traces])
+        ks = torch.stack([trace_ratio(h, self.trace_window, self._device()) for h in self._traces])
         self._k = ks
         with torch.no_grad():
             if self._anchor and all(len(a) == len(p) for a, p in zip(self._anchor, self._params)):
@@ -161,13 +161,14 @@ class InfoRegMethod(Method):
         vals, idx = torch.topk(scores, 2)
         lead = idx[0]
         gap = vals[0] - vals[1]
-        k = self._k[0] if self.trace_modality == "first" else self._k[lead]
-        k = k.to(target.device)
+        leader = torch.arange(M, device=target.device) == lead
+        ks = self._k.to(target.device)
+        # Selections by mask, not by a device index: nothing is read on the host.
+        k = ks[0] if self.trace_modality == "first" else torch.where(leader, ks, torch.zeros_like(ks)).sum()
         go = (gap > 0) & (k > self.threshold)
         bases = self.constant(self.beta_bases, target.device)
-        leader = torch.arange(M, device=target.device) == lead
         regulated = leader & go
-        beta = torch.where(regulated, bases[lead] * torch.exp(torch.tanh(gap)), torch.zeros_like(bases))
+        beta = torch.where(regulated, bases * torch.exp(torch.tanh(gap)), torch.zeros_like(bases))
         with torch.no_grad():
             for m in range(M):
                 pairs = [(p.grad, p, a) for p, a in zip(self._params[m], self._anchor[m]) if p.grad is not None]
