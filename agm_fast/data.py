@@ -155,6 +155,14 @@ def load_npz(path: str, views: Optional[Sequence[str]] = None) -> MultiViewData:
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"data file {path!r} does not exist")
+    with open(path, "rb") as fh:
+        head = fh.read(6)
+    if not head.startswith(b"PK") and not head.startswith(b"\x93NUMPY"):
+        # Not a zip archive (an .npz) nor a .npy: a text file such as a CSV, or anything else.
+        raise ValueError(
+            f"data file {path!r} is not a readable .npz file (not a zip archive: it starts with {head!r}); save it "
+            "with np.savez(path, x_<name>=..., y=...), one x_<name> array [N, d] per view and labels y [N]"
+        )
     try:
         z = np.load(path, allow_pickle=False)
     except (zipfile.BadZipFile, OSError, ValueError, EOFError) as exc:

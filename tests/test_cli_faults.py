@@ -133,7 +133,7 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_no_tmp(tmp_path, capsys, 
     assert rc == 2
     line = one_line(err, "agm-fast: error: ")
     assert "could not write the checkpoint" in line and "disk may be full" in line
-    assert sorted(os.listdir(out)) == [".agm-fast.lock", "checkpoint.pt", "metrics.csv"]
+    assert sorted(os.listdir(out)) == ["checkpoint.pt", "metrics.csv"]
     assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 1
 
 
@@ -275,3 +275,14 @@ def test_a_second_run_into_the_same_out_is_refused(tmp_path, capsys):
     # Once the first run is gone, its lock is too.
     assert run(["train", "--out", out, "--epochs", 1, "--overwrite", *SMALL], capsys)[0] == 0
     assert math.isfinite(json.loads((out / "summary.json").read_text())["test_acc"])
+
+
+def test_a_refused_flag_writes_nothing_and_a_finished_run_leaves_no_lock(tmp_path, capsys):
+    out = tmp_path / "refused"
+    rc, _, err = run(["train", "--out", out, "--cap", "-5", *SMALL], capsys)
+    assert rc == 2 and "--cap" in err
+    assert not out.exists()
+    out = tmp_path / "done"
+    rc, _, err = run(["train", "--out", out, "--epochs", 1, "--no-plot", *SMALL], capsys)
+    assert rc == 0, err
+    assert not (out / ".agm-fast.lock").exists()

@@ -113,3 +113,10 @@ def test_load_npz_missing_and_unreadable(tmp_path):
     np.savez(tmp_path / "ok.npz", x_a=np.zeros((4, 2)), y=np.zeros(4, dtype=int))
     with pytest.raises(ValueError, match="unknown view 'b'"):
         data.load_npz(str(tmp_path / "ok.npz"), ["b"])
+
+
+def test_a_csv_given_as_data_is_named_for_what_it_is(tmp_path):
+    path = tmp_path / "data.csv"
+    path.write_text("a,b,y\n1,2,0\n")
+    with pytest.raises(ValueError, match="not a readable .npz file .not a zip archive.* np.savez"):
+        data.load_npz(str(path))

@@ -62,7 +62,7 @@ def test_a_method_from_its_own_folder_appears_everywhere_with_its_default(shrink
     with pytest.raises(SystemExit):
         cli.main(["train", "--help"])
     help_text = " ".join(capsys.readouterr().out.split())
-    assert "--shrink SHRINK shrink: gradient factor of every encoder (default: shrink 0.25)" in help_text
+    assert "--shrink SHRINK shrink: gradient factor of every encoder (default 0.25)" in help_text
 
     encoders = [torch.nn.Linear(3, 4), torch.nn.Linear(5, 4)]
     method = methods.create("shrink", encoders, agm_fast.ConcatFusion([4, 4], 3))

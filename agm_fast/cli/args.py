@@ -120,9 +120,16 @@ def _epilog() -> str:
 def _add_method_options(group, table: Dict[str, Dict[str, Any]]) -> None:
     for dest, entry in table.items():
         opt = entry["option"]
-        defaults = ", ".join(f"{m} {entry['defaults'][m]!r}" for m in entry["methods"])
-        helps = sorted(set(entry["helps"].values()))
-        text = f"{'/'.join(entry['methods'])}: {'; '.join(helps)} (default: {defaults})"
+        # One clause per distinct text: "agm: ... (default 1.0); ogm/ogm_ge: ... (default 0.8)".
+        by_help: Dict[str, List[str]] = {}
+        for m in entry["methods"]:
+            by_help.setdefault(entry["helps"][m], []).append(m)
+        clauses = []
+        for help_text, names in by_help.items():
+            values = {repr(entry["defaults"][m]) for m in names}
+            default = values.pop() if len(values) == 1 else ", ".join(f"{m} {entry['defaults'][m]!r}" for m in names)
+            clauses.append(f"{'/'.join(names)}: {help_text} (default {default})")
+        text = "; ".join(clauses)
         kwargs: Dict[str, Any] = dict(dest=dest, default=UNSET, help=text.replace("%", "%%"))
         if opt.parse is bool:
             kwargs["action"] = "store_true"

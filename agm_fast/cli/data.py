@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 from typing import List, Optional
 
@@ -54,8 +55,10 @@ def prepare_out(path: str, resume: bool, overwrite: bool):
     """Create ``--out``, take its lock, and refuse to replace a run that is already there.
 
     Returns:
-        The open lock file; keep it for the whole run (the lock goes with it).
+        The :class:`RunLock`; keep it for the whole run and close it at the end (the lock file goes with it, and so
+        does the folder if this run created it and wrote nothing into it).
     """
+    created = not os.path.isdir(path)
     try:
         os.makedirs(path, exist_ok=True)
         probe = os.path.join(path, ".agm-fast-write-test")
@@ -64,7 +67,7 @@ def prepare_out(path: str, resume: bool, overwrite: bool):
         os.remove(probe)
     except OSError as exc:
         raise CLIError(f"--out {path!r} is not a writable folder ({exc.strerror or exc})") from None
-    lock = _lock(path)
+    lock = RunLock(path, _lock(path), created)
     existing = [name for name in RUN_FILES if os.path.exists(os.path.join(path, name))]
     if existing and not resume and not overwrite:
         lock.close()
@@ -73,6 +76,26 @@ def prepare_out(path: str, resume: bool, overwrite: bool):
             "with --overwrite"
         )
     return lock
+
+
+class RunLock:
+    """The run's hold on ``--out``: closing it removes the lock file (and the folder, if this run created it and it
+    is still empty)."""
+
+    def __init__(self, path: str, handle, created: bool) -> None:
+        self.path, self.handle, self.created = path, handle, created
+
+    def close(self) -> None:
+        if self.handle is None:
+            return
+        # Removed while still held, so no other run can take a lock on the file being removed.
+        with contextlib.suppress(OSError):
+            os.remove(os.path.join(self.path, LOCK_NAME))
+        self.handle.close()
+        self.handle = None
+        if self.created:
+            with contextlib.suppress(OSError):
+                os.rmdir(self.path)  # only an empty folder goes
 
 
 def _lock(path: str):

@@ -80,6 +80,14 @@ class MSES:
     def _tensors(self, m: int) -> List[Tensor]:
         return list(self._params[m]) + list(self._buffers[m])
 
+    def __repr__(self) -> str:
+        return (f"MSES(modalities={self.names}, patience={self.patience}, smoothing={self.smoothing}, "
+                f"skip_optimizer={self.skip_optimizer}, stopped={self.stopped}, epochs={self.epochs})")
+
+    def end_epoch(self, val_losses) -> List[str]:
+        """:meth:`epoch_end`, under the name the method interface uses."""
+        return self.epoch_end(val_losses)
+
     @torch.no_grad()
     def epoch_end(self, val_losses) -> List[str]:
         """Record this epoch's per-modality validation losses; stop and restore modalities that ran out of patience.

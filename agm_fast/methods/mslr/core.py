@@ -77,6 +77,14 @@ class MSLR:
         """The current gradient multipliers ``init_m * ratio_m``, one per modality."""
         return [i * r for i, r in zip(self.init_lr_scales, self.ratios)]
 
+    def __repr__(self) -> str:
+        return (f"MSLR(modalities={self.names}, init_lr_scales={self.init_lr_scales}, history={self.history_length}, "
+                f"ratios={self.ratios}, epochs={self.epochs})")
+
+    def end_epoch(self, accuracies) -> List[float]:
+        """:meth:`epoch_end`, under the name the method interface uses."""
+        return self.epoch_end(accuracies)
+
     def epoch_end(self, accuracies) -> List[float]:
         """Record this epoch's per-modality accuracies and update the ratios.
 

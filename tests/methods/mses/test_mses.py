@@ -87,3 +87,14 @@ def test_mses_zero_mode_state_dict_and_errors():
         agm_fast.MSES([net.audio], patience=1, smoothing=1.5)
     with pytest.raises(ValueError, match="val_losses: expected a value for every modality"):
         agm_fast.MSES({"a": net.audio}, patience=1).epoch_end({"b": 1.0})
+
+
+def test_mslr_and_mses_say_what_they_are_and_take_end_epoch():
+    net = Net()
+    mslr = agm_fast.MSLR([net.audio, net.visual], history=1)
+    mses = agm_fast.MSES([net.audio, net.visual], patience=1)
+    assert repr(mslr).startswith("MSLR(modalities=[") and "history=1" in repr(mslr)
+    assert repr(mses).startswith("MSES(modalities=[") and "patience=1" in repr(mses)
+    mslr.end_epoch([0.5, 0.5])
+    mses.end_epoch([1.0, 1.0])
+    assert mslr.epochs == 1 and mses.epochs == 1
