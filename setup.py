@@ -105,6 +105,13 @@ def _ext_modules():
     return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(no_python_abi_suffix=False)}
 
 
+def _method_packages():
+    """One package per method folder under agm_fast/methods (a new method needs no change here)."""
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "agm_fast", "methods")
+    names = sorted(d for d in os.listdir(root) if os.path.isfile(os.path.join(root, d, "__init__.py")))
+    return [f"agm_fast.methods.{d}" for d in names]
+
+
 def main():
     ext_modules, cmdclass = _ext_modules()
     setup(
@@ -113,6 +120,8 @@ def main():
             "agm_fast.cli",
             "agm_fast.integrations",
             "agm_fast.methods",
+            *_method_packages(),
+            "agm_fast.ops",
             "agm_fast.kernels",
             "agm_fast.data",
             "agm_fast.benchmarks",

@@ -1,7 +1,7 @@
 """What is available (Triton, the Triton interpreter, the compiled extension) and which path an op runs.
 
 Backends:
-    ``torch``  the pure-PyTorch code of :mod:`agm_fast.reference` (always available; the CPU default)
+    ``torch``  the pure-PyTorch path of each op (``*_torch`` in :mod:`agm_fast.ops`; always available; the CPU default)
     ``triton`` the fused kernels of :mod:`agm_fast.kernels` (CUDA tensors, or CPU under ``TRITON_INTERPRET=1``)
     ``ext``    the compiled extension ``agm_fast._C`` (CPU, and CUDA when it was built with CUDA)
 

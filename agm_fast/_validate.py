@@ -10,9 +10,33 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Optional, Sequence, Tuple
+import os
+from typing import TYPE_CHECKING, Optional, Sequence, Tuple
 
-__all__ = ["check_bool", "check_choice", "check_float", "check_int", "check_seed", "describe"]
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
+
+
+def _torch():
+    # Imported on first use: the hyper-parameter checks above run without torch.
+    import torch
+
+    return torch
+
+__all__ = [
+    "check_alpha",
+    "check_bool",
+    "check_choice",
+    "check_class_labels",
+    "check_float",
+    "check_float_tensor",
+    "check_int",
+    "check_per_modality_logits",
+    "check_seed",
+    "check_target",
+    "describe",
+]
 
 SEED_LIMIT = 1 << 63
 
@@ -123,3 +147,106 @@ def check_floats(name: str, values, count: int, **bounds) -> Tuple[float, ...]:
     if len(values) != count:
         raise ValueError(f"{name}: expected {count} values (one per modality), got {len(values)}")
     return tuple(check_float(f"{name}[{i}]", v, **bounds) for i, v in enumerate(values))
+
+
+# Tensor checks of the ops (metadata only, except label ranges on CPU tensors or with AGM_FAST_DEBUG=1).
+
+
+def check_class_labels(labels: Tensor, batch: int, num_classes: int, device: torch.device, name: str = "labels"):
+    """``labels`` must be ``[batch]`` int64 class indices on ``device``; values are checked on CPU (or in debug)."""
+    torch = _torch()
+    Tensor = torch.Tensor
+    if not isinstance(labels, Tensor):
+        raise TypeError(f"{name}: expected a Tensor of int64 class indices, got {type(labels).__name__}")
+    if labels.dtype != torch.int64:
+        raise TypeError(f"{name}: expected int64 class indices, got {labels.dtype}")
+    if labels.dim() != 1 or labels.shape[0] != batch:
+        raise ValueError(f"{name}: expected shape [{batch}] (one class index per sample), got {tuple(labels.shape)}")
+    if labels.device != device:
+        raise ValueError(f"{name}: on {labels.device}, but the logits are on {device}")
+    if torch.compiler.is_compiling() or labels.numel() == 0:
+        return
+    if labels.device.type == "cpu" or os.environ.get("AGM_FAST_DEBUG", "0") == "1":
+        low, high = int(labels.min()), int(labels.max())
+        if low < 0 or high >= num_classes:
+            raise ValueError(f"{name}: expected class indices in [0, {num_classes}), got values in [{low}, {high}]")
+
+
+def check_per_modality_logits(logits: Tensor, name: str = "logits") -> None:
+    """Per-modality logits ``[M, B, C]``, M >= 2, B >= 1, C >= 1, floating point."""
+    torch = _torch()
+    Tensor = torch.Tensor
+    if not isinstance(logits, Tensor):
+        raise TypeError(f"{name}: expected a Tensor [M, B, C], got {type(logits).__name__}")
+    if logits.dim() != 3:
+        raise ValueError(f"{name}: expected per-modality logits [M, B, C], got shape {tuple(logits.shape)}")
+    if logits.shape[0] < 2:
+        raise ValueError(f"{name}: expected at least two modalities (M >= 2) for OGM, got M = {logits.shape[0]}")
+    if logits.shape[1] < 1:
+        raise ValueError(f"{name}: expected a batch of at least one sample, got B = 0")
+    if logits.shape[2] < 1:
+        raise ValueError(f"{name}: expected at least one class, got C = {logits.shape[2]}")
+    if not logits.is_floating_point():
+        raise TypeError(f"{name}: expected floating-point logits, got {logits.dtype}")
+
+
+def check_alpha(alpha: float) -> float:
+    """A finite Python float >= 0 (an op's modulation strength)."""
+    torch = _torch()
+    Tensor = torch.Tensor
+    if isinstance(alpha, Tensor) or not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
+        raise TypeError(f"alpha: expected a Python float, got {type(alpha).__name__}")
+    if not math.isfinite(alpha) or alpha < 0:
+        raise ValueError(f"alpha: expected a finite value >= 0, got {alpha}")
+    return float(alpha)
+
+
+def check_float_tensor(
+    t: Tensor, name: str, shape: str, device: torch.device, other: str = "the subset logits"
+) -> None:
+    """``t`` must be a floating-point tensor on ``device`` (its shape is the caller's to check)."""
+    torch = _torch()
+    Tensor = torch.Tensor
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name}: expected a Tensor {shape}, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name}: expected a floating-point tensor {shape}, got {t.dtype}")
+    if t.device != device:
+        raise ValueError(f"{name}: on {t.device}, but {other} are on {device}")
+
+
+def check_target(
+    labels: Tensor,
+    batch: int,
+    num_classes: Optional[int],
+    task: str,
+    device: Optional[torch.device],
+    name: str = "target",
+) -> None:
+    """AGM targets: ``[B]`` int64 class indices, or ``[B]`` / ``[B, C]`` float regression targets.
+
+    With ``num_classes`` and ``device`` None only the dtype and batch size are checked (before the model runs);
+    with both given the check is complete, including the value range on CPU tensors.
+    """
+    torch = _torch()
+    Tensor = torch.Tensor
+    if not isinstance(labels, Tensor):
+        raise TypeError(f"{name}: expected a Tensor [{batch}], got {type(labels).__name__}")
+    if task == "classification":
+        if num_classes is not None and device is not None:
+            check_class_labels(labels, batch, num_classes, device, name)
+            return
+        if labels.dtype != torch.int64:
+            raise TypeError(f"{name}: expected int64 class indices, got {labels.dtype}")
+        if labels.dim() != 1 or labels.shape[0] != batch:
+            raise ValueError(f"{name}: expected shape [{batch}] (one class index per sample), got {list(labels.shape)}")
+        return
+    if not labels.is_floating_point():
+        raise TypeError(f"{name}: expected floating-point regression targets, got {labels.dtype}")
+    if labels.dim() not in (1, 2) or labels.shape[0] != batch:
+        raise ValueError(f"{name}: expected regression targets [{batch}] or [{batch}, C], got {tuple(labels.shape)}")
+    if num_classes is not None and labels.dim() == 2 and labels.shape[1] != num_classes:
+        raise ValueError(f"{name}: expected regression targets [{batch}] or [{batch}, {num_classes}], "
+                         f"got {tuple(labels.shape)}")
+    if device is not None and labels.device != device:
+        raise ValueError(f"{name}: on {labels.device}, but the logits are on {device}")

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from ._validate import check_float
-from .reference import shapley_weights
+from .coalitions import shapley_weights
 
 __all__ = ["competition_strength", "extract_features", "shapley_accuracy", "ShapleyAccuracy"]
 
@@ -288,7 +288,7 @@ def shapley_accuracy(
     """Shapley-value attribution of accuracy to each modality (BalanceBenchmark's imbalance metric).
 
     ``v(S)`` = accuracy of f(S) on the batch, and ``value_m = sum_{S not containing m} |S|!(M-|S|-1)!/M!
-    (v(S + m) - v(S))`` over all 2^M subsets (exact weights from :func:`agm_fast.reference.shapley_weights`).
+    (v(S + m) - v(S))`` over all 2^M subsets (exact weights from :func:`agm_fast.coalitions.shapley_weights`).
 
     The empty coalition: if f(empty) is available (mask 0 among ``masks``, or ``outputs`` is a callable, which is then
     called with mask 0 = every modality muted) its accuracy is used; otherwise the chance level ``1 / C``.

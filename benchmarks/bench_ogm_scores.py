@@ -1,7 +1,7 @@
 """Benchmark of the OGM scores and coefficients ``agm_fast::ogm_scores`` on per-modality logits ``[M, B, C]``.
 
 Providers, each checked against the first before it is timed: the eager PyTorch composition of
-:func:`agm_fast.reference.ogm_scores_ref` (the baseline), ``torch.compile`` of it, and the custom op (Triton kernels
+:func:`ogm_scores_torch` (the baseline), ``torch.compile`` of it, and the custom op (Triton kernels
 on CUDA). Shapes: B in {64, 512, 4096}, C in {6, 101, 309}, M in {2, 3, 4, 6}.
 
 The step reads the logits once: the table gives their size and the time that read takes at the measured
@@ -18,19 +18,18 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from agm_fast.benchmarks.harness import add_traffic, kernel_bench_main, run_providers
 
-from agm_fast import ops
-from agm_fast import reference as ref
+from agm_fast.ops.ogm_scores import ogm_scores_op, ogm_scores_torch
 
 COLUMNS = ["B", "C", "M", "provider", "median_ms", "p20_ms", "p80_ms", "speedup", "MB", "floor_ms", "x_floor", "check"]
 ALPHA = 0.8
 
 
 def _ogm_ref(logits, labels):
-    return ref.ogm_scores_ref(logits, labels, ALPHA, False)
+    return ogm_scores_torch(logits, labels, ALPHA, False)
 
 
 def _ogm_ops(logits, labels):
-    return ops.ogm_scores(logits, labels, ALPHA, False)
+    return ogm_scores_op(logits, labels, ALPHA, False)
 
 
 def run(device, sizes, dtype, bandwidth) -> List[Dict]:

@@ -25,8 +25,15 @@ import torch
 import torch.nn.functional as nnf
 from agm_fast.benchmarks.harness import add_traffic, kernel_bench_main, run_providers
 
-from agm_fast import ops
-from agm_fast import reference as ref
+from agm_fast.coalitions import shapley_weights, subset_masks
+from agm_fast.ops.shapley import (
+    agm_scores_torch,
+    shapley_combine_op,
+    shapley_combine_torch,
+    shapley_outputs_torch,
+    shapley_scores_op,
+    shapley_scores_torch,
+)
 
 COLUMNS = [
     "B", "C", "M", "stage", "provider", "median_ms", "p20_ms", "p80_ms", "speedup", "MB", "floor_ms", "x_floor", "check"
@@ -36,22 +43,22 @@ CAP = 10.0
 
 
 def _scores_ref(F, W, labels, running, count, prev):
-    return ref.shapley_scores_ref(F, W, labels, running, count, prev, ALPHA, CAP, True)
+    return shapley_scores_torch(F, W, labels, running, count, prev, ALPHA, CAP, True)
 
 
 def _scores_ops(F, W, labels, running, count, prev):
-    return ops.shapley_scores(F, W, labels, running, count, prev, ALPHA, CAP, True, False, False)
+    return shapley_scores_op(F, W, labels, running, count, prev, ALPHA, CAP, True, False, False)
 
 
 def _step_ref(F, W, labels, running, count, prev):
     psi, scores, running_new, count_new, coeffs = _scores_ref(F, W, labels, running, count, prev)
-    out = ref.shapley_combine_ref(F, W, coeffs, F.shape[0] - 1)
+    out = shapley_combine_torch(F, W, coeffs, F.shape[0] - 1)
     return nnf.cross_entropy(out.float(), labels), scores, running_new, coeffs
 
 
 def _step_ops(F, W, labels, running, count, prev):
     psi, scores, running_new, count_new, coeffs = _scores_ops(F, W, labels, running, count, prev)
-    out = ops.shapley_combine(F, W, coeffs, F.shape[0] - 1)
+    out = shapley_combine_op(F, W, coeffs, F.shape[0] - 1)
     return nnf.cross_entropy(out.float(), labels), scores, running_new, coeffs
 
 
@@ -67,12 +74,12 @@ def _with_grad(step: Callable) -> Callable:
 
 
 def _inputs(B: int, C: int, M: int, dtype: torch.dtype, device: torch.device):
-    masks = ref.subset_masks(M)
-    W = ref.shapley_weights(M, masks, torch.float32).to(device)
+    masks = subset_masks(M)
+    W = shapley_weights(M, masks, torch.float32).to(device)
     F = torch.randn(len(masks), B, C, device=device).to(dtype)
     labels = torch.randint(0, C, (B,), device=device)
     # Running means near this step's scores, as in training: the coefficients stay moderate.
-    scores = ref.agm_scores_ref(ref.shapley_ref(F, W), labels)
+    scores = agm_scores_torch(shapley_outputs_torch(F, W), labels)
     running = scores + 0.1 * torch.randn(M, device=device)
     count = torch.full((), 10.0, device=device)
     prev = torch.ones(M, device=device)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
@@ -35,3 +36,17 @@ def online_softmax_step(x, offs_c, C, labels, row_max, row_sum, at_label):
     hit = offs_c == tl.expand_dims(labels, -1)
     at_label = at_label + tl.sum(tl.where(hit, xm, 0.0), axis=-1)
     return new_max, row_sum, at_label
+
+
+# The compile gate's shape axes (tests/gates/triton_gate.py), shared by the kernel modules' gate_cases(): batch B,
+# classes C, modalities M, feature size D and dtype reach the edges the launchers must handle.
+GATE_BS = (1, 7, 64, 1000, 8192)
+GATE_CS = (1, 10, 101, 1030, 4096)
+GATE_MS = (2, 3, 5, 8)
+GATE_DS = (1, 5, 1000, 1_000_000)
+GATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def gate_meta(shape, dtype=torch.float32):
+    """A ``meta`` tensor: the launchers choose their configuration from metadata alone."""
+    return torch.empty(shape, dtype=dtype, device="meta")

@@ -15,6 +15,7 @@ indices, never used as addresses: an out-of-range label makes its sample's proba
 
 from __future__ import annotations
 
+import itertools
 from typing import Optional, Tuple
 
 import torch
@@ -22,7 +23,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import online_softmax_step
+from ._common import GATE_BS, GATE_CS, GATE_DTYPES, GATE_MS, gate_meta, online_softmax_step
 
 __all__ = ["ogm_scores_fwd"]
 
@@ -186,3 +187,11 @@ def ogm_scores_fwd(
         num_warps=1,
     )
     return scores, coeffs
+
+
+def gate_cases():
+    """The launches the compile gate drives: ``(case, launcher, args, kwargs)`` over meta tensors."""
+    for M, B, C, dtype in itertools.product(GATE_MS, GATE_BS, GATE_CS, GATE_DTYPES):
+        labels = gate_meta((B,), torch.int64)
+        yield f"ogm_scores M={M} B={B} C={C} {dtype}", ogm_scores_fwd, (gate_meta((M, B, C), dtype), labels, 0.8,
+                                                                         False), {}

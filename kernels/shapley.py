@@ -21,6 +21,7 @@ out-of-bounds read: its sample gets a NaN loss, hence a NaN score.
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Optional, Tuple
 
@@ -29,7 +30,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import online_softmax_step
+from ._common import GATE_BS, GATE_CS, GATE_DTYPES, GATE_MS, gate_meta, online_softmax_step
 
 __all__ = ["shapley_scores_fwd", "shapley_bwd", "shapley_combine_bwd"]
 
@@ -477,3 +478,20 @@ def shapley_combine_bwd(g: Tensor, W: Tensor, coeffs: Tensor, *, out: Optional[T
         num_warps=4,
     )
     return dF
+
+
+def gate_cases():
+    """The launches the compile gate drives: ``(case, launcher, args, kwargs)`` over meta tensors."""
+    for M, B, C, dtype in itertools.product(GATE_MS, GATE_BS, GATE_CS, GATE_DTYPES):
+        labels = gate_meta((B,), torch.int64)
+        S = (1 << M) - 1
+        W = gate_meta((M, S))
+        F = gate_meta((S, B, C), dtype)
+        state = (gate_meta((M,)), gate_meta(()), gate_meta((M,)))
+        for regression in (False, True):
+            y = gate_meta((B, C)) if regression else labels
+            yield (f"shapley_scores M={M} B={B} C={C} {dtype} regression={regression}", shapley_scores_fwd,
+                   (F, W, y, *state, 1.5, 10.0, True, False, regression), {})
+        yield f"shapley_bwd M={M} B={B} C={C} {dtype}", shapley_bwd, (gate_meta((M, B, C), dtype), W, dtype), {}
+        yield (f"shapley_combine_bwd M={M} B={B} C={C} {dtype}", shapley_combine_bwd,
+               (gate_meta((B, C), dtype), W, gate_meta((M,))), {})

@@ -19,6 +19,7 @@ Strides: the batch dimension of ``x`` and of the gradient may have any stride; t
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from typing import List, Optional, Sequence, Tuple
 
@@ -28,6 +29,8 @@ import triton.language as tl
 from torch import Tensor
 
 from agm_fast._backend import to_device
+
+from ._common import GATE_BS, GATE_DS, GATE_DTYPES, GATE_MS, gate_meta
 
 __all__ = ["subset_batch_fwd", "subset_batch_bwd"]
 
@@ -243,3 +246,15 @@ def subset_batch_bwd(
             partials, dmute, num_parts, D, BLOCK_D=_MAX_BLOCK_D, num_warps=4
         )
     return dx, dmute
+
+
+def gate_cases():
+    """The launches the compile gate drives: ``(case, launcher, args, kwargs)`` over meta tensors."""
+    for M, B, D, dtype in itertools.product(GATE_MS, GATE_BS, GATE_DS, GATE_DTYPES):
+        masks = list(range(1, 1 << M))
+        for muted in (False, True):
+            mute = gate_meta((D,), dtype) if muted else None
+            yield (f"subset_batch_fwd M={M} B={B} D={D} {dtype} mute={muted}", subset_batch_fwd,
+                   (gate_meta((B, D), dtype), mute, masks, 0), {})
+            yield (f"subset_batch_bwd M={M} B={B} D={D} {dtype} mute={muted}", subset_batch_bwd,
+                   (gate_meta((len(masks) * B, D), dtype), [D] if muted else None, masks, 0), {})

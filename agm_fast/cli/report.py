@@ -12,8 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import reference as ref
+from ..coalitions import full_mask, shapley_weights, subset_masks
 from ..models import MultiViewModel, mlp_encoder
+from ..ops.shapley import shapley_outputs_torch
+from ..ops.subset_batch import subset_batch_torch
 from .data import batches
 
 __all__ = ["TIME_COLUMNS", "columns", "competition_strength_of", "evaluate", "format_line", "plot", "write_csv"]
@@ -27,7 +29,7 @@ def evaluate(model: MultiViewModel, xs: Sequence[Tensor], y: Tensor, chunk: int 
 
     Every non-empty subset S of the views is evaluated with the muted views' inputs set to zero (after
     standardisation: the average training sample); ``psi_m = sum_S W[m, S] f(S)`` with the exact Shapley weights of
-    :func:`agm_fast.reference.shapley_weights` (the reference variant, ``sum_m psi_m = f(A)``), whatever the method.
+    :func:`agm_fast.coalitions.shapley_weights` (the reference variant, ``sum_m psi_m = f(A)``), whatever the method.
 
     Args:
         model: the model.
@@ -41,9 +43,9 @@ def evaluate(model: MultiViewModel, xs: Sequence[Tensor], y: Tensor, chunk: int 
     was_training = model.training
     model.eval()
     M = len(xs)
-    masks = ref.subset_masks(M, "reference")
-    full = masks.index(ref.full_mask(M))
-    W = ref.shapley_weights(M, masks, torch.float32).to(y.device)
+    masks = subset_masks(M, "reference")
+    full = masks.index(full_mask(M))
+    W = shapley_weights(M, masks, torch.float32).to(y.device)
     step = max(1, chunk // len(masks))
     correct = torch.zeros((), device=y.device)
     loss = torch.zeros((), device=y.device)
@@ -53,9 +55,9 @@ def evaluate(model: MultiViewModel, xs: Sequence[Tensor], y: Tensor, chunk: int 
         part = [x[start : start + step] for x in xs]
         yb = y[start : start + step]
         B = yb.shape[0]
-        stacked = ref.subset_batch_ref(part, masks, None)
+        stacked = subset_batch_torch(part, masks, None)
         subset_logits = model(*stacked).float().view(len(masks), B, -1)
-        psi = ref.shapley_ref(subset_logits, W)
+        psi = shapley_outputs_torch(subset_logits, W)
         fused = subset_logits[full]
         correct += (fused.argmax(-1) == yb).sum()
         loss += F.cross_entropy(fused, yb, reduction="sum")

@@ -14,7 +14,8 @@ import torch.multiprocessing as mp
 from torch.testing import assert_close
 
 from agm_fast import distributed as D
-from agm_fast import reference as ref
+from agm_fast.ops.ogm_scores import ogm_coefficients_torch, ogm_scores_torch
+from agm_fast.ops.shapley import agm_scores_torch
 
 WORLD = 2
 SPAWN_TIMEOUT_S = 60.0
@@ -121,11 +122,11 @@ def _check_collectives(rank: int, world: int) -> None:
     psi = torch.randn(M, B, C, generator=gen)
     labels = torch.randint(0, C, (B,), generator=gen)
     local_psi, local_labels = _shard(psi, rank, 1), _shard(labels, rank)
-    local_mean = ref.agm_scores_ref(local_psi, local_labels)
+    local_mean = agm_scores_torch(local_psi, local_labels)
     count = torch.tensor(float(SHARD_SIZES[rank]))
     before = local_mean.clone()
     scores = D.global_mean_scores(local_mean, count)
-    assert_close(scores, ref.agm_scores_ref(psi, labels))
+    assert_close(scores, agm_scores_torch(psi, labels))
     assert scores.dtype == torch.float32
     assert torch.equal(local_mean, before)
     assert _gathered_equal(scores)
@@ -150,16 +151,16 @@ def _check_collectives(rank: int, world: int) -> None:
     empty_mean = torch.full((M,), float("nan")) if rank == 1 else local_mean
     empty_count = torch.tensor(0.0) if rank == 1 else count
     out = D.global_mean_scores(empty_mean, empty_count)
-    expected = ref.agm_scores_ref(_shard(psi, 0, 1), _shard(labels, 0))
+    expected = agm_scores_torch(_shard(psi, 0, 1), _shard(labels, 0))
     assert_close(out, expected)
 
     # OGM: softmax-at-label sums; the coefficients from the summed scores are the single-process coefficients.
     logits = torch.randn(2, B, C, generator=gen)
-    local_sums, _ = ref.ogm_scores_ref(_shard(logits, rank, 1), local_labels, 0.8)
-    full_sums, full_coeffs = ref.ogm_scores_ref(logits, labels, 0.8)
+    local_sums, _ = ogm_scores_torch(_shard(logits, rank, 1), local_labels, 0.8)
+    full_sums, full_coeffs = ogm_scores_torch(logits, labels, 0.8)
     sums = D.global_sums(local_sums)
     assert_close(sums, full_sums)
-    assert_close(ref.ogm_coefficients_ref(sums, 0.8), full_coeffs)
+    assert_close(ogm_coefficients_torch(sums, 0.8), full_coeffs)
     assert _gathered_equal(sums)
     # CGGM: correct and total counts per modality, integers, exact.
     hits = torch.randint(0, 2, (M, B), generator=gen)

@@ -15,11 +15,10 @@ from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from ... import distributed, ops
-from ... import reference as ref
-from ..._validate import check_choice
-from ...functional import _agm_check_modalities as check_modalities
-from ...functional import _agm_check_target
+from ... import distributed
+from ..._validate import check_choice, check_target
+from ...coalitions import check_modalities
+from ...ops.shapley import agm_coefficients_torch, shapley_combine_op, shapley_outputs_torch, shapley_scores_op
 from ...window import Window, WindowLike
 from ..hparams import declare
 from .config import COEFFICIENT_HPARAMS, HPARAMS, SUBSET_HPARAMS
@@ -160,7 +159,7 @@ class GradMod(ShapleyBase):
         F = self._evaluate(xs, masks)
         if self.training:
             self._step += 1
-        psi = ref.shapley_ref(F, W.to(F.device))
+        psi = shapley_outputs_torch(F, W.to(F.device))
         scaled = [_ScaleGrad.apply(psi[m], self._scales, m) for m in range(self.num_modalities)]
         total = torch.stack(scaled).sum(0)
         out = total + (F[-1] - total).detach()
@@ -224,7 +223,7 @@ class AGMCoefficients(nn.Module):
         """Run the fused op on subset logits ``F [S, B, C]``; returns ``(psi [M, B, C], scores [M], coeffs [M])``."""
         if self.running.device != F.device:
             self.to(F.device)
-        psi, scores, running_new, count_new, coeffs = ops.shapley_scores(
+        psi, scores, running_new, count_new, coeffs = shapley_scores_op(
             F, W, labels, self.running, self.count, self.last_coeffs, self.alpha, self.cap, in_window,
             self.hold_last, self.task == "regression",
         )
@@ -232,7 +231,7 @@ class AGMCoefficients(nn.Module):
             # The op's scores are this rank's batch means: one collective turns them into the global batch mean,
             # and the coefficients and running means are recomputed from it (device arithmetic, no host sync).
             scores = distributed.global_mean_scores(scores.detach(), F.shape[1], self.process_group)
-            running_new, count_new, coeffs = ref.agm_coefficients_ref(
+            running_new, count_new, coeffs = agm_coefficients_torch(
                 scores, self.running, self.count, self.last_coeffs, self.alpha, self.cap, in_window, self.hold_last
             )
         coeffs = coeffs.detach()
@@ -267,7 +266,7 @@ class AGMCoefficients(nn.Module):
             raise ValueError(f"psis: expected M = {M} tensors [B, C] (or one [M, B, C]), got shape {tuple(F.shape)}")
         if F.shape[1] < 1:
             raise ValueError("psis: expected a batch of at least one sample, got B = 0")
-        _agm_check_target(labels, F.shape[1], F.shape[2], self.task, F.device, name="labels")
+        check_target(labels, F.shape[1], F.shape[2], self.task, F.device, name="labels")
         in_window = self.in_window(epoch)
         eye = self._eye.get(F.device)
         if eye is None:
@@ -343,16 +342,16 @@ class AGM(ShapleyBase):
         xs = self._check_inputs(inputs)
         B = xs[0].shape[0]
         task = self.coefficients.task
-        _agm_check_target(target, B, None, task, None)
+        check_target(target, B, None, task, None)
         in_window = self.coefficients.in_window(epoch)
         masks, W = self._plan(xs[0].device)
         F = self._evaluate(xs, masks)
         if W.device != F.device:
             W = W.to(F.device)
         C = F.shape[2]
-        _agm_check_target(target, B, C, task, F.device)
+        check_target(target, B, C, task, F.device)
         psi, scores, coeffs = self.coefficients._update(F, W, target, in_window)
-        logits = ops.shapley_combine(F, W, coeffs, F.shape[0] - 1)
+        logits = shapley_combine_op(F, W, coeffs, F.shape[0] - 1)
         if self.training:
             self._step += 1
         return AGMResult(logits, psi, scores, coeffs)

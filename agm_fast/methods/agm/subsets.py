@@ -13,12 +13,11 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from ... import ops
-from ... import reference as ref
 from ..._backend import to_device
 from ..._seed import step_seed
 from ..._validate import check_seed
-from ...functional import _agm_check_modalities
+from ...coalitions import check_modalities, sampled_shapley_weights, shapley_weights, subset_masks
+from ...ops.subset_batch import subset_batch_op
 from ..base import encode
 from .modes import ModeInvariance, uses_batch_statistics
 
@@ -87,7 +86,7 @@ class ShapleyBase(nn.Module):
                 raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
             if num_modalities is None:
                 raise ValueError("num_modalities: expected the number of modalities with a black-box model, got None")
-        M = _agm_check_modalities(num_modalities, shapley)
+        M = check_modalities(num_modalities, shapley)
         factorizable = model is None
         if strategy == "auto":
             strategy = "factorized" if factorizable else "batched"
@@ -148,7 +147,7 @@ class ShapleyBase(nn.Module):
                     self.register_buffer(f"baseline_{m}", b.detach().clone(), persistent=False)
             self._num_baselines = M
         self._step = 0
-        self._fixed = None if shapley == "sampled" else ref.subset_masks(M, shapley)
+        self._fixed = None if shapley == "sampled" else subset_masks(M, shapley)
         self._W_cache = {}
         self._sel_cache = {}
 
@@ -175,11 +174,11 @@ class ShapleyBase(nn.Module):
         if self._fixed is not None:
             W = self._W_cache.get(device)
             if W is None:
-                W = ref.shapley_weights(self.num_modalities, self._fixed, torch.float32).to(device)
+                W = shapley_weights(self.num_modalities, self._fixed, torch.float32).to(device)
                 self._W_cache[device] = W
             return self._fixed, W
         gen = torch.Generator().manual_seed(step_seed(self.seed, self._step))
-        masks, W = ref.sampled_shapley_weights(self.num_modalities, self.num_permutations, gen)
+        masks, W = sampled_shapley_weights(self.num_modalities, self.num_permutations, gen)
         return masks, to_device(W.to(torch.float32), device)
 
     def _selection(self, masks: List[int], device: torch.device, dtype: torch.dtype) -> Tensor:
@@ -264,7 +263,7 @@ class ShapleyBase(nn.Module):
                 rows.append(self._check_out(out, B, C, self._what()).unsqueeze(0))
         else:
             for chunk in self._chunks(masked, B):
-                stacked = [ops.subset_batch(x, None, chunk, m) for m, x in enumerate(xs)]
+                stacked = [subset_batch_op(x, None, chunk, m) for m, x in enumerate(xs)]
                 what = f"{self._what()} (on {len(chunk)} masked subsets stacked along the batch)"
                 out = self._check_out(self._eval_apply(self._call_model, roots, stacked), len(chunk) * B, C, what)
                 rows.append(out.view(len(chunk), B, C))
@@ -409,7 +408,7 @@ class ShapleyBase(nn.Module):
             mute_vals = [None if not zero_input and self._baseline(m) is None else muted[m][0] for m in range(M)]
             rows = []
             for chunk in self._chunks(masked, B):
-                feats = [ops.subset_batch(real[m], mute_vals[m], chunk, m) for m in range(M)]
+                feats = [subset_batch_op(real[m], mute_vals[m], chunk, m) for m in range(M)]
                 what = f"fusion (on {len(chunk)} masked subsets stacked along the batch)"
                 out = self._check_out(self._eval_apply(self._call_fusion, [fusion], feats), len(chunk) * B, C, what)
                 rows.append(out.view(len(chunk), B, C))

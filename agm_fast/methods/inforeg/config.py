@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Tuple
+from typing import Any, Optional, Tuple
 
 from ..._parse import float_list
 from ..hparams import HParam, HParams, choice, integer, number
@@ -14,7 +14,9 @@ TRACE_MODALITIES = ("first", "leader")
 SCORES = ("sum", "mean")
 
 
-def _bases(name: str, value: Any) -> Tuple[float, ...]:
+def _bases(name: str, value: Any) -> Optional[Tuple[float, ...]]:
+    if value is None:
+        return None
     if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
         raise TypeError(f"{name}: expected a sequence of M numbers > 0 (one per modality), got {type(value).__name__}")
     out = []
@@ -28,8 +30,8 @@ def _bases(name: str, value: Any) -> Tuple[float, ...]:
 
 
 HPARAMS = HParams(
-    HParam("beta_bases", (0.95, 0.1), "base of the leader's proximal strength per modality, comma-separated "
-           "(the code: 0.95 audio, 0.1 visual)", _bases, parse=float_list, flag="--beta-bases"),
+    HParam("beta_bases", None, "base of the leader's proximal strength per modality, comma-separated (None: the "
+           "code's 0.95 for modality 0 and 0.1 for every other)", _bases, parse=float_list, flag="--beta-bases"),
     HParam("threshold", 0.05, "regulate only while the trace growth ratio k exceeds it", number(), parse=float),
     HParam("trace_window", 10, "epochs the trace growth ratio k averages over (and zero padding)", integer(low=1),
            parse=int),

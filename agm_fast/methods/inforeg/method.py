@@ -50,8 +50,8 @@ class InfoRegMethod(Method):
 
     Args:
         encoders, fusion, window, seed: as :class:`agm_fast.methods.Method` (classification only).
-        **hparams: InfoReg's hyper-parameters (``agm_fast.methods.inforeg.config.HPARAMS``); ``beta_bases`` needs
-            M values (the default ``(0.95, 0.1)`` is the code's, for M = 2).
+        **hparams: InfoReg's hyper-parameters (``agm_fast.methods.inforeg.config.HPARAMS``); ``beta_bases``, when
+            given, needs M values (the default is the code's 0.95 for modality 0 and 0.1 for every other).
 
     Example::
 
@@ -63,6 +63,9 @@ class InfoRegMethod(Method):
         if self.task != "classification":
             raise ValueError(f"task: InfoReg scores class probabilities, expected 'classification', got {task!r}")
         M = self.num_modalities
+        if self.beta_bases is None:
+            # The code's constants (0.95 audio, 0.1 visual); modality 0 keeps the first, every other the second.
+            self.beta_bases = (0.95,) + (0.1,) * (M - 1)
         if len(self.beta_bases) != M:
             raise ValueError(f"beta_bases: expected {M} values (one per modality), got {len(self.beta_bases)}")
         self._params = [[p for p in enc.parameters() if p.requires_grad] for enc in self.encoders]

@@ -15,11 +15,12 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from ... import _backend, distributed, functional, sharding
-from ... import reference as ref
+from ... import _backend, distributed, sharding
 from ..._select import resolve_modalities
-from ..._validate import check_choice, check_seed
+from ..._validate import check_choice, check_class_labels, check_per_modality_logits, check_seed
 from ...fusion import per_modality_logits
+from ...ops.ogm_ge import ogm_ge_
+from ...ops.ogm_scores import ogm_coefficients_torch, ogm_scores
 from ...window import Window, WindowLike
 from ..hparams import declare
 from .config import HPARAMS, MODULATION_MODES
@@ -106,7 +107,7 @@ def calculate_coefficient(
     if out_a.device != out_v.device:
         raise ValueError(f"out_v: on {out_v.device}, but out_a is on {out_a.device}")
     logits = torch.stack([out_a.detach(), out_v.detach().to(out_a.dtype)])
-    _, coeffs = functional.ogm_scores(logits, label, alpha, continuous)
+    _, coeffs = ogm_scores(logits, label, alpha, continuous)
     return coeffs[0], coeffs[1]
 
 
@@ -165,7 +166,7 @@ def _modulate(grads: List[Tensor], group: List[int], coeffs: Tensor, noise: bool
         grads, starts, sigma = _shard_noise_args(grads, noise)
     # The op takes one coefficient per modality index up to max(group): a modality without gradients at the end of
     # the list has none.
-    functional.ogm_ge_(
+    ogm_ge_(
         grads, group, coeffs[: max(group) + 1], noise=noise, seed=seed, offset=offset, starts=starts, sigma=sigma
     )
 
@@ -264,7 +265,7 @@ class OGMGE:
     def coefficients(self, scores: Tensor) -> Tensor:
         """``[M]`` float32 coefficients from ``[M]`` scores by this object's rules (tie rule, continuous, OGM+)."""
         plus = self.plus_factor if self.ogm_plus else None
-        return ref.ogm_coefficients_ref(scores, self.alpha, self.continuous, self.journal, plus)
+        return ogm_coefficients_torch(scores, self.alpha, self.continuous, self.journal, plus)
 
     def _stack_logits(self, logits: Sequence[Tensor]) -> Tensor:
         if len(logits) == 1 and isinstance(logits[0], Tensor) and logits[0].dim() == 3:
@@ -316,15 +317,15 @@ class OGMGE:
         """This step's coefficients and whether it modulates, without touching any gradient (the first half of
         :meth:`step`; a modulating step takes the noise offset ``self.offset - 1``)."""
         logits = self._stack_logits(per_modality_logits)
-        functional._check_ogm_logits(logits, "per_modality_logits")
-        functional._check_class_labels(labels, logits.shape[1], logits.shape[2], logits.device)
+        check_per_modality_logits(logits, "per_modality_logits")
+        check_class_labels(labels, logits.shape[1], logits.shape[2], logits.device)
         modulate = self.active(epoch)
         self.steps += 1
         if not modulate:
             coeffs = torch.ones(self.num_modalities, dtype=torch.float32, device=logits.device)
             self.last_coeffs = coeffs
             return coeffs, False
-        scores, coeffs = functional.ogm_scores(logits, labels, self.alpha, self.continuous)
+        scores, coeffs = ogm_scores(logits, labels, self.alpha, self.continuous)
         if distributed.is_active(self.process_group):
             # The softmax-at-label sums of the global batch; the coefficients follow from them (M numbers).
             scores = distributed.global_sums(scores, self.process_group)
@@ -346,7 +347,7 @@ class OGMGE:
         g = grad.contiguous().clone()
         # Empty tensors before it keep the noise index of the whole list (the op skips them).
         pad = g.new_empty(0)
-        functional.ogm_ge_([pad] * index + [g], [0] * index + [m], coeffs[: m + 1].to(g.device), noise=True,
+        ogm_ge_([pad] * index + [g], [0] * index + [m], coeffs[: m + 1].to(g.device), noise=True,
                            seed=self.seed, offset=offset)
         return g
 

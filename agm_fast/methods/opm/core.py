@@ -27,10 +27,11 @@ if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
 
 from ... import distributed
-from ... import reference as ref
 from ..._seed import step_seed
 from ..._validate import check_choice, check_float, check_int, check_seed
+from ...coalitions import mean_of_others
 from ...fusion import per_modality_logits
+from ...ops.ogm_scores import ogm_scores_torch
 from ...window import Window, WindowLike
 from ..hparams import declare
 from .config import HPARAMS, THETA_GRADS
@@ -67,7 +68,7 @@ def opm_scores(
         ``[M]`` float32 scores.
     """
     logits = per_modality_logits(fusion, features, detach_params=True)
-    scores = ref.ogm_scores_ref(logits, labels, 0.0)[0]
+    scores = ogm_scores_torch(logits, labels, 0.0)[0]
     if distributed.is_active(process_group):
         scores = _GlobalSum.apply(scores, process_group)
     return scores
@@ -98,7 +99,7 @@ def opm_drop_probs(scores: Tensor, q_base: float = 0.5, lam: float = 0.5) -> Ten
     ``r_m > 0`` else 0, clipped to [0, 1].
 
     Args:
-        scores: ``[M]`` per-modality scores, M >= 2 (``functional.ogm_scores(...)[0]``).
+        scores: ``[M]`` per-modality scores, M >= 2 (``agm_fast.ops.ogm_scores(...)[0]``).
         q_base: base drop probability (default 0.5).
         lam: how much the imbalance raises it (default 0.5).
 
@@ -113,7 +114,7 @@ def opm_drop_probs(scores: Tensor, q_base: float = 0.5, lam: float = 0.5) -> Ten
     lam = check_float("lam", lam, low=0.0)
     q_base = _check_unit(q_base, "q_base")
     s = scores.to(torch.float32)
-    rho = s / ref.mean_of_others(s)
+    rho = s / mean_of_others(s)
     r = torch.tanh(torch.relu(rho - 1))
     q = torch.where(r > 0, q_base * (1 + lam * r), torch.zeros_like(r))
     return q.clamp(0.0, 1.0)

@@ -8,8 +8,8 @@ import torch
 from torch import Tensor, nn
 
 from ... import distributed
-from ...functional import ogm_scores
 from ...fusion import per_modality_logits
+from ...ops import ogm_scores
 from ..base import Method, StepOutput
 from ..hparams import declare
 from .config import HPARAMS

@@ -6,6 +6,7 @@ from agm_models import Composite, Encoder, clone, grads, make_batch, make_model
 from torch import nn
 
 import agm_fast
+from agm_fast.coalitions import shapley_weights
 from agm_fast.methods.agm import AGM
 
 ce = nn.functional.cross_entropy
@@ -207,7 +208,7 @@ def test_feature_muting_with_baselines(learned, head):
     res = agm(*xs, target=y)
     want_base = [b.detach() for b in base] if learned else [torch.zeros(6)] * M
     F = _feature_muted_reference(ref_model, xs, want_base)
-    W = agm_fast.reference.shapley_weights(M, list(range(1, 2**M)), torch.float32)
+    W = shapley_weights(M, list(range(1, 2**M)), torch.float32)
     torch.testing.assert_close(res.mono, agm_fast.functional.shapley_outputs(F, W))
     if learned:
         ce(res.logits, y).backward()

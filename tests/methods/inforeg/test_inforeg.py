@@ -178,8 +178,9 @@ def test_first_step_of_an_epoch_pulls_nothing():
 
 def test_errors_name_the_argument():
     dims, encs, fus = model(3)
+    assert methods.create("inforeg", encs, fus).beta_bases == (0.95, 0.1, 0.1)  # the default at M = 3
     with pytest.raises(ValueError, match="beta_bases"):
-        methods.create("inforeg", encs, fus)  # the default has two values
+        methods.create("inforeg", encs, fus, beta_bases=[0.9, 0.2])
     with pytest.raises(ValueError, match=r"beta_bases\[1\]"):
         methods.create("inforeg", encs, fus, beta_bases=[0.9, -1.0, 0.2])
     with pytest.raises(TypeError, match="beta_bases"):

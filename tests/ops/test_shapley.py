@@ -12,8 +12,16 @@ import pytest
 import torch
 from agm_fast.kernels import shapley as k
 
-from agm_fast import functional, ops
-from agm_fast import reference as ref
+from agm_fast import functional
+from agm_fast.coalitions import shapley_weights, subset_masks
+from agm_fast.ops.shapley import (
+    shapley_bwd_op,
+    shapley_combine_bwd_op,
+    shapley_combine_op,
+    shapley_outputs_torch,
+    shapley_scores_op,
+    shapley_scores_torch,
+)
 
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
 # The kernels run on the GPU when there is one, else in Triton's interpreter on CPU tensors.
@@ -43,8 +51,8 @@ def _case_id(case):
 
 
 def _inputs(B, C, M, dtype, count_shape=(), device=DEVICE):
-    masks = ref.subset_masks(M)
-    W = ref.shapley_weights(M, masks, torch.float32)
+    masks = subset_masks(M)
+    W = shapley_weights(M, masks, torch.float32)
     F = torch.randn(len(masks), B, C).to(dtype)
     labels = torch.randint(0, C, (B,))
     # Running means of the size of real scores: c = exp(alpha * (rbar - r)) stays moderate, as in training.
@@ -102,7 +110,7 @@ def test_scores_kernel_matches_reference(case):
     out = _nan_out(M, B, C, dtype, count_shape)
     got = k.shapley_scores_fwd(*args, False, out=out)
     assert all(g is o for g, o in zip(got, out))
-    want = ref.shapley_scores_ref(*args)
+    want = shapley_scores_torch(*args)
     names = ("psi", "scores", "running_new", "count_new", "coeffs")
     assert got[3].shape == count.shape
     if dtype == F32:
@@ -118,8 +126,8 @@ def test_scores_kernel_matches_reference(case):
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
 def test_backward_kernels_match_reference(case):
     B, C, M, dtype = case
-    masks = ref.subset_masks(M)
-    W = ref.shapley_weights(M, masks, torch.float32).to(DEVICE)
+    masks = subset_masks(M)
+    W = shapley_weights(M, masks, torch.float32).to(DEVICE)
     dpsi = torch.randn(M, B, C, device=DEVICE).to(dtype)
     g = torch.randn(B, C, device=DEVICE).to(dtype)
     coeffs = torch.rand(M, device=DEVICE) + 0.5
@@ -149,9 +157,9 @@ def test_ops_forward_and_gradients_match_torch_backend(case, monkeypatch):
     for backend in ("torch", "triton"):
         monkeypatch.setenv("AGM_FAST_BACKEND", backend)
         Fg = F.clone().requires_grad_(True)
-        outs = ops.shapley_scores(Fg, W, labels, running, count, prev, 2.5, None, True, False, False)
+        outs = shapley_scores_op(Fg, W, labels, running, count, prev, 2.5, None, True, False, False)
         (dF_psi,) = torch.autograd.grad(outs[0], Fg, dpsi)
-        combined = ops.shapley_combine(Fg, W, coeffs, len(ref.subset_masks(M)) - 1)
+        combined = shapley_combine_op(Fg, W, coeffs, len(subset_masks(M)) - 1)
         (dF_comb,) = torch.autograd.grad(combined, Fg, dout)
         results[backend] = [o.detach() for o in outs] + [combined.detach(), dF_psi, dF_comb]
     tol = {} if dtype == F32 else dict(atol=2e-2, rtol=2e-2)
@@ -165,7 +173,7 @@ def test_outside_window(in_window, hold_last):
     F, W, labels, running, count, prev = _inputs(7, 10, 3, F32)
     args = (F, W, labels, running, count, prev, 1.5, None, in_window, hold_last)
     got = k.shapley_scores_fwd(*args, False)
-    want = ref.shapley_scores_ref(*args)
+    want = shapley_scores_torch(*args)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w)
     torch.testing.assert_close(got[4], prev if hold_last else torch.ones(3, device=DEVICE))
@@ -179,7 +187,7 @@ def test_cap_bounds_the_exponent():
     for cap in (0.05, None):
         args = (F, W, labels, running, count, prev, 3.0, cap, True, False)
         got = k.shapley_scores_fwd(*args, False)
-        for g, w in zip(got, ref.shapley_scores_ref(*args)):
+        for g, w in zip(got, shapley_scores_torch(*args)):
             torch.testing.assert_close(g, w)
     capped = k.shapley_scores_fwd(F, W, labels, running, count, prev, 3.0, 0.05, True, False, False)[4]
     assert capped.max() <= math.exp(3.0 * 0.05) * (1 + 1e-6)
@@ -192,7 +200,7 @@ def test_regression_scores(target_shape):
     y = torch.randn((B,) if target_shape == "B" else (B, C), device=DEVICE)
     args = (F, W, y, running, count, prev, 1.0, 10.0, True, False)
     got = k.shapley_scores_fwd(*args, True, out=_nan_out(M, B, C, F32, ()))
-    want = ref.shapley_scores_ref(*args, task="regression")
+    want = shapley_scores_torch(*args, task="regression")
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w)
 
@@ -205,7 +213,7 @@ def test_non_finite_logits_leave_state_unchanged():
     F[0, 9, 0] = float("nan")
     args = (F, W, labels, running, count, prev, 1.5, 10.0, True, False)
     got = k.shapley_scores_fwd(*args, False)
-    want = ref.shapley_scores_ref(*args)
+    want = shapley_scores_torch(*args)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, equal_nan=True)
     assert got[1].isnan().all() and got[4].isnan().all()
@@ -221,13 +229,13 @@ def test_out_of_range_label_gives_nan_without_reading_out_of_bounds(C, monkeypat
     for bad in (C, C + 5, -1, 1 << 40):
         y = labels.clone()
         y[3] = bad
-        psi, scores, running_new, count_new, coeffs = ops.shapley_scores(
+        psi, scores, running_new, count_new, coeffs = shapley_scores_op(
             F, W, y, running, count, prev, 1.5, 10.0, True, False, False
         )
         assert scores.isnan().all() and coeffs.isnan().all()
         torch.testing.assert_close(running_new, running)
         torch.testing.assert_close(count_new, count)
-        torch.testing.assert_close(psi, ref.shapley_ref(F, W))
+        torch.testing.assert_close(psi, shapley_outputs_torch(F, W))
 
 
 def test_strided_inputs():
@@ -241,7 +249,7 @@ def test_strided_inputs():
     prev = torch.rand(2 * M, device=DEVICE)[1::2]
     assert not F.is_contiguous() and not W.is_contiguous()
     args = (F, W, labels, running, count, prev, 1.5, 10.0, True, False)
-    for g, w in zip(k.shapley_scores_fwd(*args, False), ref.shapley_scores_ref(*args)):
+    for g, w in zip(k.shapley_scores_fwd(*args, False), shapley_scores_torch(*args)):
         torch.testing.assert_close(g, w)
     dpsi = torch.randn(C, M, B, device=DEVICE).permute(1, 2, 0)
     torch.testing.assert_close(k.shapley_bwd(dpsi, W, F32), torch.einsum("ms,mbc->sbc", W, dpsi))
@@ -265,11 +273,11 @@ def test_opcheck(backend, monkeypatch):
     F, W, labels, running, count, prev = _inputs(7, 10, 2, F32)
     coeffs = torch.rand(2, device=DEVICE) + 0.5
     F.requires_grad_(True)
-    torch.library.opcheck(ops.shapley_scores, (F, W, labels, running, count, prev, 1.5, 10.0, True, False, False))
-    torch.library.opcheck(ops.shapley_combine, (F, W, coeffs, 2))
+    torch.library.opcheck(shapley_scores_op, (F, W, labels, running, count, prev, 1.5, 10.0, True, False, False))
+    torch.library.opcheck(shapley_combine_op, (F, W, coeffs, 2))
     dpsi = torch.randn(2, 7, 10, device=DEVICE)
-    torch.library.opcheck(ops.shapley_bwd, (dpsi, W, torch.empty(0, dtype=BF16, device=DEVICE)))
-    torch.library.opcheck(ops.shapley_combine_bwd, (torch.randn(7, 10, device=DEVICE), W, coeffs))
+    torch.library.opcheck(shapley_bwd_op, (dpsi, W, torch.empty(0, dtype=BF16, device=DEVICE)))
+    torch.library.opcheck(shapley_combine_bwd_op, (torch.randn(7, 10, device=DEVICE), W, coeffs))
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -277,7 +285,7 @@ def test_compiled_step_matches_eager(backend, monkeypatch):
     monkeypatch.setenv("AGM_FAST_BACKEND", backend)
     M, B, C = 3, 7, 10
     F0, W, labels, running, count, prev = _inputs(B, C, M, F32)
-    full = len(ref.subset_masks(M)) - 1
+    full = len(subset_masks(M)) - 1
 
     def step(F):
         psi, scores, running_new, count_new, coeffs = functional.shapley_scores(
@@ -303,7 +311,7 @@ def test_forced_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     F, W, labels, running, count, prev = _inputs(7, 10, 2, F32, device="cpu")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
-        ops.shapley_scores(F, W, labels, running, count, prev, 1.5, 10.0, True, False, False)
+        shapley_scores_op(F, W, labels, running, count, prev, 1.5, 10.0, True, False, False)
 
 
 def test_functional_validation():
@@ -350,4 +358,4 @@ def test_functional_validation():
     with pytest.raises(ValueError, match=r"coeffs: expected shape \[3\]"):
         functional.shapley_combine(F, W, prev[:2], 6)
     psi, scores, *_ = call()
-    torch.testing.assert_close(scores, ref.shapley_scores_ref(F, W, labels, running, count, prev, 1.5, 10.0, True)[1])
+    torch.testing.assert_close(scores, shapley_scores_torch(F, W, labels, running, count, prev, 1.5, 10.0, True)[1])

@@ -1,16 +1,16 @@
 """Compile every Triton kernel configuration that the launchers of ``agm_fast.kernels`` choose, with Triton's real
 compiler and no GPU, and report registers, shared memory and spills per configuration.
 
-How the configurations are found: each launcher (``ogm_scores_fwd``, ``shapley_scores_fwd``, ``shapley_bwd``,
-``shapley_combine_bwd``, ``subset_batch_fwd`` and ``subset_batch_bwd``) is driven over a grid of shapes that
-reaches the edges (B from 1 to 8192, C from 1 to 4096, M from 2 to 8, D from 1 to 10^6, float32, bfloat16 and
-float16) on ``meta`` tensors, with every ``@triton.jit`` kernel replaced by a recorder. The recorder keeps what the
+How the configurations are found: every module of ``agm_fast.kernels`` that declares ``gate_cases()`` names its
+launches over a grid of shapes that reaches the edges (B from 1 to 8192, C from 1 to 4096, M from 2 to 8, D from 1
+to 10^6, float32, bfloat16 and float16, ``kernels/_common.py``) on ``meta`` tensors; each is driven with every
+``@triton.jit`` kernel replaced by a recorder. The recorder keeps what the
 launcher passed (argument types, block sizes, flags, ``num_warps``), so the block sizes come from the launchers'
 own code. Each distinct configuration is then compiled for every requested architecture with ``triton.compile``,
 and ``ptxas -v`` on its PTX gives the registers and spills.
 
 Run it in a process where ``TRITON_INTERPRET`` is not set (the interpreter replaces the kernels):
-``python tests/triton_gate.py --arch 80 --arch 90`` prints one JSON object.
+``python tests/gates/triton_gate.py --arch 80 --arch 90`` prints one JSON object.
 """
 
 from __future__ import annotations
@@ -18,10 +18,11 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import contextlib
+import importlib
 import io
-import itertools
 import json
 import os
+import pkgutil
 import re
 import sys
 import time
@@ -29,15 +30,17 @@ import time
 os.environ.pop("TRITON_INTERPRET", None)
 os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
 
+import agm_fast.kernels  # noqa: E402
 import torch  # noqa: E402
 import triton  # noqa: E402
-from agm_fast.kernels import ogm_scores, shapley, subset_batch  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
-from agm_fast import reference as ref  # noqa: E402
-
-MODULES = (ogm_scores, shapley, subset_batch)
-DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Every kernel module that declares its gate grid (gate_cases()): a new kernel joins by declaring one.
+MODULES = tuple(
+    m for m in (importlib.import_module(f"agm_fast.kernels.{info.name}")
+                for info in pkgutil.iter_modules(agm_fast.kernels.__path__) if not info.name.startswith("_"))
+    if hasattr(m, "gate_cases")
+)
 TRITON_DTYPES = {
     torch.float32: "fp32",
     torch.float64: "fp64",
@@ -49,10 +52,6 @@ TRITON_DTYPES = {
     torch.uint8: "u8",
     torch.bool: "i1",
 }
-BS = (1, 7, 64, 1000, 8192)
-CS = (1, 10, 101, 1030, 4096)
-MS = (2, 3, 5, 8)
-DS = (1, 5, 1000, 1_000_000)
 
 
 class _Recorder:
@@ -115,50 +114,22 @@ def configuration(kernel: JITFunction, args: tuple, kwargs: dict) -> dict:
     return {"kernel": kernel.__name__, "signature": signature, "constexprs": constexprs, "options": options}
 
 
-def _meta(shape, dtype=torch.float32):
-    return torch.empty(shape, dtype=dtype, device="meta")
-
-
 def drive_launchers():
-    """Call every launcher over the grid; returns the distinct configurations with the (kernel, case) that chose
-    them."""
+    """Call every launcher over the grid each kernel module declares (``gate_cases()``); returns the distinct
+    configurations with the (kernel, case) that chose them."""
     found = {}
     kernels = {}
     with recording() as calls:
-
-        def run(case: str, fn, *args, **kwargs):
-            start = len(calls)
-            fn(*args, **kwargs)
-            for kernel, a, kw in calls[start:]:
-                cfg = configuration(kernel, a, kw)
-                key = json.dumps(cfg, sort_keys=True, default=str)
-                if key not in found:
-                    found[key] = dict(cfg, case=case)
-                    kernels[key] = kernel
-
-        for M, B, C, dtype in itertools.product(MS, BS, CS, DTYPES):
-            labels = _meta((B,), torch.int64)
-            run(f"ogm_scores M={M} B={B} C={C} {dtype}", ogm_scores.ogm_scores_fwd, _meta((M, B, C), dtype), labels,
-                0.8, False)
-            S = (1 << M) - 1
-            W = _meta((M, S))
-            F = _meta((S, B, C), dtype)
-            state = (_meta((M,)), _meta(()), _meta((M,)))
-            for regression in (False, True):
-                y = _meta((B, C)) if regression else labels
-                run(f"shapley_scores M={M} B={B} C={C} {dtype} regression={regression}", shapley.shapley_scores_fwd,
-                    F, W, y, *state, 1.5, 10.0, True, False, regression)
-            run(f"shapley_bwd M={M} B={B} C={C} {dtype}", shapley.shapley_bwd, _meta((M, B, C), dtype), W, dtype)
-            run(f"shapley_combine_bwd M={M} B={B} C={C} {dtype}", shapley.shapley_combine_bwd,
-                _meta((B, C), dtype), W, _meta((M,)))
-        for M, B, D, dtype in itertools.product(MS, BS, DS, DTYPES):
-            masks = ref.subset_masks(M, "reference")
-            for muted in (False, True):
-                mute = _meta((D,), dtype) if muted else None
-                run(f"subset_batch_fwd M={M} B={B} D={D} {dtype} mute={muted}", subset_batch.subset_batch_fwd,
-                    _meta((B, D), dtype), mute, masks, 0)
-                run(f"subset_batch_bwd M={M} B={B} D={D} {dtype} mute={muted}", subset_batch.subset_batch_bwd,
-                    _meta((len(masks) * B, D), dtype), [D] if muted else None, masks, 0)
+        for mod in MODULES:
+            for case, fn, args, kwargs in mod.gate_cases():
+                start = len(calls)
+                fn(*args, **kwargs)
+                for kernel, a, kw in calls[start:]:
+                    cfg = configuration(kernel, a, kw)
+                    key = json.dumps(cfg, sort_keys=True, default=str)
+                    if key not in found:
+                        found[key] = dict(cfg, case=case)
+                        kernels[key] = kernel
     return [(kernels[k], cfg) for k, cfg in found.items()]
 
 

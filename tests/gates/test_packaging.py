@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 import build_config  # noqa: E402
 
@@ -143,7 +143,7 @@ SMOKE = textwrap.dedent(
     import os, sys
     import torch
     import agm_fast
-    from agm_fast import functional, ops, reference
+    from agm_fast import coalitions, functional, ops
     # The installed copy in this environment, not the source tree.
     assert agm_fast.__file__.startswith(sys.prefix) and "site-packages" in agm_fast.__file__, agm_fast.__file__
     info = agm_fast.backend_info()
@@ -163,6 +163,8 @@ SMOKE = textwrap.dedent(
     functional.ogm_ge_(g, [0, 1], k, noise=True, seed=1, offset=0)
     assert all(torch.isfinite(t).all() for t in g)
     assert os.path.exists(os.path.join(os.path.dirname(agm_fast.__file__), "data", "mfeat.npz"))
+    assert os.path.exists(os.path.join(os.path.dirname(agm_fast.__file__), "cli", "methods.json"))
+    assert coalitions.full_mask(3) == 7 and "ogm_ge" in agm_fast.methods.available()
     print("smoke ok", agm_fast.__file__)
     """
 )

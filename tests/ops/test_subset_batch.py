@@ -8,8 +8,9 @@ import pytest
 import torch
 from agm_fast.kernels import subset_batch as k
 
-from agm_fast import functional, ops
-from agm_fast import reference as ref
+from agm_fast import functional
+from agm_fast.coalitions import subset_masks
+from agm_fast.ops.subset_batch import subset_batch_bwd_op, subset_batch_op, subset_batch_torch
 
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
 # The kernels run on the GPU when there is one, else in Triton's interpreter on CPU tensors.
@@ -36,7 +37,7 @@ def _case_id(case):
 def _inputs(inner, B, M, modality, muted, dtype):
     x = torch.randn((B,) + inner, device=DEVICE).to(dtype)
     mute = torch.randn(inner, device=DEVICE).to(dtype) if muted else None
-    return x, mute, ref.subset_masks(M)
+    return x, mute, subset_masks(M)
 
 
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
@@ -46,7 +47,7 @@ def test_forward_kernel_matches_reference(case):
     out = torch.full((len(masks) * B,) + inner, float("nan"), dtype=dtype, device=DEVICE)
     got = k.subset_batch_fwd(x, mute, masks, modality, out=out)
     assert got is out
-    want = ref.subset_batch_ref([x], [(mask >> modality) & 1 for mask in masks], [mute])[0]
+    want = subset_batch_torch([x], [(mask >> modality) & 1 for mask in masks], [mute])[0]
     # A copy: bit-exact in every dtype.
     assert torch.equal(got, want)
 
@@ -54,7 +55,7 @@ def test_forward_kernel_matches_reference(case):
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
 def test_backward_kernel_matches_reference(case):
     inner, B, M, modality, muted, dtype = case
-    masks = ref.subset_masks(M)
+    masks = subset_masks(M)
     S = len(masks)
     grad = torch.randn((S * B,) + inner, device=DEVICE).to(dtype)
     mute_shape = list(inner) if muted else None
@@ -90,7 +91,7 @@ def test_op_gradients_match_torch_backend(case, monkeypatch):
         monkeypatch.setenv("AGM_FAST_BACKEND", backend)
         xg = x.clone().requires_grad_(True)
         mg = None if mute is None else mute.clone().requires_grad_(True)
-        out = ops.subset_batch(xg, mg, masks, modality)
+        out = subset_batch_op(xg, mg, masks, modality)
         inputs = [xg] if mg is None else [xg, mg]
         results[backend] = [out.detach(), *torch.autograd.grad(out, inputs, grad)]
     tol = {} if dtype == F32 else dict(atol=1e-2, rtol=1e-2)
@@ -99,13 +100,13 @@ def test_op_gradients_match_torch_backend(case, monkeypatch):
 
 
 def test_strided_inputs():
-    masks = ref.subset_masks(3)
+    masks = subset_masks(3)
     keep = [(mask >> 1) & 1 for mask in masks]
     # A strided batch dimension (read in place), then a per-sample part that must be copied to be flattened.
     for x in (torch.randn(20, 4, 6, device=DEVICE)[::2], torch.randn(20, 6, 4, device=DEVICE)[::2].transpose(1, 2)):
         mute = torch.randn(6, 4, device=DEVICE).t()
         got = k.subset_batch_fwd(x, mute, masks, 1)
-        assert torch.equal(got, ref.subset_batch_ref([x], keep, [mute])[0])
+        assert torch.equal(got, subset_batch_torch([x], keep, [mute])[0])
     # The per-sample part [4, 4] of this gradient cannot be viewed as one dimension: the launcher copies it.
     grad = torch.randn(len(masks) * 10, 8, 4, device=DEVICE)[:, ::2]
     dx, dmute = k.subset_batch_bwd(grad, [2, 8], masks, 1)
@@ -120,25 +121,25 @@ def test_mute_in_another_dtype_is_cast():
     mute = torch.randn(3, dtype=torch.float64, device=DEVICE)
     got = k.subset_batch_fwd(x, mute, [1, 2, 3], 0)
     assert got.dtype == BF16
-    assert torch.equal(got, ref.subset_batch_ref([x], [1, 0, 1], [mute])[0])
+    assert torch.equal(got, subset_batch_torch([x], [1, 0, 1], [mute])[0])
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_opcheck(backend, monkeypatch):
     monkeypatch.setenv("AGM_FAST_BACKEND", backend)
-    masks = ref.subset_masks(3)
+    masks = subset_masks(3)
     x = torch.randn(7, 5, device=DEVICE, requires_grad=True)
     mute = torch.randn(5, device=DEVICE, requires_grad=True)
-    torch.library.opcheck(ops.subset_batch, (x, mute, masks, 2))
-    torch.library.opcheck(ops.subset_batch, (x, None, masks, 0))
+    torch.library.opcheck(subset_batch_op, (x, mute, masks, 2))
+    torch.library.opcheck(subset_batch_op, (x, None, masks, 0))
     grad = torch.randn(len(masks) * 7, 5, device=DEVICE)
-    torch.library.opcheck(ops.subset_batch_bwd, (grad, [5], masks, 2))
-    torch.library.opcheck(ops.subset_batch_bwd, (grad, None, masks, 0))
+    torch.library.opcheck(subset_batch_bwd_op, (grad, [5], masks, 2))
+    torch.library.opcheck(subset_batch_bwd_op, (grad, None, masks, 0))
 
 
 def test_compiled_matches_eager(monkeypatch):
     monkeypatch.setenv("AGM_FAST_BACKEND", "triton")
-    masks = ref.subset_masks(2)
+    masks = subset_masks(2)
     x0 = torch.randn(7, 5, device=DEVICE)
     mute0 = torch.randn(5, device=DEVICE)
 

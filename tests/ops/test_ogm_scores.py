@@ -8,8 +8,7 @@ import pytest
 import torch
 from agm_fast.kernels import ogm_scores as k
 
-from agm_fast import ops
-from agm_fast import reference as ref
+from agm_fast.ops.ogm_scores import ogm_coefficients_torch, ogm_scores_op, ogm_scores_torch
 
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
 # The kernels run on the GPU when there is one, else in Triton's interpreter on CPU tensors.
@@ -41,7 +40,7 @@ def _truth(logits, labels, alpha, continuous):
     """Scores in float64 from the same (possibly low-precision) logits; coefficients by the reference rule."""
     p = torch.softmax(logits.double(), dim=-1)
     scores = p.gather(-1, labels.view(1, -1, 1).expand(p.shape[0], -1, 1)).squeeze(-1).sum(1)
-    return scores, ref.ogm_coefficients_ref(scores, alpha, continuous)
+    return scores, ogm_coefficients_torch(scores, alpha, continuous)
 
 
 @pytest.mark.parametrize("continuous", [False, True])
@@ -53,7 +52,7 @@ def test_kernel_matches_reference(case, continuous):
     out = (torch.full((M,), float("nan"), device=DEVICE), torch.full((M,), float("nan"), device=DEVICE))
     got = k.ogm_scores_fwd(logits, labels, 0.8, continuous, out=out)
     assert got[0] is out[0] and got[1] is out[1]
-    want = ref.ogm_scores_ref(logits, labels, 0.8, continuous)
+    want = ogm_scores_torch(logits, labels, 0.8, continuous)
     if dtype == F32:
         torch.testing.assert_close(got[0], want[0])
         torch.testing.assert_close(got[1], want[1])
@@ -79,7 +78,7 @@ def test_two_modality_rule_and_tie():
     logits[1, :, 0] = 2.0
     for continuous in (False, True):
         got = k.ogm_scores_fwd(logits, labels, 0.8, continuous)
-        want = ref.ogm_scores_ref(logits, labels, 0.8, continuous)
+        want = ogm_scores_torch(logits, labels, 0.8, continuous)
         torch.testing.assert_close(got, want)
         assert got[1][0] == 1 and got[1][1] < 1
 
@@ -93,7 +92,7 @@ def test_non_finite_logits_follow_softmax():
     logits[2, 7, 4] = float("-inf")
     labels = torch.randint(0, 10, (64,), device=DEVICE)
     got = k.ogm_scores_fwd(logits, labels, 0.8, False)
-    want = ref.ogm_scores_ref(logits, labels, 0.8, False)
+    want = ogm_scores_torch(logits, labels, 0.8, False)
     torch.testing.assert_close(got, want, equal_nan=True)
     assert got[0][:2].isnan().all() and got[0][2].isfinite()
     assert got[1].isnan().all()
@@ -103,7 +102,7 @@ def test_strided_inputs():
     logits = torch.randn(10, 64, 6, device=DEVICE).permute(2, 1, 0)[::2]
     labels = torch.randint(0, 10, (128,), device=DEVICE)[::2]
     assert not logits.is_contiguous()
-    torch.testing.assert_close(k.ogm_scores_fwd(logits, labels, 0.5, False), ref.ogm_scores_ref(logits, labels, 0.5))
+    torch.testing.assert_close(k.ogm_scores_fwd(logits, labels, 0.5, False), ogm_scores_torch(logits, labels, 0.5))
 
 
 def test_reduction_is_deterministic():
@@ -121,11 +120,11 @@ def test_out_of_range_label_gives_nan_without_reading_out_of_bounds(C, monkeypat
     for bad in (C, C + 5, -1, 1 << 40):
         labels = torch.randint(0, C, (7,), device=DEVICE)
         labels[2] = bad
-        scores, coeffs = ops.ogm_scores(logits, labels, 0.8, False)
+        scores, coeffs = ogm_scores_op(logits, labels, 0.8, False)
         assert scores.isnan().all()
         # A non-finite score makes every coefficient NaN.
         assert coeffs.isnan().all()
-        torch.testing.assert_close(coeffs, ref.ogm_coefficients_ref(scores, 0.8), equal_nan=True)
+        torch.testing.assert_close(coeffs, ogm_coefficients_torch(scores, 0.8), equal_nan=True)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -133,8 +132,8 @@ def test_opcheck(backend, monkeypatch):
     monkeypatch.setenv("AGM_FAST_BACKEND", backend)
     logits = torch.randn(3, 7, 10, device=DEVICE)
     labels = torch.randint(0, 10, (7,), device=DEVICE)
-    torch.library.opcheck(ops.ogm_scores, (logits, labels, 0.8, False))
-    torch.library.opcheck(ops.ogm_scores, (logits[:2], labels, 0.1, True))
+    torch.library.opcheck(ogm_scores_op, (logits, labels, 0.8, False))
+    torch.library.opcheck(ogm_scores_op, (logits[:2], labels, 0.1, True))
 
 
 def test_compiled_matches_eager(monkeypatch):
@@ -143,7 +142,7 @@ def test_compiled_matches_eager(monkeypatch):
     labels = torch.randint(0, 10, (7,), device=DEVICE)
 
     def fn(x, y):
-        return ops.ogm_scores(x, y, 0.8, False)
+        return ogm_scores_op(x, y, 0.8, False)
 
     compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(logits, labels), fn(logits, labels))
@@ -153,4 +152,4 @@ def test_forced_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("AGM_FAST_BACKEND", "triton")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
-        ops.ogm_scores(torch.randn(2, 7, 10), torch.zeros(7, dtype=torch.long), 0.8, False)
+        ogm_scores_op(torch.randn(2, 7, 10), torch.zeros(7, dtype=torch.long), 0.8, False)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from torch.utils import cpp_extension
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 import build_config  # noqa: E402
 
