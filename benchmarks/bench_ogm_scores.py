@@ -24,7 +24,7 @@ COLUMNS = ["B", "C", "M", "provider", "median_ms", "p20_ms", "p80_ms", "speedup"
 ALPHA = 0.8
 
 
-def _ogm_ref(logits, labels):
+def _ogm_torch(logits, labels):
     return ogm_scores_torch(logits, labels, ALPHA, False)
 
 
@@ -35,14 +35,14 @@ def _ogm_ops(logits, labels):
 def run(device, sizes, dtype, bandwidth) -> List[Dict]:
     """Check and time every provider on every shape; returns the table rows."""
     rows: List[Dict] = []
-    compiled = torch.compile(_ogm_ref)
+    compiled = torch.compile(_ogm_torch)
     rtol, atol = (1e-4, 1e-5) if dtype == torch.float32 else (1e-2, 1e-2)
     for B, C, M in sizes:
         torch.manual_seed(0)
         logits = torch.randn(M, B, C, device=device).to(dtype)
         labels = torch.randint(0, C, (B,), device=device)
         shape_rows = run_providers(
-            ("eager reference.py", _ogm_ref),
+            ("eager torch path", _ogm_torch),
             [("torch.compile(reference)", compiled), ("agm_fast ops", _ogm_ops)],
             (logits, labels),
             device=device,

@@ -5,7 +5,7 @@ Two stages, each with three providers checked against the first before they are 
 - ``scores``: psi, the scores, the running-mean update and the coefficients of one step;
 - ``step fwd+bwd``: that, plus the loss logits of ``shapley_combine``, a cross-entropy and the gradient of F.
 
-Providers: the eager PyTorch composition of :mod:`agm_fast.reference` (the baseline), ``torch.compile`` of that
+Providers: the eager PyTorch composition of the ops' ``*_torch`` paths (the baseline), ``torch.compile`` of that
 composition, and the custom ops (Triton kernels on CUDA). Shapes: B in {64, 512, 4096}, C in {6, 101, 309},
 M in {2, 3, 4, 6} (S = 2^M - 1 subsets, the reference's Shapley variant).
 
@@ -42,7 +42,7 @@ ALPHA = 1.5
 CAP = 10.0
 
 
-def _scores_ref(F, W, labels, running, count, prev):
+def _scores_torch(F, W, labels, running, count, prev):
     return shapley_scores_torch(F, W, labels, running, count, prev, ALPHA, CAP, True)
 
 
@@ -50,8 +50,8 @@ def _scores_ops(F, W, labels, running, count, prev):
     return shapley_scores_op(F, W, labels, running, count, prev, ALPHA, CAP, True, False, False)
 
 
-def _step_ref(F, W, labels, running, count, prev):
-    psi, scores, running_new, count_new, coeffs = _scores_ref(F, W, labels, running, count, prev)
+def _step_torch(F, W, labels, running, count, prev):
+    psi, scores, running_new, count_new, coeffs = _scores_torch(F, W, labels, running, count, prev)
     out = shapley_combine_torch(F, W, coeffs, F.shape[0] - 1)
     return nnf.cross_entropy(out.float(), labels), scores, running_new, coeffs
 
@@ -90,12 +90,12 @@ def run(device, sizes, dtype, bandwidth) -> List[Dict]:
     """Check and time every provider on every shape; returns the table rows."""
     rows: List[Dict] = []
     compiled = {
-        "scores": torch.compile(_scores_ref),
-        "step fwd+bwd": _with_grad(torch.compile(_step_ref)),
+        "scores": torch.compile(_scores_torch),
+        "step fwd+bwd": _with_grad(torch.compile(_step_torch)),
     }
     stages = {
-        "scores": (_scores_ref, _scores_ops, 1),
-        "step fwd+bwd": (_with_grad(_step_ref), _with_grad(_step_ops), 2),
+        "scores": (_scores_torch, _scores_ops, 1),
+        "step fwd+bwd": (_with_grad(_step_torch), _with_grad(_step_ops), 2),
     }
     rtol, atol = (1e-4, 1e-5) if dtype == torch.float32 else (2e-2, 2e-2)
     for B, C, M in sizes:
@@ -104,7 +104,7 @@ def run(device, sizes, dtype, bandwidth) -> List[Dict]:
         for stage, (baseline, ours, passes) in stages.items():
             Fs = F.detach().requires_grad_(stage != "scores")
             stage_rows = run_providers(
-                ("eager reference.py", baseline),
+                ("eager torch path", baseline),
                 [("torch.compile(reference)", compiled[stage]), ("agm_fast ops", ours)],
                 (Fs, W, labels, running, count, prev),
                 device=device,

@@ -6,7 +6,7 @@ Two launches, deterministic, no host synchronisation:
    (a ``[BLOCK_B, BLOCK_C]`` tile per class chunk, online softmax over the chunks, so any number of classes is
    handled by looping) and writes one partial sum.
 2. ``_ogm_scores_reduce_kernel``: a single program adds the partials in a fixed order and applies the coefficient
-   rule of ``reference.ogm_coefficients_ref`` (M = 2 reference rule, tie damping modality 0; M > 2 rule;
+   rule of ``agm_fast.ops.ogm_scores.ogm_coefficients_torch`` (M = 2 reference rule, tie damping modality 0; M > 2 rule;
    ``continuous``).
 
 The launcher accepts logits and labels of any strides (nothing is copied). Labels are only compared with class
@@ -136,7 +136,7 @@ def ogm_scores_fwd(
     *,
     out: Optional[Tuple[Tensor, Tensor]] = None,
 ) -> Tuple[Tensor, Tensor]:
-    """OGM scores and coefficients (see ``reference.ogm_scores_ref``).
+    """OGM scores and coefficients (see ``agm_fast.ops.ogm_scores.ogm_scores_torch``).
 
     Args:
         logits: ``[M, B, C]`` per-modality logits, float32, bfloat16 or float16, any strides, M >= 2.

@@ -1,4 +1,4 @@
-"""The OGM score kernels (kernels/ogm_scores.py) and the agm_fast::ogm_scores op against reference.py.
+"""The OGM score kernels (kernels/ogm_scores.py) and the agm_fast::ogm_scores op against ogm_scores_torch.
 
 On a GPU the kernels run compiled on CUDA tensors; without one they run in Triton's interpreter on CPU tensors
 (conftest.py sets TRITON_INTERPRET=1 before triton is imported).

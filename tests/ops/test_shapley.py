@@ -1,4 +1,4 @@
-"""The fused AGM kernels (kernels/shapley.py) and their ops against reference.py, forward and backward.
+"""The fused AGM kernels (kernels/shapley.py) and their ops against their torch paths, forward and backward.
 
 On a GPU the kernels run compiled on CUDA tensors; without one they run in Triton's interpreter on CPU tensors
 (conftest.py sets TRITON_INTERPRET=1 before triton is imported). The shape list covers every B in {1, 7, 64, 300},

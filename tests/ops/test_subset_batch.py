@@ -1,4 +1,4 @@
-"""The subset-batch kernels (kernels/subset_batch.py) and the agm_fast::subset_batch ops against reference.py.
+"""The subset-batch kernels (kernels/subset_batch.py) and the agm_fast::subset_batch ops against subset_batch_torch.
 
 On a GPU the kernels run compiled on CUDA tensors; without one they run in Triton's interpreter on CPU tensors
 (conftest.py sets TRITON_INTERPRET=1 before triton is imported).
