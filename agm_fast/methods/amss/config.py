@@ -1,4 +1,4 @@
-"""AMSS / AMSS+'s hyper-parameters, declared once (docs/methods.md, AMSS section)."""
+"""AMSS / AMSS+'s hyper-parameters, declared once (docs/methods.md, section 13)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """AMSS / AMSS+'s arithmetic: the per-modality keep ratios c_m and the channel masking of one weight gradient.
 
 :func:`keep_ratios` runs on the device without host reads; :func:`mask_channels` needs the kept count as a Python
-int (``ceil(C * c_m)``). docs/methods.md (AMSS section) has the formulas and the released code's quirks.
+int (``ceil(C * c_m)``). docs/methods.md (section 13) has the formulas and the released code's quirks.
 """
 
 from __future__ import annotations

@@ -35,7 +35,7 @@ def masked_weights(encoder: nn.Module, layers: str) -> List[Tuple[str, nn.Parame
 
 @declare(HPARAMS)
 class AMSSMethod(Method):
-    """AMSS and AMSS+ (docs/methods.md, AMSS section): only the fused loss trains; from the fusion head's
+    """AMSS and AMSS+ (docs/methods.md, section 13): only the fused loss trains; from the fusion head's
     per-modality logits each modality gets a keep ratio ``c_m``, and after backward every masked weight of encoder m
     keeps ``ceil(C * c_m)`` of its C output channels, drawn without replacement in proportion to their gradient
     energy; the other channels' gradients are zeroed (AMSS+: kept channels scaled by ``1 / (q_o + 1 / C)``).

@@ -1,4 +1,4 @@
-"""GDL: disentangled gradient learning (docs/methods.md, GDL section)."""
+"""GDL: disentangled gradient learning (docs/methods.md, section 12)."""
 
 from ..registry import register
 from .method import GDLMethod

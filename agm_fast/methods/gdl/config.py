@@ -1,4 +1,4 @@
-"""GDL's hyper-parameters, declared once (docs/methods.md, GDL section)."""
+"""GDL's hyper-parameters, declared once (docs/methods.md, section 12)."""
 
 from __future__ import annotations
 

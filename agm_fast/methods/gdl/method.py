@@ -42,7 +42,7 @@ def _total_norm(grads: List[Tensor]) -> Tensor:
 
 @declare(HPARAMS)
 class GDLMethod(Method):
-    """GDL, disentangled gradient learning (docs/methods.md, GDL section), as the reference trains.
+    """GDL, disentangled gradient learning (docs/methods.md, section 12), as the reference trains.
 
     Inside the window: the fusion head learns from the task loss on detached features; encoder m learns only from
     ``alpha * loss(out_m)``, where ``out_m`` is the fusion head's weight slice for m plus its full bias (a concat

@@ -1,4 +1,4 @@
-"""InfoReg's hyper-parameters, declared once (docs/methods.md, InfoReg section)."""
+"""InfoReg's hyper-parameters, declared once (docs/methods.md, section 10)."""
 
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ Loss: fused cross-entropy plus every modality's cross-entropy on its own logits 
 ``b / M`` for a concatenation head). After backward, the modality with the largest score (batch sum of true-class
 probabilities) gets ``g += beta (theta - theta_0)`` on its encoder when the trace growth ratio ``k`` exceeds the
 threshold; the squared final gradients of the encoders' Linear/Conv weights build the per-epoch trace.
-docs/methods.md (InfoReg section) has the formulas; the step reads no value on the host.
+docs/methods.md (section 10) has the formulas; the step reads no value on the host.
 """
 
 from __future__ import annotations

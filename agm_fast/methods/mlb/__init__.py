@@ -1,4 +1,4 @@
-"""MLB: multi-loss balanced gradient modulation (docs/methods.md, MLB section)."""
+"""MLB: multi-loss balanced gradient modulation (docs/methods.md, section 11)."""
 
 from ..registry import register
 from .core import mlb_coefficients

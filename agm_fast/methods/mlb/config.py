@@ -1,4 +1,4 @@
-"""MLB's hyper-parameters, declared once (docs/methods.md, MLB section)."""
+"""MLB's hyper-parameters, declared once (docs/methods.md, section 11)."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 ``s_m`` is the batch mean of the softmax probability of the true class (regression: the mean squared error);
 ``r_m`` compares the mean of the other modalities' scores with the own one; ``k_m = 1 + tanh(alpha (r_m - 1))``
-(docs/methods.md, MLB section). Everything stays on the device; nothing synchronises with the host.
+(docs/methods.md, section 11). Everything stays on the device; nothing synchronises with the host.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ __all__ = ["MLBMethod"]
 
 @declare(HPARAMS)
 class MLBMethod(Method):
-    """MLB (Kontras et al., BMVC 2024; docs/methods.md, MLB section) with the reference's training step.
+    """MLB (Kontras et al., BMVC 2024; docs/methods.md, section 11) with the reference's training step.
 
     Inside the window the loss is the task loss plus every unimodal head's own loss (one backward); after it,
     ``k_m = 1 + tanh(alpha (r_m - 1))`` from the heads' true-class probabilities multiplies the gradients of

@@ -1,4 +1,4 @@
-"""MMPareto's hyper-parameters, declared once (docs/methods.md, MMPareto section)."""
+"""MMPareto's hyper-parameters, declared once (docs/methods.md, section 9)."""
 
 from __future__ import annotations
 

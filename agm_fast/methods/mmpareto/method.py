@@ -36,7 +36,7 @@ def _check_heads(heads, M: int) -> nn.ModuleList:
 
 @declare(HPARAMS)
 class MMParetoMethod(Method):
-    """MMPareto (docs/methods.md, MMPareto section) with the reference's training step.
+    """MMPareto (docs/methods.md, section 9) with the reference's training step.
 
     Inside the window every encoder's gradient becomes MMPareto's integration of its multimodal gradient and the
     gradient of its own unimodal loss (cross-entropy of its head; MSE for regression); the fusion head keeps the

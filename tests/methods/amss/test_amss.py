@@ -1,4 +1,4 @@
-"""AMSS / AMSS+ (docs/methods.md, AMSS section): keep ratios by hand, the kept count, channel masking, the method
+"""AMSS / AMSS+ (docs/methods.md, section 13): keep ratios by hand, the kept count, channel masking, the method
 (window, layer rules, AMSS+ factors, M = 3, non-finite gradients, state) and errors."""
 
 import math

@@ -1,4 +1,4 @@
-"""GDL against an independent float64 computation (docs/method-sections/gdl.md): every gradient, the decisions and
+"""GDL against an independent float64 computation (docs/methods.md, section 12): every gradient, the decisions and
 the coefficients at M = 2 and 3, the switches, the window, other heads and the errors."""
 
 import copy

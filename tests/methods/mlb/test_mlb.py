@@ -1,4 +1,4 @@
-"""MLB against an independent float64 computation from docs/methods.md (MLB section)."""
+"""MLB against an independent float64 computation from docs/methods.md (section 11)."""
 
 import copy
 import math

@@ -1,4 +1,4 @@
-"""MMPareto against an independent float64 computation from docs/methods.md (MMPareto section)."""
+"""MMPareto against an independent float64 computation from docs/methods.md (section 9)."""
 
 import copy
 import math
