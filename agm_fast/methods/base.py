@@ -150,7 +150,7 @@ class Method:
             self.hparams_given = frozenset()
         self.accumulation_steps = 1
         self._hooks: List[Any] = []
-        self._pending: Optional[Tensor] = None
+        self._micro_pending: Optional[Tensor] = None
         #: The coefficients of each micro-batch of the current (then last) optimizer step, under accumulation.
         self.micro_coefficients: List[Tensor] = []
 
@@ -238,7 +238,7 @@ class Method:
     def _set_last(self, out: StepOutput, target: Tensor) -> None:
         """Record the step's forward (a new micro-batch: its modulation is still to be decided)."""
         self._last = (out, target)
-        self._pending = None
+        self._micro_pending = None
 
     @property
     def accumulating(self) -> bool:
@@ -292,15 +292,15 @@ class Method:
     def prepare_backward(self, out: StepOutput, target: Tensor) -> None:
         """Decide this micro-batch's modulation before its backward (a no-op without accumulation). :meth:`loss` and
         :func:`training_step` call it; a gradient hook calls it too if nothing did."""
-        if self.accumulating and self._pending is None:
-            self._pending = self.micro_batch_decision(out, target)
-            self.micro_coefficients.append(self._pending.detach().to(torch.float32))
+        if self.accumulating and self._micro_pending is None:
+            self._micro_pending = self.micro_batch_decision(out, target)
+            self.micro_coefficients.append(self._micro_pending.detach().to(torch.float32))
 
     def _micro_hook(self, m: int, index: int, grad: Tensor) -> Tensor:
-        if self._pending is None:
+        if self._micro_pending is None:
             out, target = self._resolve(None, None)
             self.prepare_backward(out, target)
-        return self.modulate_micro_gradient(m, index, grad, self._pending)
+        return self.modulate_micro_gradient(m, index, grad, self._micro_pending)
 
     def finish_accumulated_step(self) -> Tensor:
         """Under accumulation, the end of an optimizer step: the mean of its micro-batches' coefficients."""
