@@ -266,6 +266,9 @@ def _train(
         f"{args.method} | fusion {args.fusion} | views {','.join(names)} ({source}: {len(train_s.y)} train, "
         f"{len(val_s.y)} val, {len(test_s.y)} test, {data.num_classes} classes) | device {device.type}"
     )
+    starts = method.activity()
+    if starts is not None:
+        print(starts)
     metrics_path = os.path.join(args.out, "metrics.csv")
     interactive = sys.stderr.isatty()
     for epoch in range(len(history), args.epochs):
@@ -378,6 +381,9 @@ def _train(
     print(f"test acc {test['acc']:.3f} | mono {mono} | competition strength {strength}")
     written = "metrics.csv, summary.json, checkpoint.pt" + ("" if args.no_plot else ", curves.png")
     print(f"wrote {written} to {args.out}")
+    never = method.activity(args.epochs)
+    if never is not None:
+        print(f"agm-fast: warning: {never}", file=sys.stderr)
     return summary
 
 

@@ -124,6 +124,9 @@ class BalancingCallback(TrainerCallback):
         if model is not None:
             self.method.to(next(model.parameters()).device)
         self.method.set_accumulation(args.gradient_accumulation_steps)
+        starts = self.method.activity()
+        if starts is not None and state.is_world_process_zero:
+            print(f"agm_fast: {starts}")
         if not self.modulates_before_clipping and args.max_grad_norm and args.max_grad_norm > 0:
             warnings.warn(
                 f"max_grad_norm: the stock Trainer clips the gradients before on_pre_optimizer_step, so "
@@ -142,6 +145,11 @@ class BalancingCallback(TrainerCallback):
                     "BalancingCallback"
                 )
             self.method.load_state_dict(torch.load(path, map_location="cpu", weights_only=False))
+
+    def on_train_end(self, args, state, control, **kwargs):
+        never = self.method.activity(int(round(state.epoch or 0)))
+        if never is not None and state.is_world_process_zero:
+            warnings.warn(never, stacklevel=2)
 
     def on_epoch_begin(self, args, state, control, model=None, **kwargs):
         if model is not None:

@@ -16,6 +16,7 @@ where.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
@@ -79,6 +80,14 @@ class BalancingCallback(pl.Callback):
         self.method.to(pl_module.device)
         # Each micro-batch of an accumulated step is modulated with its own coefficients.
         self.method.set_accumulation(trainer.accumulate_grad_batches)
+        starts = self.method.activity()
+        if starts is not None and trainer.is_global_zero:
+            print(f"agm_fast: {starts}")
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        never = self.method.activity(trainer.current_epoch)
+        if never is not None and trainer.is_global_zero:
+            warnings.warn(never, stacklevel=2)
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         self.coefficients.append(self.method.before_optimizer_step().detach())

@@ -177,6 +177,28 @@ class Method:
         """Whether ``epoch`` lies in the modulation window."""
         return self.window.contains(epoch)
 
+    def first_active_epoch(self) -> Optional[int]:
+        """The first epoch (from 0) in which the method can change training, or None if it never does (joint).
+
+        The window's start by default; a method whose modulation needs a history first (MSLR's accuracy ratios,
+        MSES's patience) starts later. Trainers say it once at the start and warn when a run ends before it.
+        """
+        return self.window.start if self.windowed else None
+
+    def activity(self, epochs: Optional[int] = None) -> Optional[str]:
+        """One line saying when the method starts to act (None for joint training); with ``epochs`` (the run's
+        length), a warning instead when the run ends before it ever acts."""
+        first = self.first_active_epoch()
+        if first is None:
+            return None
+        name = self.name or type(self).__name__
+        if epochs is not None:
+            if first < epochs:
+                return None
+            return (f"{name} never acted: it starts at epoch {first} (counted from 0) and the run had {epochs} "
+                    f"epochs, so it trained as joint training; train longer or move its window")
+        return f"{name} acts from epoch {first} (counted from 0)"
+
     def feature_dims(self, feature_dims: Optional[Sequence[int]]) -> List[int]:
         """The M feature sizes: ``feature_dims`` if given, else the fusion head's ``dims`` (every head of
         :mod:`agm_fast.fusion` has them)."""

@@ -39,6 +39,11 @@ class MSESMethod(Method):
         super().__init__(encoders, fusion, window=window, seed=seed, task=task)
         self.mses = MSES(list(self.encoders), **self.hparams_values)
 
+    def first_active_epoch(self) -> Optional[int]:
+        """The earliest epoch a modality can be stopped in: its loss must fail to improve for ``patience`` epochs after
+        the window's first, and the stop acts from the next epoch on."""
+        return self.window.start + self.mses.patience + 2
+
     def before_optimizer_step(self, out: Optional[StepOutput] = None, target: Optional[Tensor] = None) -> Tensor:
         out, target = self._resolve(out, target)
         if not self.in_window(out.epoch):

@@ -38,6 +38,11 @@ class MSLRMethod(Method):
         super().__init__(encoders, fusion, window=window, seed=seed, task=task)
         self.mslr = MSLR(list(self.encoders), **self.hparams_values)
 
+    def first_active_epoch(self) -> Optional[int]:
+        """The first epoch after ``history`` + 1 epochs of the window: the first ratio other than 1 is set at the end
+        of the window's epoch ``history`` and scales the next one."""
+        return self.window.start + self.mslr.history_length + 1
+
     def before_optimizer_step(self, out: Optional[StepOutput] = None, target: Optional[Tensor] = None) -> Tensor:
         out, target = self._resolve(out, target)
         if not self.in_window(out.epoch):
