@@ -105,16 +105,25 @@ void noisy_scale_portable(float* x, int64_t n, float k, float sigma, const simd:
 }
 
 // The best noise pass this CPU runs, capped by AGM_FAST_CPU_CAPABILITY (default, avx2 or avx512; unset: no cap).
-simd::NoisyScaleFn pick_noisy_scale() {
+simd::NoisyScaleFn pick_noisy_scale(const char** name = nullptr) {
   const char* cap_env = std::getenv("AGM_FAST_CPU_CAPABILITY");
   const std::string cap = cap_env == nullptr ? "" : cap_env;
   TORCH_CHECK(cap.empty() || cap == "default" || cap == "avx2" || cap == "avx512",
               "AGM_FAST_CPU_CAPABILITY: expected default, avx2 or avx512, got '", cap, "'");
+  const char* unused;
+  const char*& chosen = name == nullptr ? unused : *name;
 #if AGM_FAST_X86_SIMD
   __builtin_cpu_init();
-  if ((cap.empty() || cap == "avx512") && __builtin_cpu_supports("avx512f")) return &simd::noisy_scale_avx512;
-  if (cap != "default" && __builtin_cpu_supports("avx2")) return &simd::noisy_scale_avx2;
+  if ((cap.empty() || cap == "avx512") && __builtin_cpu_supports("avx512f")) {
+    chosen = "avx512";
+    return &simd::noisy_scale_avx512;
+  }
+  if (cap != "default" && __builtin_cpu_supports("avx2")) {
+    chosen = "avx2";
+    return &simd::noisy_scale_avx2;
+  }
 #endif
+  chosen = "default";
   return &noisy_scale_portable;
 }
 
@@ -170,6 +179,12 @@ struct Chunk {
 };
 
 }  // namespace
+
+std::string ogm_ge_cpu_capability() {
+  const char* name = nullptr;
+  pick_noisy_scale(&name);
+  return name;
+}
 
 void ogm_ge_cpu(at::TensorList grads, at::IntArrayRef group, const at::Tensor& coeffs, bool noise, int64_t seed,
                 int64_t offset, at::OptionalIntArrayRef starts, const c10::optional<at::Tensor>& sigma_in) {
