@@ -6,11 +6,11 @@
 // function compiled for a wider ISA can leak into the rest of the library. V provides:
 //   I, F              integer and float vectors of kFloats 32-bit lanes (kFloats / 2 64-bit lanes)
 //   iota64(q)         the 64-bit lanes q, q + 1, ...
-//   set1_64/set1_32/set1_f, add64/add32/sub32/and32/or32/xor, srli64/slli64/srli32/slli32 (count as a template
-//   argument), mul_epu32 (64-bit products of the low 32-bit halves of the 64-bit lanes), gt32 (-1 where a > b,
+//   set1_64/set1_32/set1_f, add32/sub32/and32/or32/xor_, srli64/srli32/slli32 (count as a template argument), mul_epu32 (64-bit products of the low 32-bit halves of the 64-bit lanes), gt32 (-1 where a > b,
 //   signed), low_pairs(a, b) (the low halves of a's and b's 64-bit lanes, interleaved: a0, b0, a1, b1, ...),
 //   cvt_i32_f32, cvtt_f32_i32, as_f/as_i, mul/add/sub, sqrt, select_odd(n, a, b) (a where n is odd, else b),
-//   load/store (unaligned), interleave(a, b, lo, hi) (lo, hi <- a0, b0, a1, b1, ...).
+//   load/store (unaligned floats), load_i/store_i (aligned words), interleave(a, b, lo, hi) (lo, hi <- a0, b0, a1,
+//   b1, ...). Wide<V, S> runs S of them in lockstep with the same interface.
 //
 // Philox runs on 64-bit lanes (one counter per lane): _mm*_mul_epu32 gives the full 32x32 -> 64 product, its high
 // half is one shift away, and the garbage left in the high half of a lane is never read (every multiply reads only
