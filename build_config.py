@@ -23,8 +23,10 @@ USER_ARCHS = ("8.0", "8.6", "8.9", "9.0", "10.0", "12.0")
 
 # No --use_fast_math: the OGM-GE noise must match the CPU build up to float rounding.
 NVCC_FLAGS = ["-O3"]
-# -fno-math-errno lets the compiler vectorise sqrt in the noise loops.
-CXX_FLAGS = ["/O2"] if sys.platform == "win32" else ["-O3", "-fno-math-errno"]
+# -fno-math-errno lets the compiler vectorise sqrt in the noise loops. -ffp-contract=off: no fused multiply-add where
+# the source has a multiply and an add, so that the noise is the same float32 arithmetic on every ISA (and on CUDA,
+# where philox.h spells it with __fmul_rn / __fadd_rn). MSVC does not contract without /fp:contract.
+CXX_FLAGS = ["/O2"] if sys.platform == "win32" else ["-O3", "-fno-math-errno", "-ffp-contract=off"]
 
 NO_TORCH_MESSAGE = (
     "agm_fast: the C++ extension is built against the torch you will run it with, but this build environment has "

@@ -12,7 +12,13 @@ Every provider is checked before it is timed: OGM mode must equal the baseline; 
 statistically (per-tensor mean 0 and std ``std(g) + 1e-8``). Bytes are the minimum the maths moves (OGM: read and
 write each gradient once; OGM-GE: one more read for the std), and a measured copy bandwidth is printed for scale.
 
-Run: ``python -m agm_fast.benchmarks.bench_ogm_ge [--device cpu|cuda] [--quick]``.
+A third part, on CPU, sweeps the gradient size (``--sizes``, in millions of elements, cut into tensors of at most
+the largest ResNet-18 conv weight) at 1 and 2 threads (``--sweep-threads``), the three taking turns: the
+reference-style per-parameter loop, ``torch._foreach_mul_`` (one read and one write, the bandwidth yardstick) and
+``functional.ogm_ge_`` (a read for the moments, then a read and a write); ``OGMGE.step`` against the whole
+reference-style step (scores, coefficients, modulation) on the ResNet-18 pair is in the first table.
+
+Run: ``python -m agm_fast.benchmarks.bench_ogm_ge [--device cpu|cuda] [--quick] [--sizes 1,10,200]``.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from agm_fast.benchmarks.harness import (
     print_table,
     run_providers,
     time_fn,
+    time_interleaved,
 )
 from torch import Tensor, nn
 
@@ -220,6 +227,118 @@ def run(device: torch.device, batch: int, classes: int, alpha: float, width: int
         )
         add_traffic(stage_rows, passes * numel * elem)
         rows += stage_rows
+    # The whole step: OGMGE.step (scores, coefficients and modulation on the device) vs the reference style.
+    ogm = agm_fast.OGMGE([model.audio_net, model.visual_net], alpha=alpha, mode="OGM_GE", conv_only=True)
+
+    def reference_step():
+        ka, kv = reference_style_coefficients(labels, out_a, out_v, alpha)
+        reference_style_modulation(model, ka, kv, "OGM_GE")
+
+    restore_grads(model, saved)
+    ogm.step(labels, out_a, out_v, epoch=0)
+    problem = _check_ge(grads_after(None), saved, k)
+    step_rows = [
+        dict(stage="OGM-GE step", provider="reference-style (scores .item() loop + per-tensor loop)", check="ok"),
+        dict(stage="OGM-GE step", provider="agm_fast.OGMGE.step", check=problem or "ok"),
+    ]
+    if problem is None:
+        restore_grads(model, saved)
+        times = time_interleaved(
+            {"ref": reference_step, "ours": lambda: ogm.step(labels, out_a, out_v, epoch=0)},
+            device,
+            warmup=warmup,
+            rep=rep,
+        )
+        step_rows[0].update(times["ref"], speedup=1.0)
+        step_rows[1].update(times["ours"], speedup=times["ref"]["median_ms"] / times["ours"]["median_ms"])
+    add_traffic(step_rows, 3 * numel * elem)
+    rows += step_rows
+    return rows
+
+
+SWEEP_COLUMNS = [
+    "threads",
+    "elements",
+    "tensors",
+    "reference_ms",
+    "foreach_mul_ms",
+    "ogm_ge_ms",
+    "ogm_ge / foreach_mul",
+    "reference / ogm_ge",
+    "ogm_ge ns/el",
+    "check",
+]
+# The largest conv weight of ResNet-18 (512 x 512 x 3 x 3): the sweep's tensor size.
+SWEEP_TENSOR = 512 * 512 * 9
+
+
+def _reference_loop(grads: List[Tensor], k: float) -> None:
+    """The reference's per-parameter update on a list: one ``.std().item()`` and a fresh noise tensor per tensor."""
+    for i, g in enumerate(grads):
+        sigma = g.std().item() + 1e-8
+        grads[i] = g * k + torch.zeros_like(g).normal_(0.0, sigma)
+
+
+def run_sweep(sizes_m: Sequence[float], threads: Sequence[int], warmup: int, rep: int) -> List[dict]:
+    """Time the reference loop, ``_foreach_mul_`` and ``ogm_ge_`` on CPU gradients of each total size.
+
+    Args:
+        sizes_m: total gradient elements, in millions.
+        threads: torch CPU thread counts to run each size at.
+        warmup: untimed calls of each provider per size and thread count.
+        rep: rounds in which the three take turns.
+
+    Returns:
+        One row per size and thread count.
+    """
+    device = torch.device("cpu")
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    k = 0.5
+    coeffs = torch.tensor([k])
+    before = torch.get_num_threads()
+    for size in sizes_m:
+        numel = int(round(size * 1e6))
+        parts = [SWEEP_TENSOR] * (numel // SWEEP_TENSOR) + ([numel % SWEEP_TENSOR] if numel % SWEEP_TENSOR else [])
+        grads = [torch.randn(n, generator=gen) for n in parts]
+        ref_grads = [g.clone() for g in grads]
+        # The op's noise on the first tensor: mean 0 and std std(g) + 1e-8 within 6 sigma.
+        g0 = grads[0][: min(parts[0], 1 << 20)].clone()
+        out = [g0.clone()]
+        functional.ogm_ge_(out, [0], coeffs, seed=0, offset=0)
+        z = (out[0].double() - k * g0.double()) / (g0.double().std() + 1e-8)
+        ok = abs(z.mean().item()) < 6 / math.sqrt(z.numel()) and abs(z.std().item() - 1) < 6 / math.sqrt(2 * z.numel())
+        group = [0] * len(grads)
+        try:
+            for t in threads:
+                torch.set_num_threads(t)
+                times = time_interleaved(
+                    {
+                        "reference": lambda: _reference_loop(ref_grads, k),
+                        "foreach_mul": lambda: torch._foreach_mul_(grads, k),
+                        "ogm_ge": lambda: functional.ogm_ge_(grads, group, coeffs, seed=0, offset=0),
+                    },
+                    device,
+                    warmup=warmup,
+                    rep=rep,
+                )
+                ref_ms, mul_ms, ours_ms = (times[p]["median_ms"] for p in ("reference", "foreach_mul", "ogm_ge"))
+                rows.append(
+                    {
+                        "threads": t,
+                        "elements": f"{numel / 1e6:g}M",
+                        "tensors": len(parts),
+                        "reference_ms": ref_ms,
+                        "foreach_mul_ms": mul_ms,
+                        "ogm_ge_ms": ours_ms,
+                        "ogm_ge / foreach_mul": ours_ms / mul_ms,
+                        "reference / ogm_ge": ref_ms / ours_ms,
+                        "ogm_ge ns/el": ours_ms * 1e6 / numel,
+                        "check": "ok" if ok else "noise statistics off",
+                    }
+                )
+        finally:
+            torch.set_num_threads(before)
     return rows
 
 
@@ -231,14 +350,24 @@ def _bench(args: argparse.Namespace, device: torch.device, machine: str) -> Outc
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
     info = f"ogm_ge_ backend: {backend} | modulated conv weights: {conv:,} (two encoders) | load average: {load}"
     print(info)
+    if backend == "ext" and device.type == "cpu":
+        info += f" | CPU noise pass: {_backend.get_ext().cpu_capability()}"
     rows = run(device, args.batch, args.classes, args.alpha, width, warmup, rep)
     title = f"OGM-GE step, two ResNet-18 encoders (width {width}), batch {args.batch}, {args.classes} classes"
     table = print_table(title, rows, COLUMNS)
+    sweep_rows = []
+    if device.type == "cpu" and args.sizes:
+        sizes = [0.25, 1.0] if args.quick else [float(x) for x in args.sizes.split(",")]
+        threads = [int(x) for x in args.sweep_threads.split(",")]
+        sweep_rows = run_sweep(sizes, threads, warmup=1, rep=3 if args.quick else args.sweep_rep)
+        sweep_title = "Size sweep on CPU (float32, one modality, k = 0.5): the three take turns, median of the rounds"
+        table += "\n" + print_table(sweep_title, sweep_rows, SWEEP_COLUMNS)
+        rows += [dict(r, stage="sweep") for r in sweep_rows]
     suffix = "" if args.threads is None else f"-{args.threads}thread"
     text = f"{machine}\n\n{info}\n\ncommand: `{args.command}`\n\n{table}\n{NOTES}"
     return Outcome(
         records=[dict(r, backend=backend, width=width, threads=torch.get_num_threads(), load=load) for r in rows],
-        failed=any(r["check"] != "ok" for r in rows),
+        failed=any(r.get("check", "ok") != "ok" for r in rows),
         markdown=None if args.quick else (f"{device.type}-ogm-ge{suffix}.md", text),
     )
 
@@ -258,6 +387,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--alpha", type=float, default=0.8, help="modulation strength (default 0.8, CREMA-D)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls per provider (default 2)")
     parser.add_argument("--rep", type=int, default=10, help="timed calls per provider (default 10)")
+    parser.add_argument(
+        "--sizes",
+        default="1,10,22.3,50,100,200",
+        help="CPU size sweep: total gradient elements in millions, comma-separated ('' skips it)",
+    )
+    parser.add_argument("--sweep-threads", default="1,2", help="thread counts of the size sweep (default 1,2)")
+    parser.add_argument("--sweep-rep", type=int, default=7, help="rounds of the size sweep (default 7)")
     return bench_main("bench_ogm_ge", parser, argv, _bench)
 
 

@@ -50,5 +50,7 @@ TORCH_LIBRARY_IMPL(agm_fast, CUDA, m) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.doc() = "agm_fast C++ extension: registers agm_fast::_ogm_ge_impl (CPU, and CUDA when built with it)";
   module.def("with_cuda", &agm_fast::with_cuda, "True when the CUDA kernels were compiled into this build");
+  module.def("cpu_capability", &agm_fast::ogm_ge_cpu_capability,
+             "Instruction set of ogm_ge_'s CPU noise pass: avx512, avx2 or default (capped by AGM_FAST_CPU_CAPABILITY)");
 }
 #endif

@@ -20,6 +20,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <string>
 
 // Dispatch over the gradient dtypes the op supports (float32, float16, bfloat16), with scalar_t bound in the body.
 #define AGM_FAST_DISPATCH_GRAD_TYPES(TYPE, NAME, ...)                  \
@@ -84,6 +85,9 @@ inline void check_ogm_ge_args(at::TensorList grads, at::IntArrayRef group, const
 // CPU implementation (csrc/cpu/ogm_ge.cpp).
 void ogm_ge_cpu(at::TensorList grads, at::IntArrayRef group, const at::Tensor& coeffs, bool noise, int64_t seed,
                 int64_t offset, at::OptionalIntArrayRef starts, const c10::optional<at::Tensor>& sigma);
+
+// The instruction set of the CPU noise pass the next call uses: "avx512", "avx2" or "default" (portable).
+std::string ogm_ge_cpu_capability();
 
 // CUDA implementation (csrc/cuda/ogm_ge.cu).
 void ogm_ge_cuda(at::TensorList grads, at::IntArrayRef group, const at::Tensor& coeffs, bool noise, int64_t seed,

@@ -13,7 +13,10 @@
 //
 // The logarithm and the sine/cosine are branch-free float32 polynomial evaluations (Cephes coefficients, about one
 // ulp) instead of calls into libm, so that the CPU loops vectorise and the CPU and CUDA builds evaluate the same
-// arithmetic. The quarter-turn range reduction of sin/cos works on u2 itself, which is exact.
+// arithmetic. The quarter-turn range reduction of sin/cos works on u2 itself, which is exact. Every multiply and add
+// rounds on its own (no fused multiply-add): mul/add/sub below are __fmul_rn/__fadd_rn on the GPU, which nvcc never
+// contracts, and plain operators on the CPU, built with -ffp-contract=off. The noise is then bitwise the same on
+// every CPU ISA (csrc/cpu/ogm_ge_simd.h), on CUDA and in agm_fast.reference.philox_normal_ref.
 #pragma once
 
 #include <cmath>
@@ -59,6 +62,40 @@ AGM_FAST_HOST_DEVICE float bits_float(uint32_t u) {
 #endif
 }
 
+// Float32 arithmetic rounded after every operation.
+AGM_FAST_HOST_DEVICE float mul(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+
+AGM_FAST_HOST_DEVICE float add(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+
+AGM_FAST_HOST_DEVICE float sub(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fsub_rn(a, b);
+#else
+  return a - b;
+#endif
+}
+
+// Correctly rounded square root (nvcc's sqrtf is too, unless built with fast math; this does not depend on it).
+AGM_FAST_HOST_DEVICE float sqrt_rn(float a) {
+#if defined(__CUDA_ARCH__)
+  return __fsqrt_rn(a);
+#else
+  return std::sqrt(a);
+#endif
+}
+
 // One Philox round on the counter (c0, c1, c2, c3) with the round key (k0, k1).
 AGM_FAST_HOST_DEVICE void round(uint32_t& c0, uint32_t& c1, uint32_t& c2, uint32_t& c3, uint32_t k0, uint32_t k1) {
   const uint64_t p0 = static_cast<uint64_t>(kM0) * c0;
@@ -94,32 +131,34 @@ AGM_FAST_HOST_DEVICE float log_positive(float x) {
   const uint32_t fold = (b & 0x007FFFFFu) > 0x003504F3u ? 1u : 0u;
   const float m = bits_float((b & 0x007FFFFFu) | (0x3F800000u - (fold << 23)));
   const float e = static_cast<float>(static_cast<int32_t>((b >> 23) + fold) - 127);
-  const float f = m - 1.0f;
-  const float z = f * f;
+  const float f = sub(m, 1.0f);
+  const float z = mul(f, f);
   float y = 7.0376836292e-2f;
-  y = y * f - 1.1514610310e-1f;
-  y = y * f + 1.1676998740e-1f;
-  y = y * f - 1.2420140846e-1f;
-  y = y * f + 1.4249322787e-1f;
-  y = y * f - 1.6668057665e-1f;
-  y = y * f + 2.0000714765e-1f;
-  y = y * f - 2.4999993993e-1f;
-  y = y * f + 3.3333331174e-1f;
-  y = y * f * z;
+  y = sub(mul(y, f), 1.1514610310e-1f);
+  y = add(mul(y, f), 1.1676998740e-1f);
+  y = sub(mul(y, f), 1.2420140846e-1f);
+  y = add(mul(y, f), 1.4249322787e-1f);
+  y = sub(mul(y, f), 1.6668057665e-1f);
+  y = add(mul(y, f), 2.0000714765e-1f);
+  y = sub(mul(y, f), 2.4999993993e-1f);
+  y = add(mul(y, f), 3.3333331174e-1f);
+  y = mul(mul(y, f), z);
   // ln 2 split in a short head (exact in the product with e) and a correction.
-  y += -2.12194440e-4f * e;
-  y += -0.5f * z;
-  return (f + y) + 0.693359375f * e;
+  y = add(y, mul(-2.12194440e-4f, e));
+  y = add(y, mul(-0.5f, z));
+  return add(add(f, y), mul(0.693359375f, e));
 }
 
 // sin(2 pi u) and cos(2 pi u) for u in [0, 1). The reduction to the nearest quarter turn, u - n/4, is exact in float32.
 AGM_FAST_HOST_DEVICE void sincos_2pi(float u, float& s, float& c) {
-  const int n = static_cast<int>(4.0f * u + 0.5f);
-  const float a = (u - 0.25f * static_cast<float>(n)) * 6.28318530717958647692f;  // |a| <= pi/4
-  const float z = a * a;
-  const float sp = a + a * z * (-1.6666654611e-1f + z * (8.3321608736e-3f + z * -1.9515295891e-4f));
-  const float cp =
-      1.0f - 0.5f * z + z * z * (4.166664568298827e-2f + z * (-1.388731625493765e-3f + z * 2.443315711809948e-5f));
+  const int n = static_cast<int>(add(mul(4.0f, u), 0.5f));
+  const float a = mul(sub(u, mul(0.25f, static_cast<float>(n))), 6.28318530717958647692f);  // |a| <= pi/4
+  const float z = mul(a, a);
+  const float sp =
+      add(a, mul(mul(a, z), add(-1.6666654611e-1f, mul(z, add(8.3321608736e-3f, mul(z, -1.9515295891e-4f))))));
+  const float cp = add(sub(1.0f, mul(0.5f, z)),
+                       mul(mul(z, z), add(4.166664568298827e-2f,
+                                          mul(z, add(-1.388731625493765e-3f, mul(z, 2.443315711809948e-5f))))));
   // Rotate by n quarter turns: odd n swaps sin and cos, then the signs of (sin, cos) follow the quadrant. Done on
   // the bits so that the loop has no branch and vectorises.
   const uint32_t swap = 0u - static_cast<uint32_t>(n & 1);
@@ -132,13 +171,13 @@ AGM_FAST_HOST_DEVICE void sincos_2pi(float u, float& s, float& c) {
 
 // Two standard normals from two Philox words.
 AGM_FAST_HOST_DEVICE void box_muller(uint32_t xa, uint32_t xb, float& za, float& zb) {
-  const float u1 = static_cast<float>((xa >> 8) + 1u) * kInv24;
-  const float u2 = static_cast<float>(xb >> 8) * kInv24;
-  const float r = std::sqrt(-2.0f * log_positive(u1));
+  const float u1 = mul(static_cast<float>((xa >> 8) + 1u), kInv24);
+  const float u2 = mul(static_cast<float>(xb >> 8), kInv24);
+  const float r = sqrt_rn(mul(-2.0f, log_positive(u1)));
   float s, c;
   sincos_2pi(u2, s, c);
-  za = r * c;
-  zb = r * s;
+  za = mul(r, c);
+  zb = mul(r, s);
 }
 
 // The four normals of elements 4q .. 4q+3 of tensor `index` under (seed, offset).

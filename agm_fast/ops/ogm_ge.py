@@ -56,13 +56,63 @@ def philox4x32(counters: Tensor, key: Sequence[int]) -> Tensor:
     return torch.stack([c0, c1, c2, c3], dim=-1)
 
 
+# Cephes float32 coefficients of the kernels' logarithm (on [sqrt(1/2) - 1, sqrt(2) - 1)) and sine/cosine (|a| <= pi/4),
+# as in csrc/philox.h.
+_LOG_POLY = (
+    7.0376836292e-2,
+    -1.1514610310e-1,
+    1.1676998740e-1,
+    -1.2420140846e-1,
+    1.4249322787e-1,
+    -1.6668057665e-1,
+    2.0000714765e-1,
+    -2.4999993993e-1,
+    3.3333331174e-1,
+)
+_SIN_POLY = (-1.9515295891e-4, 8.3321608736e-3, -1.6666654611e-1)
+_COS_POLY = (2.443315711809948e-5, -1.388731625493765e-3, 4.166664568298827e-2)
+
+
+def _log_positive(x: Tensor) -> Tensor:
+    """ln x for float32 x in [2^-24, 1], the kernels' polynomial, one rounding per operation (bitwise theirs)."""
+    b = x.view(torch.int32)
+    mant = b & 0x007FFFFF
+    # Mantissas above sqrt(2) get the exponent of [0.5, 1) and one more in e.
+    fold = (mant > 0x003504F3).to(torch.int32)
+    m = (mant | (0x3F800000 - (fold << 23))).view(torch.float32)
+    e = ((b >> 23) + fold - 127).to(torch.float32)
+    f = m - 1.0
+    z = f * f
+    y = torch.full_like(f, _LOG_POLY[0])
+    for c in _LOG_POLY[1:]:
+        y = y * f + c
+    y = y * f * z
+    y = y + (-2.12194440e-4 * e)
+    y = y + (-0.5 * z)
+    return (f + y) + 0.693359375 * e
+
+
+def _sincos_2pi(u: Tensor) -> Tuple[Tensor, Tensor]:
+    """sin(2 pi u), cos(2 pi u) for float32 u in [0, 1), the kernels' polynomials (bitwise theirs)."""
+    n = (4.0 * u + 0.5).to(torch.int32)
+    a = (u - 0.25 * n.to(torch.float32)) * (2.0 * math.pi)
+    z = a * a
+    sp = a + a * z * (_SIN_POLY[2] + z * (_SIN_POLY[1] + z * _SIN_POLY[0]))
+    cp = (1.0 - 0.5 * z) + z * z * (_COS_POLY[2] + z * (_COS_POLY[1] + z * _COS_POLY[0]))
+    # Rotate by n quarter turns: odd n swaps sine and cosine, then the quadrant gives the signs.
+    odd = (n & 1) != 0
+    s, c = torch.where(odd, cp, sp), torch.where(odd, sp, cp)
+    return torch.where((n & 2) != 0, -s, s), torch.where(((n + 1) & 2) != 0, -c, c)
+
+
 def philox_normal(numel: int, seed: int, offset: int, index: int, device=None, start: int = 0) -> Tensor:
-    """The standard normal noise of tensor ``index`` under ``(seed, offset)``, as the kernels draw it.
+    """The standard normal noise of tensor ``index`` under ``(seed, offset)``, bitwise as the kernels draw it.
 
     Element ``e`` belongs to counter ``q = e // 4``: ``(q, index, offset & 0xFFFFFFFF, offset >> 32)`` under the key
     ``(seed & 0xFFFFFFFF, seed >> 32)``. The output words ``x0..x3`` give elements ``4q..4q+3`` by Box-Muller on
     24-bit uniforms, in float32: for the pairs ``(x0, x1)`` and ``(x2, x3)``, ``u1 = ((xa >> 8) + 1) 2^-24``,
-    ``u2 = (xb >> 8) 2^-24``, ``r = sqrt(-2 ln u1)``, ``z_a = r cos(2 pi u2)``, ``z_b = r sin(2 pi u2)``.
+    ``u2 = (xb >> 8) 2^-24``, ``r = sqrt(-2 ln u1)``, ``z_a = r cos(2 pi u2)``, ``z_b = r sin(2 pi u2)``, with ln,
+    sin and cos the kernels' float32 polynomials (about one ulp) and every operation rounded on its own.
 
     Args:
         numel: number of elements N.
@@ -85,9 +135,11 @@ def philox_normal(numel: int, seed: int, offset: int, index: int, device=None, s
     # 24-bit integers and a power-of-two scale: the uniforms are exact in float32.
     u1 = ((x[:, 0::2] >> 8) + 1).to(torch.float32) * 2.0**-24
     u2 = (x[:, 1::2] >> 8).to(torch.float32) * 2.0**-24
-    r = torch.sqrt(-2.0 * torch.log(u1))
-    theta = u2 * (2.0 * math.pi)
-    z = torch.stack([r * torch.cos(theta), r * torch.sin(theta)], dim=-1)
+    # torch.sqrt of float32 is not always correctly rounded on CPU; in float64 it is, and so is its rounding to float32
+    # (53 bits are more than the 2 * 24 + 2 that make the double rounding of a square root harmless).
+    r = torch.sqrt((-2.0 * _log_positive(u1)).double()).float()
+    s, c = _sincos_2pi(u2)
+    z = torch.stack([r * c, r * s], dim=-1)
     lane = start % 4
     return z.reshape(-1)[lane : lane + numel]
 

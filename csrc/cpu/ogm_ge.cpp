@@ -13,9 +13,12 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <string>
 #include <type_traits>
 #include <vector>
 
+#include "cpu/ogm_ge_noise.h"
 #include "ogm_ge.h"
 #include "philox.h"
 
@@ -77,18 +80,51 @@ AGM_FAST_CPU_CLONES Moments block_moments(const float* x, int64_t n) {
   return out;
 }
 
-// Normals of the elements 4 q0 .. 4 (q0 + nq) - 1 of tensor `index` into z[0 .. 4 nq).
-AGM_FAST_CPU_CLONES void fill_normals(uint64_t q0, int64_t nq, uint32_t index, uint64_t seed, uint64_t offset,
-                                      float* z) {
+// The portable noise pass: the normals of a block of counters into a buffer (the loop vectorises where the compiler
+// can), then the scaling.
+void noisy_scale_portable(float* x, int64_t n, float k, float sigma, const simd::NoiseKey& key) {
+  float z[kBlock + 4];
+  for (int64_t b = 0; b < n; b += kBlock) {
+    const int64_t m = std::min(kBlock, n - b);
+    const int64_t first = key.first + b;  // the tensor index of element b
+    const int64_t lane = first % 4;
+    const uint64_t q0 = static_cast<uint64_t>(first / 4);
+    const int64_t nq = (lane + m + 3) / 4;
 #pragma omp simd
-  for (int64_t j = 0; j < nq; ++j) {
-    float z0, z1, z2, z3;
-    philox::normal4(q0 + static_cast<uint64_t>(j), index, seed, offset, z0, z1, z2, z3);
-    z[4 * j] = z0;
-    z[4 * j + 1] = z1;
-    z[4 * j + 2] = z2;
-    z[4 * j + 3] = z3;
+    for (int64_t j = 0; j < nq; ++j) {
+      float z0, z1, z2, z3;
+      philox::normal4(q0 + static_cast<uint64_t>(j), key.index, key.seed, key.offset, z0, z1, z2, z3);
+      z[4 * j] = z0;
+      z[4 * j + 1] = z1;
+      z[4 * j + 2] = z2;
+      z[4 * j + 3] = z3;
+    }
+    float* xb = x + b;
+    for (int64_t j = 0; j < m; ++j) xb[j] = k * xb[j] + sigma * z[lane + j];
   }
+}
+
+// The best noise pass this CPU runs, capped by AGM_FAST_CPU_CAPABILITY (default, avx2 or avx512; unset: no cap).
+simd::NoisyScaleFn pick_noisy_scale(const char** name = nullptr) {
+  const char* cap_env = std::getenv("AGM_FAST_CPU_CAPABILITY");
+  const std::string cap = cap_env == nullptr ? "" : cap_env;
+  TORCH_CHECK(cap.empty() || cap == "default" || cap == "avx2" || cap == "avx512",
+              "AGM_FAST_CPU_CAPABILITY: expected default, avx2 or avx512, got '", cap, "'");
+  const char* unused;
+  const char*& chosen = name == nullptr ? unused : *name;
+#if AGM_FAST_X86_SIMD
+  __builtin_cpu_init();
+  if ((cap.empty() || cap == "avx512") && __builtin_cpu_supports("avx512f")) {
+    chosen = "avx512";
+    return &simd::noisy_scale_avx512;
+  }
+  if (cap != "default" && __builtin_cpu_supports("avx2")) {
+    chosen = "avx2";
+    return &simd::noisy_scale_avx2;
+  }
+#endif
+  chosen = "default";
+  return &noisy_scale_portable;
 }
 
 template <typename scalar_t>
@@ -111,29 +147,30 @@ Moments chunk_moments(const void* data, int64_t begin, int64_t end) {
 }
 
 template <typename scalar_t>
-void chunk_apply(void* data, int64_t begin, int64_t end, float k, bool noise, float sigma, uint32_t index,
-                 uint64_t seed, uint64_t offset, int64_t start) {
+void chunk_apply(void* data, int64_t begin, int64_t end, float k, bool noise, float sigma, const simd::NoiseKey& key,
+                 simd::NoisyScaleFn noisy_scale) {
   scalar_t* x = static_cast<scalar_t*>(data);
   if (!noise) {
     for (int64_t j = begin; j < end; ++j) x[j] = static_cast<scalar_t>(k * static_cast<float>(x[j]));
     return;
   }
-  // Four normals per Philox counter; a shard that starts inside a counter's four elements draws from there.
-  float z[kBlock + 4];
-  for (int64_t b = begin; b < end; b += kBlock) {
-    const int64_t n = std::min(kBlock, end - b);
-    const int64_t first = start + b;  // the global index of element b
-    const int64_t lane = first % 4;
-    fill_normals(static_cast<uint64_t>(first / 4), (lane + n + 3) / 4, index, seed, offset, z);
-    scalar_t* xb = x + b;
-    for (int64_t j = 0; j < n; ++j) {
-      xb[j] = static_cast<scalar_t>(k * static_cast<float>(xb[j]) + sigma * z[lane + j]);
+  // key.first is the tensor index of element 0; the noise pass wants that of its own first element.
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    noisy_scale(x + begin, end - begin, k, sigma, {key.first + begin, key.index, key.seed, key.offset});
+  } else {
+    // Through a float32 buffer: the same float32 arithmetic, rounded once to the gradient dtype.
+    float buf[kBlock];
+    for (int64_t b = begin; b < end; b += kBlock) {
+      const int64_t n = std::min(kBlock, end - b);
+      for (int64_t j = 0; j < n; ++j) buf[j] = static_cast<float>(x[b + j]);
+      noisy_scale(buf, n, k, sigma, {key.first + b, key.index, key.seed, key.offset});
+      for (int64_t j = 0; j < n; ++j) x[b + j] = static_cast<scalar_t>(buf[j]);
     }
   }
 }
 
 using MomentsFn = Moments (*)(const void*, int64_t, int64_t);
-using ApplyFn = void (*)(void*, int64_t, int64_t, float, bool, float, uint32_t, uint64_t, uint64_t, int64_t);
+using ApplyFn = void (*)(void*, int64_t, int64_t, float, bool, float, const simd::NoiseKey&, simd::NoisyScaleFn);
 
 struct Chunk {
   int64_t tensor;
@@ -142,6 +179,12 @@ struct Chunk {
 };
 
 }  // namespace
+
+std::string ogm_ge_cpu_capability() {
+  const char* name = nullptr;
+  pick_noisy_scale(&name);
+  return name;
+}
 
 void ogm_ge_cpu(at::TensorList grads, at::IntArrayRef group, const at::Tensor& coeffs, bool noise, int64_t seed,
                 int64_t offset, at::OptionalIntArrayRef starts, const c10::optional<at::Tensor>& sigma_in) {
@@ -195,12 +238,13 @@ void ogm_ge_cpu(at::TensorList grads, at::IntArrayRef group, const at::Tensor& c
   const int64_t k_stride = coeffs.stride(0);
   const uint64_t useed = static_cast<uint64_t>(seed);
   const uint64_t uoffset = static_cast<uint64_t>(offset);
+  const simd::NoisyScaleFn noisy_scale = noise ? pick_noisy_scale() : nullptr;
 #pragma omp parallel for schedule(static) num_threads(num_threads)
   for (int64_t c = 0; c < num_chunks; ++c) {
     const Chunk& ch = chunks[c];
     const int64_t i = ch.tensor;
-    apply_fn[i](data[i], ch.begin, ch.end, k[group[i] * k_stride], noise, sigma[i], static_cast<uint32_t>(i), useed,
-                uoffset, starts.has_value() ? (*starts)[i] : 0);
+    const simd::NoiseKey key{starts.has_value() ? (*starts)[i] : 0, static_cast<uint32_t>(i), useed, uoffset};
+    apply_fn[i](data[i], ch.begin, ch.end, k[group[i] * k_stride], noise, sigma[i], key, noisy_scale);
   }
 }
 

@@ -187,7 +187,10 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const int64_t j = 4 * (q_first + q) + e - first;
-      if (j >= 0 && j < n) x[j] = static_cast<scalar_t>(k * static_cast<float>(x[j]) + sigma * z[e]);
+      // Rounded after each operation, as on the CPU (no fused multiply-add): the same float32 result.
+      if (j >= 0 && j < n) {
+        x[j] = static_cast<scalar_t>(philox::add(philox::mul(k, static_cast<float>(x[j])), philox::mul(sigma, z[e])));
+      }
     }
   }
 }

@@ -1,13 +1,18 @@
 """agm_fast::ogm_ge_: in-place OGM / OGM-GE gradient scaling with Philox noise.
 
-The compiled extension is checked against the pure-PyTorch reference (exactly without noise, to float rounding with
-noise), the reference's Philox against the published known-answer vectors and a plain-Python implementation, and the
+The compiled extension is checked against the pure-PyTorch path (exactly without noise, to float rounding with
+noise), the torch path's Philox against the published known-answer vectors and a plain-Python implementation, and the
 noise statistically (mean, std, independence).
 """
 
 import contextlib
 import math
+import platform
 import random
+import re
+import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -55,7 +60,7 @@ def random_grads(num, sizes, dtypes, seed):
 
 
 def _philox_python(ctr, key):
-    """Philox4x32-10 with Python ints (the definition, for checking the vectorised reference)."""
+    """Philox4x32-10 with Python ints (the definition, for checking the vectorised torch path)."""
     c0, c1, c2, c3 = ctr
     k0, k1 = key
     for _ in range(10):
@@ -89,7 +94,7 @@ def test_philox_ref_matches_python_ints():
     assert got == [_philox_python(c, key) for c in ctrs]
 
 
-def test_philox_normal_ref_by_hand():
+def test_philox_normal_by_hand():
     # Counter (q, index, offset lo, offset hi), key (seed lo, seed hi); Box-Muller on 24-bit uniforms, in float64.
     seed, offset, index, numel = (7 << 32) | 123, (5 << 32) | 9, 3, 10
     want = []
@@ -103,12 +108,12 @@ def test_philox_normal_ref_by_hand():
     torch.testing.assert_close(got.double(), torch.tensor(want[:numel], dtype=torch.float64), rtol=1e-5, atol=1e-5)
 
 
-# The extension against the reference
+# The extension against the torch path
 
 
 @needs_ext
 @pytest.mark.parametrize("num", [1, 2, 13, 60])
-def test_ogm_ext_equals_reference_exactly(num, monkeypatch):
+def test_ogm_ext_equals_torch_path_exactly(num, monkeypatch):
     grads = random_grads(num, [1, 7, 1000, 65537], [torch.float32, torch.float16, torch.bfloat16], seed=num)
     group = [i % 3 for i in range(num)]
     coeffs = torch.tensor([0.37, 1.0, 2.5])[: max(group) + 1].contiguous()
@@ -123,7 +128,7 @@ def test_ogm_ext_equals_reference_exactly(num, monkeypatch):
 
 @needs_ext
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_ge_ext_matches_reference(dtype, monkeypatch):
+def test_ge_ext_matches_torch_path(dtype, monkeypatch):
     grads = random_grads(9, [1, 7, 1000, 65537], [dtype], seed=5)
     group = [0, 1, 1, 0, 1, 0, 0, 1, 1]
     coeffs = torch.tensor([0.6, 1.0])
@@ -136,7 +141,7 @@ def test_ge_ext_matches_reference(dtype, monkeypatch):
 
 
 @needs_ext
-def test_ext_noise_equals_reference_noise(monkeypatch):
+def test_ext_noise_equals_torch_path_noise(monkeypatch):
     # k = 0 on constant tensors (std 0) leaves 1e-8 * z: the raw noise of every tensor index.
     grads = [torch.full((n,), 2.0) for n in (1, 7, 1000, 65537)]
     coeffs = torch.zeros(1)
@@ -144,6 +149,81 @@ def test_ext_noise_equals_reference_noise(monkeypatch):
     for i, g in enumerate(got):
         z = philox_normal(g.numel(), 2**40 + 3, 2**33 + 1, i)
         torch.testing.assert_close(g / 1e-8, z, rtol=1e-5, atol=1e-5)
+
+
+def _capability_or_skip(cap, monkeypatch):
+    """Force the CPU noise pass of ``cap`` (AGM_FAST_CPU_CAPABILITY); skip when this CPU does not run it."""
+    monkeypatch.setenv("AGM_FAST_CPU_CAPABILITY", cap)
+    got = _backend.get_ext().cpu_capability()
+    if got != cap:
+        pytest.skip(f"this CPU does not run the {cap} noise pass (it would use {got})")
+
+
+@needs_ext
+@pytest.mark.parametrize("cap", ["default", "avx2", "avx512"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_ext_bitwise_equals_torch_path_every_isa(cap, dtype, threads, monkeypatch):
+    # The SIMD noise pass against the per-element formula of the pure-PyTorch path (the same float32 operations):
+    # lengths around the vector steps (96 elements with AVX2 and AVX-512, blocks of 960), starts inside a counter's
+    # four elements, a given sigma (so that both compute the same k g + sigma z). Bitwise, every dtype.
+    _capability_or_skip(cap, monkeypatch)
+    sizes = [1, 2, 3, 5, 95, 96, 97, 191, 959, 960, 961, 1023, 1921, 4099, 20011]
+    starts = [0, 1, 2, 3, 5, 7, 0, 1, 6, 9, 2, 3, 1001, 0, 65537]
+    torch.manual_seed(len(sizes) + threads)
+    grads = [(torch.randn(n) * 3 + 0.5).to(dtype) for n in sizes]
+    group = [i % 2 for i in range(len(sizes))]
+    coeffs = torch.tensor([0.7, 1.3])
+    sig = torch.rand(len(sizes)) * 2 + 0.1
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        got = [g.clone() for g in grads]
+        monkeypatch.setenv("AGM_FAST_BACKEND", "ext")
+        functional.ogm_ge_(got, group, coeffs, seed=2**40 + 9, offset=2**33 + 3, starts=starts, sigma=sig)
+    finally:
+        torch.set_num_threads(old)
+    want = [g.clone() for g in grads]
+    monkeypatch.setenv("AGM_FAST_BACKEND", "torch")
+    functional.ogm_ge_(want, group, coeffs, seed=2**40 + 9, offset=2**33 + 3, starts=starts, sigma=sig)
+    for n, a, b in zip(sizes, got, want):
+        assert torch.equal(a, b), f"{n} elements: {(a.float() - b.float()).abs().max().item()} off"
+
+
+@needs_ext
+@pytest.mark.parametrize("cap", ["avx2", "avx512"])
+def test_simd_noise_equals_portable_noise(cap, monkeypatch):
+    # Computed std as well: the SIMD pass and the portable loop give bitwise the same result.
+    grads = random_grads(12, [1, 7, 97, 1000, 65537, 100003], [torch.float32, torch.bfloat16], seed=7)
+    group = [i % 2 for i in range(12)]
+    coeffs = torch.tensor([0.8, 1.0])
+    monkeypatch.setenv("AGM_FAST_CPU_CAPABILITY", "default")
+    want = run("ext", monkeypatch, grads, group, coeffs, noise=True, seed=4, offset=9)
+    _capability_or_skip(cap, monkeypatch)
+    got = run("ext", monkeypatch, grads, group, coeffs, noise=True, seed=4, offset=9)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
+@needs_ext
+def test_cpu_capability_switch_checks_its_value(monkeypatch):
+    monkeypatch.setenv("AGM_FAST_CPU_CAPABILITY", "sse9")
+    with pytest.raises(RuntimeError, match="AGM_FAST_CPU_CAPABILITY: expected default, avx2 or avx512, got 'sse9'"):
+        run("ext", monkeypatch, [torch.randn(10)], [0], torch.ones(1), noise=True)
+
+
+@needs_ext
+def test_extension_has_no_fused_multiply_add():
+    # The noise is defined with separately rounded multiplies and adds; -ffp-contract=off keeps the compiler from
+    # fusing them where the ISA has FMA (the AVX-512 pass, which this machine may not be able to run).
+    objdump = shutil.which("objdump")
+    if objdump is None or sys.platform != "linux" or platform.machine() != "x86_64":
+        pytest.skip("needs objdump on x86-64 Linux")
+    so = _backend.get_ext().__file__
+    asm = subprocess.run([objdump, "-d", "--no-show-raw-insn", so], capture_output=True, text=True, check=True).stdout
+    assert "noisy_scale" in asm and "avx512" in asm.lower()
+    fused = re.findall(r"\bv?f(?:n?m(?:add|sub)|maddsub|msubadd)\d+[a-z]+\b", asm)
+    assert not fused, f"fused multiply-adds in {so}: {sorted(set(fused))[:5]}"
 
 
 # The noise: statistics, keys, reproducibility
@@ -392,7 +472,7 @@ def test_empty_tensors_keep_their_index(backend):
     functional.ogm_ge_([torch.empty(0)], [0], torch.ones(1))  # only empty: nothing to do, no error
 
 
-def test_philox_normal_ref_start_is_a_slice():
+def test_philox_normal_start_is_a_slice():
     whole = philox_normal(103, 7, 9, 2)
     for start, n in [(0, 103), (1, 10), (3, 1), (4, 99), (50, 53), (102, 1), (40, 0)]:
         assert torch.equal(philox_normal(n, 7, 9, 2, start=start), whole[start : start + n])
