@@ -64,6 +64,7 @@ class BalancingCallback(pl.Callback):
             raise TypeError(f"method: expected an agm_fast.methods.Method, got {type(method).__name__}")
         self.method = method
         self.coefficients: List[Tensor] = []
+        self._kept: Optional[List[Optional[Tensor]]] = None
 
     @property
     def state_key(self) -> str:
@@ -88,6 +89,28 @@ class BalancingCallback(pl.Callback):
         never = self.method.activity(trainer.current_epoch)
         if never is not None and trainer.is_global_zero:
             warnings.warn(never, stacklevel=2)
+
+    # Under accumulation a method may compute its own parameters' gradients in the forward (CGGM trains its heads
+    # when it decides a micro-batch's coefficients), but Lightning zeroes the gradients of a step's first micro-batch
+    # after its training_step. Those gradients are zeroed at the batch start instead and kept across that zero_grad.
+    def _own_parameters(self) -> List[Tensor]:
+        return [p for group in self.method.param_groups(1.0) for p in group["params"]]
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        self._kept = None
+        if self.method.accumulating and batch_idx % trainer.accumulate_grad_batches == 0:
+            for p in self._own_parameters():
+                p.grad = None
+
+    def on_before_zero_grad(self, trainer, pl_module, optimizer) -> None:
+        if self.method.accumulating:
+            self._kept = [None if p.grad is None else p.grad.clone() for p in self._own_parameters()]
+
+    def on_before_backward(self, trainer, pl_module, loss) -> None:
+        if self._kept is not None:
+            for p, grad in zip(self._own_parameters(), self._kept):
+                p.grad = grad
+            self._kept = None
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         self.coefficients.append(self.method.before_optimizer_step().detach())
