@@ -32,6 +32,13 @@ CASES = {
     "cggm": {"rho": 2.0, "lam": 0.2, "clip_grad_norm": None},
     "mslr": {"history": 1},
     "mses": {"patience": 0},
+    # Methods that refuse accumulation: the trainers must raise their error.
+    "amss": {},
+    "amss_plus": {},
+    "gdl": {},
+    "inforeg": {},
+    "mlb": {},
+    "mmpareto": {},
 }
 # Fixed validation metrics for the methods that follow them (MSLR, MSES), given at every epoch end.
 METRICS = {"modality_accuracy": [0.8, 0.3], "modality_loss": [0.5, 1.5]}
