@@ -16,6 +16,8 @@ HPARAMS = HParams(
            choice(*DIRECTIONS), parse=str, choices=DIRECTIONS),
     HParam("bound", None, "clamp every B_m to [-bound, bound] ('none': no bound, the reference)",
            number(low=0.0, low_open=True, allow_none=True), parse=float_or_none),
+    HParam("min_coeff", None, "clamp every B_m from below, e.g. 0 so that no encoder's gradient is reversed ('none': "
+           "the reference)", number(allow_none=True), parse=float_or_none),
 )
 
 # What the training-step adapter adds: how the heads are trained and the reference's gradient-norm clip.

@@ -340,8 +340,15 @@ class CGGM:
         d = metric - self.prev_metric
         S = d.sum() + S_EPS
         B = (S - d) / S
+        # What the reference's formula gave, before any bound: a negative or (with a bound) clamped B_m is flagged on
+        # the device and reported once, at an epoch's end (no host sync here).
+        flags = torch.stack([(B < 0).any(), (B.abs() > self.bound).any() if self.bound is not None else B.new_zeros(
+            (), dtype=torch.bool)])
+        self.flags = flags if getattr(self, "flags", None) is None else self.flags | flags
         if self.bound is not None:
             B = B.clamp(-self.bound, self.bound)
+        if self.min_coeff is not None:
+            B = B.clamp(min=self.min_coeff)
         self.prev_metric = metric
         self.metric = metric
         self.coeffs = B

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
@@ -72,6 +73,7 @@ class CGGMMethod(Method):
             head_optimizer=None, metric=metric, head_loss=head_loss, heads=heads, process_group=process_group,
             **{k: self.hparams_values[k] for k in HPARAMS.names},
         )
+        self._warned = False
         self._model_params = [p for m in (*self.encoders, fusion) for p in m.parameters() if p.requires_grad]
 
     def param_groups(self, lr: float) -> List[Dict[str, Any]]:
@@ -126,6 +128,22 @@ class CGGMMethod(Method):
     def to(self, device) -> "CGGMMethod":
         self.cggm.to(device)
         return self
+
+    def end_epoch(self, epoch: int, metrics) -> None:
+        """Say once if B_m went negative (a reversed gradient) or past ``bound`` during the epoch (one host read)."""
+        flags = getattr(self.cggm, "flags", None)
+        if flags is None or self._warned:
+            return
+        negative, clamped = (bool(v) for v in flags.tolist())
+        self.cggm.flags = None
+        if negative or clamped:
+            self._warned = True
+            what = "went negative (reversing an encoder's gradient)" if negative else f"exceeded {self.cggm.bound}"
+            warnings.warn(
+                f"cggm: a coefficient B_m {what} in epoch {epoch}; the reference's formula is unbounded "
+                "(docs/methods.md, section 4.2); bound= and min_coeff= limit it",
+                stacklevel=2,
+            )
 
     def method_state(self) -> Dict[str, Any]:
         return self.cggm.state_dict()

@@ -3,6 +3,7 @@
 import copy
 import io
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -468,3 +469,30 @@ def test_two_ranks_give_the_single_process_coefficients(monkeypatch):
             torch.testing.assert_close(g, w, rtol=0, atol=0)
         for g, w in zip(got[1], want[1]):
             torch.testing.assert_close(g, w)
+
+
+def test_a_negative_coefficient_is_reported_once_and_min_coeff_keeps_the_sign():
+    # Head metrics by step: d = [0.2, 0.5] (B > 0), then d = [0.7, -0.2], S = 0.5: B_0 = -0.4 < 0.
+    values = iter([0.2, 0.5, 0.9, 0.3] * 2)
+
+    def metric(out, labels):
+        return torch.tensor(next(values), dtype=torch.float64)
+
+    for min_coeff in (None, 0.0):
+        torch.manual_seed(0)
+        encoders = [nn.Linear(3, 4), nn.Linear(2, 4)]
+        fusion = agm_fast.ConcatFusion([4, 4], 3)
+        method = agm_fast.methods.create("cggm", encoders, fusion, metric=metric, min_coeff=min_coeff,
+                                         clip_grad_norm=None)
+        coeffs = []
+        for _ in range(2):
+            xs, y = [torch.randn(8, 3), torch.randn(8, 2)], torch.randint(0, 3, (8,))
+            out = method.forward(xs, y, 0)
+            method.loss(out, y).backward()
+            coeffs.append(method.before_optimizer_step(out, y))
+        assert (coeffs[1][0] < 0) == (min_coeff is None) and (coeffs[1] >= 0).all() == (min_coeff is not None)
+        with pytest.warns(UserWarning, match="B_m went negative"):
+            method.end_epoch(0, {})
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            method.end_epoch(1, {})  # once
