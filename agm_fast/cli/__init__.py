@@ -1,4 +1,4 @@
-"""The ``agm-fast`` command: ``agm-fast train`` and ``agm-fast bench``.
+"""The ``agm-fast`` command: ``agm-fast train``, ``agm-fast compare`` and ``agm-fast bench``.
 
 ``agm-fast train`` trains a multimodal classifier (one MLP encoder per view and a fusion head,
 :class:`agm_fast.models.MultiViewModel`) with any registered balancing method, on the embedded UCI Multiple
@@ -6,7 +6,8 @@ Features data or on a user's ``.npz`` file, and writes ``metrics.csv``, ``summar
 resumable checkpoint to ``--out``. It is a thin client of :mod:`agm_fast.methods`: the ``--method`` choices, each
 method's options and their defaults come from the method registry, and the loop is
 :func:`agm_fast.methods.training_step`. ``agm-fast bench`` runs the training-step benchmarks of AGM and OGM-GE
-against their reference-style baselines.
+against their reference-style baselines. ``agm-fast compare`` runs every method on several seeds with the options
+of ``train``, against joint training and the unimodal baselines (:mod:`agm_fast.cli.compare`).
 
 The ``coeff_<view>`` columns of ``metrics.csv`` hold, per epoch, the median over its steps of the coefficients the
 method reports for a view (agm ``c_m``; ogm / ogm_ge ``k_m``; opm the keep probability ``1 - q_m``; cggm
@@ -28,6 +29,7 @@ import torch
 
 from ..models import MultiViewModel
 from .args import FUSIONS, METHODS, SUPPORT, CLIError, build_parser, explicit_dests, one_line
+from .compare import compare as run_compare
 from .report import evaluate
 from .run import Diverged, Interrupted, Terminate, device_of, train
 
@@ -60,13 +62,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         argv = list(sys.argv[1:] if argv is None else argv)
         args = parser.parse_args(argv)
         if args.command is None:
-            raise CLIError("choose a command: agm-fast train ... or agm-fast bench ... (see agm-fast --help)")
-        if args.command == "train":
+            raise CLIError("choose a command: agm-fast train, compare or bench ... (see agm-fast --help)")
+        if args.command in ("train", "compare"):
             args._explicit = explicit_dests(args._options, argv)
+            args._argv = argv
             threads = torch.get_num_threads()
             previous = _on_sigterm()
             try:
-                train(args)
+                train(args) if args.command == "train" else run_compare(args)
             finally:
                 torch.set_num_threads(threads)
                 if previous is not None:
