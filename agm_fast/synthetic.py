@@ -41,17 +41,17 @@ class SyntheticSpec:
 
     Example::
 
-        data = make_imbalanced(**asdict(SyntheticSpec(rows=3000, slow_margin=3.5)))
+        data = make_imbalanced(**asdict(SyntheticSpec(rows=3000, slow_margin=4.0)))
     """
 
-    rows: int = 1500
+    rows: int = 1000
     coarse: int = 4
     fine: int = 3
     fast_dims: int = 1024
-    fast_margin: float = 8.0
-    shortcut: float = 0.3
+    fast_margin: float = 10.0
+    shortcut: float = 0.5
     slow_dims: int = 64
-    slow_margin: float = 3.0
+    slow_margin: float = 3.5
     seed: int = 0
 
 
@@ -81,14 +81,14 @@ def _simplex(k: int, basis: np.ndarray, margin: float) -> np.ndarray:
 
 
 def make_imbalanced(
-    rows: int = 1500,
+    rows: int = 1000,
     coarse: int = 4,
     fine: int = 3,
     fast_dims: int = 1024,
-    fast_margin: float = 8.0,
-    shortcut: float = 0.3,
+    fast_margin: float = 10.0,
+    shortcut: float = 0.5,
     slow_dims: int = 64,
-    slow_margin: float = 3.0,
+    slow_margin: float = 3.5,
     seed: int = 0,
     path: Optional[str] = None,
 ) -> MultiViewData:

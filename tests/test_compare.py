@@ -46,6 +46,8 @@ def test_tiny_grid_writes_table_csv_and_plot(grid):
     for name in ("| joint |", "| ogm_ge |", "| fast alone |", "| slow alone |", "| unimodal ensemble |"):
         assert name in text
     assert "probe fast / ceiling" in text and "step time / joint" in text and "## Per row" in text
+    # The command as given, less where the outputs went.
+    assert "`agm-fast compare --methods joint,ogm_ge --seeds 0,1" in text and "--out" not in text
 
     rows = read_csv(grid / "compare.csv")
     assert len(rows) == 5 * 2
@@ -151,7 +153,8 @@ def test_interrupted_grid_resumes_skipping_finished_runs(tmp_path, capsys, monke
 
     monkeypatch.setattr(compare_mod, "run_method", interrupted_at_the_third)
     rc, _, err = run(argv, capsys)
-    assert rc == 130 and "continue with --resume" in err and "3 of 6 runs are finished" in err
+    # Finished before the interrupt: the unimodal runs of both seeds, joint and ogm_ge of seed 0.
+    assert rc == 130 and "continue with --resume" in err and "4 of 6 runs are finished" in err
     assert not (out / "compare.md").exists()
 
     rc, _, err = run(argv, capsys)
@@ -165,7 +168,7 @@ def test_interrupted_grid_resumes_skipping_finished_runs(tmp_path, capsys, monke
     before = results(out)
     rc, stdout, err = run([*argv, "--resume"], capsys)
     assert rc == 0, err
-    assert "resuming: 3 of 6 runs are finished" in stdout
+    assert "resuming: 4 of 6 runs are finished" in stdout
     after = results(out)
     assert len(after) == 6 and all(after[k] == v for k, v in before.items())
     assert len(read_csv(out / "compare.csv")) == 10
@@ -187,7 +190,7 @@ def test_interrupted_grid_resumes_skipping_finished_runs(tmp_path, capsys, monke
         (["--seeds", "1,1"], "--seeds: expected distinct values"),
         (["--jobs", "0"], "--jobs: expected an int >= 1, got 0"),
         (["--methods", "joint,mses", "--alpha", "0.5"], "--alpha applies to --methods"),
-        (["--methods", "cggm", "--fusion", "film"], "--methods cggm: --method cggm does not support --fusion film"),
+        (["--methods", "cggm", "--fusion", "sum"], "--methods cggm: --method cggm does not support --fusion sum"),
         (["--resume", "--overwrite"], "choose one"),
     ],
 )

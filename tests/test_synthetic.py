@@ -29,7 +29,7 @@ def test_shapes_dtypes_and_balanced_classes():
     counts = np.bincount(d.y, minlength=12)
     assert counts.max() - counts.min() <= 1
     default = make_imbalanced()
-    assert [x.shape for x in default.xs] == [(1500, SyntheticSpec.fast_dims), (1500, SyntheticSpec.slow_dims)]
+    assert [x.shape for x in default.xs] == [(1000, SyntheticSpec.fast_dims), (1000, SyntheticSpec.slow_dims)]
 
 
 def pairwise_distances(x, labels):

@@ -529,7 +529,7 @@ def compare(args: argparse.Namespace) -> dict:
             bar.close()
         ordered = [records[item[3]] for item in items]
         summary = summarize(ordered, names, seeds, list(data.names), timing["ratio"])
-        command = "agm-fast " + " ".join(getattr(args, "_argv", ["compare"]))
+        command = "agm-fast " + " ".join(_shown(getattr(args, "_argv", ["compare"])))
         write_report(args.out, summary, config, command, plot=not args.no_plot, jobs=args.jobs, threads=args.threads)
         print(markdown_table(summary))
         written = "compare.md, compare.csv" + ("" if args.no_plot else ", compare.png")
@@ -537,6 +537,22 @@ def compare(args: argparse.Namespace) -> dict:
         return summary
     finally:
         lock.close()
+
+
+def _shown(argv: Sequence[str]) -> List[str]:
+    """The command line without what does not change the numbers (where the outputs go, resume, jobs)."""
+    out, skip = [], False
+    for token in argv:
+        name = token.split("=", 1)[0]
+        if skip:
+            skip = False
+        elif name in ("--resume", "--overwrite", "--no-plot"):
+            continue
+        elif name in ("--out", "--jobs", "--threads"):
+            skip = "=" not in token
+        else:
+            out.append(token)
+    return out
 
 
 def _mean_std(values: Sequence[float]):
