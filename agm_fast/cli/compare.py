@@ -20,6 +20,7 @@ import json
 import math
 import multiprocessing
 import os
+import platform
 import shutil
 import sys
 import time
@@ -530,7 +531,7 @@ def compare(args: argparse.Namespace) -> dict:
         ordered = [records[item[3]] for item in items]
         summary = summarize(ordered, names, seeds, list(data.names), timing["ratio"])
         command = "agm-fast " + " ".join(_shown(getattr(args, "_argv", ["compare"])))
-        write_report(args.out, summary, config, command, plot=not args.no_plot, jobs=args.jobs, threads=args.threads)
+        write_report(args.out, summary, config, command, plot=not args.no_plot, threads=args.threads)
         print(markdown_table(summary))
         written = "compare.md, compare.csv" + ("" if args.no_plot else ", compare.png")
         print(f"wrote {written} to {args.out}")
@@ -683,9 +684,17 @@ def findings(summary: dict) -> List[str]:
     return out
 
 
-def write_report(out: str, summary: dict, config: dict, command: str, plot: bool = True, jobs: int = 1,
-                 threads: int = 1) -> None:
-    """Write ``compare.md``, ``compare.csv`` and (with ``plot``) ``compare.png`` to ``out``."""
+def write_report(out: str, summary: dict, config: dict, command: str, plot: bool = True, threads: int = 1) -> None:
+    """Write ``compare.md``, ``compare.csv`` and (with ``plot``) ``compare.png`` to ``out``.
+
+    Args:
+        out: the folder.
+        summary: :func:`summarize`'s result.
+        config: the comparison's configuration (``compare.json``).
+        command: the command line shown at the top of ``compare.md``.
+        plot: draw ``compare.png``.
+        threads: torch threads per run, for the machine line.
+    """
     views, seeds = summary["views"], summary["seeds"]
     data = config["data"]
     source = {"mfeat": "the embedded UCI Multiple Features"}.get(data["source"], data["source"])
@@ -699,8 +708,8 @@ def write_report(out: str, summary: dict, config: dict, command: str, plot: bool
         f"; a seed sets the split, the initialisation and the data order), {config['epochs']} epochs, fusion "
         f"{config['fusion']}, batch {config['batch_size']}, SGD lr {config['lr']} momentum {config['momentum']}, "
         f"hidden {config['hidden']}, features {config['feature_dim']}; the methods' default hyper-parameters unless "
-        f"the command says otherwise. torch {torch.__version__}, device {config['device'] or 'default'}, {jobs} job(s) "
-        f"x {threads} thread(s).",
+        f"the command says otherwise. torch {torch.__version__}, device {config['device'] or 'default'} "
+        f"({platform.machine()}), {threads} torch thread(s) per run.",
         "",
         "- **test acc**: fused test accuracy of the last epoch's model, mean ± std over seeds. Baselines: each view "
         "trained alone (its encoder and a linear head, same split, epochs and optimiser) and the unimodal ensemble "
