@@ -180,7 +180,9 @@ def _config(args, names, seeds, data, namespaces) -> dict:
     }
     config["timing"] = {"rounds": args.timing_rounds, "steps": args.timing_steps}
     config["data"] = {
-        "source": "mfeat" if args.data is None else args.data,
+        "source": "mfeat" if args.data is None else ("synthetic" if args.data == "synthetic" else "npz"),
+        # Where the file is may change between a run and its resume; what it holds may not (sha256).
+        "file": None if args.data in (None, "synthetic") else os.path.basename(args.data),
         "views": list(data.names),
         "dims": [int(x.shape[1]) for x in data.xs],
         "rows": int(len(data.y)),
@@ -197,7 +199,7 @@ def _difference(old: dict, new: dict, prefix: str = "") -> Optional[str]:
             found = _difference(a, b, f"{prefix}{key}.")
             if found:
                 return found
-        elif a != b:
+        elif a != b and key != "file":
             if key == "sha256":
                 return "the data differ (same views and shapes, other values: their sha256 differs)"
             return f"{prefix}{key}: the comparison in --out has {a!r}, this run asks for {b!r}"
@@ -697,9 +699,11 @@ def write_report(out: str, summary: dict, config: dict, command: str, plot: bool
     """
     views, seeds = summary["views"], summary["seeds"]
     data = config["data"]
-    source = {"mfeat": "the embedded UCI Multiple Features"}.get(data["source"], data["source"])
+    name = data.get("file") or data["source"]
+    source = {"mfeat": "the embedded UCI Multiple Features", "synthetic": "agm_fast.synthetic (docs/compare.md)"}.get(
+        name, name)
     lines = [
-        f"# agm-fast compare: {os.path.basename(str(data['source']))} ({', '.join(views)})",
+        f"# agm-fast compare: {name} ({', '.join(views)})",
         "",
         f"`{command}`",
         "",
@@ -732,7 +736,7 @@ def write_report(out: str, summary: dict, config: dict, command: str, plot: bool
         fh.write("\n".join(lines))
     _write_csv(os.path.join(out, "compare.csv"), summary)
     if plot:
-        _plot(os.path.join(out, "compare.png"), summary, f"{os.path.basename(str(data['source']))}: "
+        _plot(os.path.join(out, "compare.png"), summary, f"{name}: "
               f"{len(seeds)} seeds, {config['epochs']} epochs")
 
 
