@@ -1,10 +1,12 @@
-"""The ``agm-fast`` command: ``agm-fast train`` and ``agm-fast bench``.
+"""The ``agm-fast`` command: ``agm-fast train``, ``agm-fast compare`` and ``agm-fast bench``.
 
 ``agm-fast train`` trains a multimodal classifier (:class:`agm_fast.models.MultiViewModel`) with any registered
 method on the embedded UCI Multiple Features data or a user's ``.npz`` file, and writes ``metrics.csv``,
 ``summary.json``, ``curves.png`` and a resumable checkpoint to ``--out``. The ``--method`` choices and each method's
 options and defaults come from the methods' declarations, and the loop is :func:`agm_fast.methods.training_step`.
-``agm-fast bench`` runs the training-step benchmarks. What each column of ``metrics.csv`` means is in ``--help``.
+``agm-fast compare`` runs methods on several seeds against joint training and the unimodal baselines
+(:mod:`agm_fast.cli.compare`). ``agm-fast bench`` runs the training-step benchmarks. What each column of
+``metrics.csv`` means is in ``--help``.
 """
 
 from __future__ import annotations
@@ -46,18 +48,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         argv = list(sys.argv[1:] if argv is None else argv)
         args = parser.parse_args(argv)
         if args.command is None:
-            raise CLIError("choose a command: agm-fast train ... or agm-fast bench ... (see agm-fast --help)")
+            raise CLIError("choose a command: agm-fast train, compare or bench ... (see agm-fast --help)")
         # Only a command that runs loads torch: --help and argument errors answer before this.
         import torch
 
+        from .compare import compare as run_compare
         from .run import train
 
-        if args.command == "train":
+        if args.command in ("train", "compare"):
             args._explicit = explicit_dests(args._options, argv)
+            args._argv = argv
             threads = torch.get_num_threads()
             previous = _on_sigterm()
             try:
-                train(args)
+                train(args) if args.command == "train" else run_compare(args)
             finally:
                 torch.set_num_threads(threads)
                 if previous is not None:

@@ -178,7 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--data",
         default=None,
         metavar="FILE.npz",
-        help="your own data: arrays x_<name> [N, d] (one per view) and y [N] (int class indices 0..C-1)",
+        help="your own data: arrays x_<name> [N, d] (one per view) and y [N] (int class indices 0..C-1); "
+        "'synthetic' generates the imbalanced two-view set of docs/compare.md (knobs: --synthetic-*)",
     )
     g = t.add_argument_group("method")
     g.add_argument("--method", choices=METHODS, default=None, help=f"balancing method (default {DEFAULT_METHOD})")
@@ -219,7 +220,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="linear-probe each frozen encoder every epoch (fit on train, scored on validation; the "
                    "summary adds the test split): probe_acc_<view> in metrics.csv and curves.png")
 
+    from . import synthetic as synthetic_cli
+
+    synthetic_cli.add_options(t)
     t.set_defaults(_options={opt: a.dest for a in t._actions for opt in a.option_strings})
+
+    from .compare_args import add_parser as add_compare_parser
+
+    add_compare_parser(sub, t)
 
     b = sub.add_parser(
         "bench",
@@ -346,4 +354,5 @@ def restorable(args: argparse.Namespace) -> List[str]:
     keep = ["method", "fusion", "views", "data", "epochs", "device", "threads", "no_plot", "probe", *WINDOW_DESTS]
     keep += ["batch_size", "lr", "momentum", "weight_decay", "hidden", "feature_dim", "seed"]
     keep += [dest for dest in option_table() if hasattr(args, dest)]
+    keep += [dest for dest in vars(args) if dest.startswith("synthetic_")]
     return keep

@@ -28,7 +28,12 @@ def _parse_views(text: Optional[str]) -> Optional[List[str]]:
 
 
 def load_data(args: argparse.Namespace) -> data_mod.MultiViewData:
+    from . import synthetic as synthetic_cli
+
+    synthetic_cli.check_unused(args)
     views = _parse_views(args.views)
+    if args.data == synthetic_cli.NAME:
+        return synthetic_cli.load(args, views)
     if args.data is None:
         views = views or DEFAULT_VIEWS.split(",")
         unknown = [v for v in views if v not in data_mod.MFEAT_VIEWS]

@@ -224,7 +224,7 @@ def _train(
     method = _build_method(args, model, len(names))
     config = config_of(args, method.hyperparameters())
     config["data_signature"] = {
-        "source": "mfeat" if args.data is None else "npz",
+        "source": "mfeat" if args.data is None else ("synthetic" if args.data == "synthetic" else "npz"),
         "views": list(names),
         "dims": dims,
         "rows": int(len(data.y)),
@@ -233,7 +233,7 @@ def _train(
     }
     run_args = {key: getattr(args, key) for key in restorable(args) if hasattr(args, key)}
     run_args["views"] = ",".join(names)
-    run_args["data"] = None if args.data is None else os.path.abspath(args.data)
+    run_args["data"] = args.data if args.data in (None, "synthetic") else os.path.abspath(args.data)
 
     groups = [{"params": list(model.parameters())}] + method.param_groups(args.lr)
     opt = torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
