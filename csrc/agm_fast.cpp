@@ -3,8 +3,8 @@
 // The kernels are registered with the PyTorch dispatcher as private ops of the agm_fast namespace, one
 // implementation per dispatch key (csrc/cpu, csrc/cuda). All registrations live here, so that the kernel files do
 // not include torch/library.h (it makes the nvcc compile several times slower). The public op agm_fast::ogm_ge_ is
-// the Python torch.library.custom_op of agm_fast/ops.py, which calls agm_fast::_ogm_ge_impl; C++ users of the CMake
-// library call the same op through the dispatcher.
+// the Python torch.library.custom_op of agm_fast/ops/ogm_ge.py, which calls agm_fast::_ogm_ge_impl; C++ users of the
+// CMake library call the same op through the dispatcher.
 //
 // Built by setup.py this file is also the Python module agm_fast._C (TORCH_EXTENSION_NAME is defined there); built
 // by CMakeLists.txt it is part of a plain libtorch library, loadable with torch.ops.load_library.

@@ -206,7 +206,8 @@ def shapley_scores_fwd(
     *,
     out: Optional[Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]] = None,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Mono-modal outputs, scores, running means and coefficients of one AGM step (see ``shapley_scores_ref``).
+    """Mono-modal outputs, scores, running means and coefficients of one AGM step (see
+    ``agm_fast.ops.shapley.shapley_scores_torch``).
 
     Args:
         F: ``[S, B, C]`` subset logits, float32, bfloat16 or float16, any strides (accumulated in float32).
