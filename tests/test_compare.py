@@ -8,6 +8,7 @@ import pytest
 
 from agm_fast import cli
 from agm_fast.cli import compare as compare_mod
+from agm_fast.cli import compare_report
 
 # A small generated set and small encoders: every run of the grid takes a fraction of a second.
 DATA = ["--data", "synthetic", "--synthetic-rows", "240", "--synthetic-fast-dims", "16", "--synthetic-slow-dims", "16"]
@@ -130,13 +131,13 @@ def test_per_seed_differences_and_report_on_a_fake_grid(tmp_path):
 
 
 def test_verdicts():
-    assert compare_mod._verdict([0.02, 0.03], 400) == "better than joint on every seed"
-    assert compare_mod._verdict([-0.02, -0.03], 400) == "worse than joint on every seed"
+    assert compare_report.verdict([0.02, 0.03], 400) == "better than joint on every seed"
+    assert compare_report.verdict([-0.02, -0.03], 400) == "worse than joint on every seed"
     # Two test samples (0.5 points of 400) or less is no effect, however steady.
-    assert compare_mod._verdict([0.004, 0.004], 400) == "within the seed-to-seed spread: no clear effect"
-    assert compare_mod._verdict([0.05, -0.04, 0.01], 400) == "within the seed-to-seed spread: no clear effect"
-    assert compare_mod._verdict([0.04, 0.05, 0.003], 400) == "better on average, not on every seed"
-    assert compare_mod._verdict([0.01], 400) == "one seed: no spread to judge it by"
+    assert compare_report.verdict([0.004, 0.004], 400) == "within the seed-to-seed spread: no clear effect"
+    assert compare_report.verdict([0.05, -0.04, 0.01], 400) == "within the seed-to-seed spread: no clear effect"
+    assert compare_report.verdict([0.04, 0.05, 0.003], 400) == "better on average, not on every seed"
+    assert compare_report.verdict([0.01], 400) == "one seed: no spread to judge it by"
 
 
 def test_interrupted_grid_resumes_skipping_finished_runs(tmp_path, capsys, monkeypatch):
