@@ -27,6 +27,7 @@ __all__ = [
     "all_reduce_sum",
     "global_mean_scores",
     "global_sums",
+    "mean_over_ranks_",
     "broadcast_seed",
     "shard_moments",
     "merge_moments",
@@ -218,6 +219,44 @@ def global_sums(
     """
     handle = all_reduce_sum(tensor, process_group, async_op=async_op)
     return handle if async_op else handle.wait()
+
+
+def mean_over_ranks_(
+    tensors: Sequence[Tensor], process_group: Optional["ProcessGroup"] = None, count: Union[int, float, None] = None
+) -> None:
+    """Replace each tensor, in place, by its mean over the ranks of the group, with one collective for all.
+
+    Without ``count`` it is the plain mean ``sum_r t_r / W`` (what DDP does to the model's gradients: a method's own
+    heads trained by the same loss); with ``count`` (this rank's number of samples) it is the count-weighted mean
+    ``sum_r n_r t_r / sum_r n_r``: the gradient of a global-batch mean from per-rank means, exact for unequal local
+    batches.
+
+    Args:
+        tensors: floating-point tensors (e.g. ``.grad`` of a method's heads), reduced in float32 (float64 stays).
+        process_group: the group; None means the default group.
+        count: this rank's sample count (a Python number: host metadata, written on the device without a copy).
+
+    Nothing happens when :func:`is_active` is False.
+    """
+    tensors = list(tensors)
+    for i, t in enumerate(tensors):
+        _check_tensor(t, f"tensors[{i}]")
+    if not tensors or not is_active(process_group):
+        return
+    dt = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    flat = torch.cat([t.detach().reshape(-1).to(dt) for t in tensors])
+    if count is not None:
+        if isinstance(count, bool) or not isinstance(count, (int, float)) or not count >= 0:
+            raise ValueError(f"count: expected a number >= 0, got {count!r}")
+        flat = torch.cat([flat * count, torch.full((1,), float(count), dtype=dt, device=flat.device)])
+    total = _reduce(flat, process_group, async_op=False).wait()
+    if count is None:
+        total = total / dist.get_world_size(process_group)
+    else:
+        total = total[:-1] / total[-1]
+    chunks = total.split([t.numel() for t in tensors])
+    with torch.no_grad():
+        torch._foreach_copy_(tensors, [c.view_as(t) for c, t in zip(chunks, tensors)])
 
 
 def _comm_device(process_group) -> torch.device:

@@ -41,8 +41,9 @@ CASES = {
     "cggm": {"rho": 2.0, "lam": 0.2},
     "mslr": {"history": 1},
     "mses": {"patience": 0},
+    "mlb": {"alpha": 0.8},
 }
-GROUPED = ("agm", "ogm", "ogm_ge", "opm", "cggm")  # methods that take a process_group
+GROUPED = ("agm", "ogm", "ogm_ge", "opm", "cggm", "mlb")  # methods that take a process_group
 
 
 def _models():

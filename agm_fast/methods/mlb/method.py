@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ... import distributed, sharding
 from ...fusion import ConcatFusion, SumFusion, output_layer
 from ..base import Method, StepOutput
 from ..hparams import declare
@@ -15,6 +16,11 @@ from .config import HPARAMS
 from .core import mlb_coefficients, mlb_scores
 
 __all__ = ["MLBMethod"]
+
+
+def _local(t: Tensor) -> Tensor:
+    # This rank's shard of an FSDP2 gradient (element-wise scaling acts on it as it is); a plain tensor itself.
+    return t.to_local() if sharding.is_sharded(t) else t
 
 
 @declare(HPARAMS)
@@ -34,6 +40,9 @@ class MLBMethod(Method):
             on the fusion output layer's device and dtype. Their parameters are in :meth:`param_groups` and their
             weights in the method state either way (keep user heads out of the model's own param group).
         feature_dims: the M feature sizes (default: ``fusion.dims``); needed only to build the default heads.
+        process_group: the data-parallel group (None: the default group when ``torch.distributed`` is
+            initialised): the scores are global-batch means (sums and counts reduced) and the heads' gradients are
+            averaged over the ranks, as DDP / FSDP2 average the model's.
         **hparams: MLB's hyper-parameters (``agm_fast.methods.mlb.config.HPARAMS``).
 
     Example::
@@ -51,8 +60,11 @@ class MLBMethod(Method):
         task: str = "classification",
         heads: Optional[Sequence[nn.Module]] = None,
         feature_dims: Optional[Sequence[int]] = None,
+        process_group=None,
     ) -> None:
         super().__init__(encoders, fusion, window=window, seed=seed, task=task)
+        distributed.is_active(process_group)  # checks its type
+        self.process_group = process_group
         M = self.num_modalities
         out_layer = output_layer(fusion)
         if heads is None:
@@ -134,11 +146,12 @@ class MLBMethod(Method):
             features: this step's M features (their widths give the concat head's column blocks).
         """
         for m, group in enumerate(self._groups):
-            grads = [p.grad for p in group if p.grad is not None]
+            grads = [_local(p.grad) for p in group if p.grad is not None]
             if grads:
                 torch._foreach_mul_(grads, k[m])
         if self._concat is not None and self._concat.weight.grad is not None:
-            g = self._concat.weight.grad
+            # FSDP2 shards the weight by rows (classes): every rank holds all the columns of its rows.
+            g = _local(self._concat.weight.grad)
             g.mul_(k.index_select(0, self._column_index(features, g.device)).to(g.dtype))
 
     def before_optimizer_step(self, out: Optional[StepOutput] = None, target: Optional[Tensor] = None) -> Tensor:
@@ -158,6 +171,12 @@ class MLBMethod(Method):
                 logits = [head(h) for head, h in zip(self.heads, out.features)]
         self._pending = None
         scores = mlb_scores(logits, target, self.task)
+        if distributed.is_active(self.process_group):
+            # Means of squared errors count every element; probabilities one per sample.
+            n = logits[0].numel() if self.task == "regression" else logits[0].shape[0]
+            scores = distributed.global_mean_scores(scores, n, self.process_group).to(scores.dtype)
+            distributed.mean_over_ranks_([p.grad for p in self.heads.parameters() if p.grad is not None],
+                                         self.process_group)
         ratios, k = mlb_coefficients(scores, self.alpha, self.beta, self.task)
         self._decisions = {"scores": scores, "ratios": ratios, "k": k}
         if self.multi_loss_only:
