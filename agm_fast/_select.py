@@ -119,8 +119,10 @@ def resolve_modalities(
                 raise TypeError(f"{label}: expected parameters (tensors), got {type(p).__name__}")
         ps = [p for p in ps if p.requires_grad and (not conv_only or p.dim() == 4)]
         if not ps:
+            # With conv_only the choice that empties the selection is conv_only's: the error names it first.
+            where = "conv_only: expected encoders with 4-D (conv) weights, but " if conv_only else ""
             raise ValueError(
-                f"{label}: {_what(sel)} selects no {kind}; the method would silently modulate nothing"
+                f"{where}{label}: {_what(sel)} selects no {kind}; the method would silently modulate nothing"
             )
         for p in ps:
             if id(p) in owner and owner[id(p)] != name:
