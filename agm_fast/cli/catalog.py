@@ -8,6 +8,7 @@ it is current), so that ``agm-fast --help`` and argument errors answer without l
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -57,8 +58,12 @@ class Entry:
 
 
 def _live() -> bool:
-    if "agm_fast.methods.registry" in sys.modules:
-        return True
+    return "agm_fast.methods.registry" in sys.modules or _has_entry_points()
+
+
+@functools.lru_cache(maxsize=None)
+def _has_entry_points() -> bool:
+    # Scanning the installed distributions is the slow part of --help: once per process (the parser asks often).
     from importlib.metadata import entry_points
 
     try:
@@ -80,7 +85,8 @@ def _from_registry() -> List[Entry]:
     return out
 
 
-def _from_file() -> List[Entry]:
+@functools.lru_cache(maxsize=None)
+def _from_file() -> Tuple[Entry, ...]:
     with open(CATALOG_PATH) as f:
         raw = json.load(f)
     out = []
@@ -92,12 +98,12 @@ def _from_file() -> List[Entry]:
         )
         out.append(Entry(e["name"], options, e["preset"], e["windowed"], e["needs_epoch_metrics"],
                          tuple(e["unsupported_fusions"])))
-    return out
+    return tuple(out)
 
 
 def entries() -> List[Entry]:
     """The catalog, in registration order."""
-    return _from_registry() if _live() else _from_file()
+    return _from_registry() if _live() else list(_from_file())
 
 
 def mfeat_views() -> Tuple[str, ...]:
