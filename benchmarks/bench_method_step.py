@@ -5,6 +5,8 @@ head) on the same batch through :func:`agm_fast.methods.training_step`; joint tr
 methods take turns step by step (:func:`agm_fast.benchmarks.harness.time_interleaved`), so a load change on the
 machine hits every method alike and the ratios to joint stay meaningful. Options that make a method act from the
 first step (a warm-up of 0, an always-executing OPM) are set, so that every timed step does the method's work.
+Methods with a reference-style baseline (``benchmarks/baselines``: the released loop's way of computing the same step)
+get a second row, ``<name> (reference-style)``, on the same model and batch.
 
 Run: ``python -m agm_fast.benchmarks.bench_method_step [--device cpu|cuda] [--quick] [--methods a,b]``.
 """
@@ -57,6 +59,42 @@ def make_step(name: str, M: int, width: int, depth: int, batch: int, classes: in
     return step
 
 
+def _reference_mmpareto(M: int, width: int, depth: int, batch: int, classes: int, device: torch.device):
+    from agm_fast.benchmarks.baselines.mmpareto_reference_style import ReferenceStyleMMPareto
+
+    torch.manual_seed(0)
+    encoders = [encoder(width, width, depth).to(device) for _ in range(M)]
+    fusion = agm_fast.ConcatFusion([width] * M, classes).to(device)
+    heads = [nn.Linear(width, classes).to(device) for _ in range(M)]
+    params = [p for m in [*encoders, fusion, *heads] for p in m.parameters()]
+    optimizer = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
+    reference = ReferenceStyleMMPareto(encoders, fusion, heads)
+    gen = torch.Generator().manual_seed(1)
+    xs = [torch.randn(batch, width, generator=gen).to(device) for _ in range(M)]
+    y = torch.randint(0, classes, (batch,), generator=gen).to(device)
+    return lambda: reference.step(optimizer, xs, y)
+
+
+def _reference_inforeg(M: int, width: int, depth: int, batch: int, classes: int, device: torch.device):
+    from agm_fast.benchmarks.baselines.inforeg_reference_style import ReferenceStyleInfoReg
+
+    torch.manual_seed(0)
+    encoders = [encoder(width, width, depth).to(device) for _ in range(M)]
+    fusion = agm_fast.ConcatFusion([width] * M, classes).to(device)
+    params = [p for m in [*encoders, fusion] for p in m.parameters()]
+    optimizer = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
+    reference = ReferenceStyleInfoReg(encoders, fusion, [0.95] + [0.1] * (M - 1))
+    reference.begin_epoch()
+    gen = torch.Generator().manual_seed(1)
+    xs = [torch.randn(batch, width, generator=gen).to(device) for _ in range(M)]
+    y = torch.randint(0, classes, (batch,), generator=gen).to(device)
+    return lambda: reference.step(optimizer, xs, y)
+
+
+# Reference-style steps (benchmarks/baselines), timed beside the methods.
+REFERENCE_STYLE = {"mmpareto": _reference_mmpareto, "inforeg": _reference_inforeg}
+
+
 def run(args: argparse.Namespace, device: torch.device, machine: str) -> Outcome:
     names = args.methods.split(",") if args.methods else list(methods.available())
     unknown = [n for n in names if n not in methods.available()]
@@ -70,9 +108,12 @@ def run(args: argparse.Namespace, device: torch.device, machine: str) -> Outcome
     text = [f"# Training step of every method against joint training\n\n{machine}\n\n`{args.command}`\n"]
     for M in args.modalities:
         steps = {n: make_step(n, M, width, depth, batch, 10, device) for n in names}
+        for n in names:
+            if n in REFERENCE_STYLE:
+                steps[f"{n} (reference-style)"] = REFERENCE_STYLE[n](M, width, depth, batch, 10, device)
         times = time_interleaved(steps, device, warmup=warmup, rep=rep)
         rows = []
-        for n in names:
+        for n in steps:
             t = times[n]
             rows.append({"M": M, "method": n, **{k: round(v, 3) for k, v in t.items()},
                          "vs_joint": round(t["median_ms"] / times["joint"]["median_ms"], 2)})

@@ -108,8 +108,8 @@ def test_method_step_bench_times_each_method_against_joint(tmp_path):
     from agm_fast.benchmarks import bench_method_step
 
     out = tmp_path / "out"
-    argv = ["--quick", "--methods", "ogm,mslr", "--modalities", "2", "--out", str(out)]
+    argv = ["--quick", "--methods", "ogm,mmpareto", "--modalities", "2", "--out", str(out)]
     assert bench_method_step.main(argv) == 0
     records = [json.loads(line) for line in (out / "method_step.jsonl").read_text().splitlines()]
-    assert [r["method"] for r in records] == ["joint", "ogm", "mslr"]
+    assert [r["method"] for r in records] == ["joint", "ogm", "mmpareto", "mmpareto (reference-style)"]
     assert records[0]["vs_joint"] == 1.0 and all(r["median_ms"] > 0 for r in records)
