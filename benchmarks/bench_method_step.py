@@ -6,7 +6,7 @@ methods take turns step by step (:func:`agm_fast.benchmarks.harness.time_interle
 machine hits every method alike and the ratios to joint stay meaningful. Options that make a method act from the
 first step (a warm-up of 0, an always-executing OPM) are set, so that every timed step does the method's work.
 Methods with a reference-style baseline (``benchmarks/baselines``: the released loop's way of computing the same step)
-get a second row, ``<name> (reference-style)``, on the same model and batch.
+get a second row, ``<name> (reference-style)``, on the same model and batch; GDL gets one without its gradient clip.
 
 Run: ``python -m agm_fast.benchmarks.bench_method_step [--device cpu|cuda] [--quick] [--methods a,b]``.
 """
@@ -41,12 +41,17 @@ def encoder(d_in: int, width: int, depth: int) -> nn.Module:
     return nn.Sequential(*layers)
 
 
-def make_step(name: str, M: int, width: int, depth: int, batch: int, classes: int, device: torch.device):
-    """A closure that runs one training step of method ``name`` on a fixed batch."""
+# Second rows that separate a method's cost from a part of it that joint training could have too (GDL's clip).
+VARIANTS = {"gdl": ("gdl (clip_grad_norm=None)", {"clip_grad_norm": None})}
+
+
+def make_step(name: str, M: int, width: int, depth: int, batch: int, classes: int, device: torch.device,
+              **options):
+    """A closure that runs one training step of method ``name`` (with ``options``) on a fixed batch."""
     torch.manual_seed(0)
     encoders = [encoder(width, width, depth).to(device) for _ in range(M)]
     fusion = agm_fast.ConcatFusion([width] * M, classes).to(device)
-    method = methods.create(name, encoders, fusion, **ACTIVE.get(name, {})).to(device)
+    method = methods.create(name, encoders, fusion, **{**ACTIVE.get(name, {}), **options}).to(device)
     params = [p for m in [*encoders, fusion] for p in m.parameters()]
     optimizer = torch.optim.SGD([{"params": params}] + method.param_groups(1e-3), lr=1e-3, momentum=0.9)
     gen = torch.Generator().manual_seed(1)
@@ -108,6 +113,10 @@ def run(args: argparse.Namespace, device: torch.device, machine: str) -> Outcome
     text = [f"# Training step of every method against joint training\n\n{machine}\n\n`{args.command}`\n"]
     for M in args.modalities:
         steps = {n: make_step(n, M, width, depth, batch, 10, device) for n in names}
+        for n in names:
+            if n in VARIANTS:
+                label, options = VARIANTS[n]
+                steps[label] = make_step(n, M, width, depth, batch, 10, device, **options)
         for n in names:
             if n in REFERENCE_STYLE:
                 steps[f"{n} (reference-style)"] = REFERENCE_STYLE[n](M, width, depth, batch, 10, device)
