@@ -328,6 +328,18 @@ def output_layer(module: nn.Module, name: str = "fusion") -> nn.Linear:
     return linears[-1]
 
 
+def linear_heads(
+    dims: Optional[Sequence[int]], like: Tensor, M: int, num_classes: Optional[int] = None
+) -> List[nn.Module]:
+    """M unimodal heads ``nn.Linear(d_m, C)`` on the device and dtype of ``like`` (an output layer's weight ``[C, D]``;
+    C = ``num_classes`` if given). With ``dims`` None the heads are ``nn.LazyLinear(C)``: their input sizes come from
+    the first features they see (an optimizer built before that holds the same parameter objects)."""
+    C = like.shape[0] if num_classes is None else num_classes
+    if dims is None:
+        return [nn.LazyLinear(C, device=like.device, dtype=like.dtype) for _ in range(M)]
+    return [nn.Linear(d, C, device=like.device, dtype=like.dtype) for d in dims]
+
+
 class _PerModalityLogits(nn.Module):
     # A module around per_modality_logits, so that torch.func.functional_call can swap in detached parameters.
     def __init__(self, fusion: nn.Module, head: Optional[str]):

@@ -199,10 +199,13 @@ class Method:
                     f"epochs, so it trained as joint training; train longer or move its window")
         return f"{name} acts from epoch {first} (counted from 0)"
 
-    def feature_dims(self, feature_dims: Optional[Sequence[int]]) -> List[int]:
+    def feature_dims(self, feature_dims: Optional[Sequence[int]], required: bool = True) -> Optional[List[int]]:
         """The M feature sizes: ``feature_dims`` if given, else the fusion head's ``dims`` (every head of
-        :mod:`agm_fast.fusion` has them)."""
+        :mod:`agm_fast.fusion` has them); else None when not ``required`` (the method takes them from the first
+        forward's features)."""
         dims = feature_dims if feature_dims is not None else getattr(self.fusion, "dims", None)
+        if dims is None and not required:
+            return None
         if dims is None:
             raise ValueError("feature_dims: expected the M feature sizes (the fusion head has no .dims), got None")
         if len(dims) != self.num_modalities:

@@ -29,6 +29,23 @@ S_EPS = 1e-8
 _TASKS = ("classification", "regression")
 
 
+def _lazy(p: Tensor) -> bool:
+    # A parameter of a lazy module (nn.LazyLinear) before its first call: no shape yet.
+    return isinstance(p, nn.parameter.UninitializedParameter)
+
+
+def default_heads(dims: Optional[Sequence[int]], M: int, C: int, D: int, like: Tensor) -> List[nn.Module]:
+    """CGGM's default heads for feature sizes ``dims`` and a fusion output layer ``[C, D]`` (see :class:`CGGM`):
+    ``nn.Linear(d_m, C)`` (``nn.LazyLinear(C)`` with ``dims`` None) when ``D`` is ``sum(dims)`` or every ``d_m``;
+    otherwise ``nn.Sequential(nn.Linear(d_m, D), nn.ReLU(), nn.Linear(D, C))``."""
+    kw = dict(device=like.device, dtype=like.dtype)
+    if dims is None:
+        return [nn.LazyLinear(C, **kw) for _ in range(M)]
+    if D == sum(dims) or all(d == D for d in dims):
+        return [nn.Linear(d, C, **kw) for d in dims]
+    return [nn.Sequential(nn.Linear(d, D, **kw), nn.ReLU(), nn.Linear(D, C, **kw)) for d in dims]
+
+
 @declare(HPARAMS)
 class CGGM:
     """Classifier-guided gradient modulation for any number of modalities.
@@ -93,7 +110,8 @@ class CGGM:
             name -> one of those. Their gradients are scaled; the selection rules of :class:`agm_fast.MSLR` apply.
         fusion_out: the fusion output layer: an ``nn.Linear`` (or any module with a 2-D ``weight``) with weight
             ``[C, D]``, or that weight itself.
-        feature_dims: M feature sizes d_m, the last dimension of each encoder feature given to :meth:`observe`.
+        feature_dims: M feature sizes d_m, the last dimension of each encoder feature given to :meth:`observe`; None:
+            taken from the first :meth:`observe` (the default heads are then ``nn.LazyLinear(C)``).
         num_classes: C, the size of the heads' outputs (the regression output size for ``task="regression"``).
         rho: the gradient scale factor (1.3 in the reference).
         lam: weight of the direction term (0.05 to 0.2 in the paper).
@@ -106,7 +124,10 @@ class CGGM:
             (e.g. ``l1_loss`` on MOSI).
         bound: optional bound b on ``|B_m|`` (None: no bound, the reference).
         heads: optional M head modules; default ``nn.Linear(d_m, C)`` per modality, on the device and dtype of the
-            fusion weight. Available as ``cggm.heads`` (an ``nn.ModuleList``).
+            fusion weight, or, when the fusion layer's input size D is neither ``sum(d_m)`` nor every ``d_m`` (the
+            output layer of an MLP head), ``nn.Sequential(nn.Linear(d_m, D), nn.ReLU(), nn.Linear(D, C))``, whose
+            output layer is compared with the whole fusion weight. Available as ``cggm.heads`` (an
+            ``nn.ModuleList``).
         head_optimizer: a callable ``params -> Optimizer`` (an optimizer class, or a ``functools.partial``) that
             CGGM calls with ``lr=head_lr``; or None: the caller trains the heads by putting ``cggm.heads.parameters()``
             in a param group of their own optimizer (observe() then only accumulates the heads' gradients, so the
@@ -131,7 +152,7 @@ class CGGM:
         self,
         encoders,
         fusion_out: Union[nn.Module, Tensor],
-        feature_dims: Sequence[int],
+        feature_dims: Optional[Sequence[int]],
         num_classes: int,
         task: str = "classification",
         metric: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
@@ -151,8 +172,8 @@ class CGGM:
         M = len(self.names)
         if M < 2:
             raise ValueError(f"encoders: expected at least 2 modalities, got {M}")
-        dims = [int(d) for d in feature_dims]
-        if len(dims) != M or any(d < 1 for d in dims):
+        dims = None if feature_dims is None else [int(d) for d in feature_dims]
+        if dims is not None and (len(dims) != M or any(d < 1 for d in dims)):
             raise ValueError(f"feature_dims: expected {M} positive sizes (one per encoder), got {list(feature_dims)}")
 
         weight = fusion_out if isinstance(fusion_out, Tensor) else getattr(fusion_out, "weight", None)
@@ -174,30 +195,18 @@ class CGGM:
             raise ValueError(
                 f"num_classes: expected {C} (the fusion output layer's weight is [{C}, {D}]), got {num_classes}"
             )
-        if D == sum(dims):
-            offsets = [sum(dims[:m]) for m in range(M)]
-            self._slices = [slice(o, o + d) for o, d in zip(offsets, dims)]
-        elif all(d == D for d in dims):
-            self._slices = [slice(0, D)] * M
-        else:
-            raise ValueError(
-                f"feature_dims: expected sizes that match the fusion output layer (weight [{C}, {D}]): their sum "
-                f"== {D} (a concat head) or each == {D}; got {dims}"
-            )
-
+        self.fusion_weight = weight
         if heads is None:
-            heads = [nn.Linear(d, C, device=weight.device, dtype=weight.dtype) for d in dims]
+            heads = default_heads(dims, M, C, D, weight)
         elif len(heads) != M:
             raise ValueError(f"heads: expected {M} modules (one per modality), got {len(heads)}")
         self.heads = heads if isinstance(heads, nn.ModuleList) else nn.ModuleList(heads)
         self._head_out = [output_layer(h, f"heads[{m}]") for m, h in enumerate(self.heads)]
-        for m, (layer, sl) in enumerate(zip(self._head_out, self._slices)):
-            want = (C, sl.stop - sl.start)
-            if tuple(layer.weight.shape) != want:
-                raise ValueError(
-                    f"head {m}'s output layer has weight {tuple(layer.weight.shape)}, expected {want} to be "
-                    f"compared with the fusion output layer"
-                )
+        self._slices: Optional[List[slice]] = None
+        self.feature_dims = dims
+        self.num_classes = C
+        if dims is not None and not any(_lazy(layer.weight) for layer in self._head_out):
+            self._resolve(dims)
 
         if head_optimizer is None:
             self.head_optimizer = None
@@ -223,8 +232,6 @@ class CGGM:
         self._keys = sorted({key for groups in self._groups for key in groups}, key=str)
 
         self.fusion_weight = weight
-        self.feature_dims = dims
-        self.num_classes = C
         self.rho = float(rho)
         self.lam = float(lam)
         self.direction = direction
@@ -244,6 +251,28 @@ class CGGM:
     @property
     def num_modalities(self) -> int:
         return len(self.names)
+
+    def _resolve(self, dims: List[int]) -> None:
+        """Which part of the fusion weight ``[C, D]`` each head's output layer ``[C, w_m]`` is compared with: the
+        column slice m when every ``w_m == d_m`` and ``D == sum(d_m)`` (a concat head), the whole weight when every
+        ``w_m == D``; anything else is an error that says what to pass."""
+        C, D = self.fusion_weight.shape
+        widths = [layer.weight.shape[1] for layer in self._head_out]
+        bad = [m for m, layer in enumerate(self._head_out) if layer.weight.shape[0] != C]
+        if not bad and widths == dims and D == sum(dims):
+            offsets = [sum(dims[:m]) for m in range(len(dims))]
+            self._slices = [slice(o, o + d) for o, d in zip(offsets, dims)]
+        elif not bad and all(w == D for w in widths):
+            self._slices = [slice(0, D)] * len(dims)
+        else:
+            shapes = [tuple(layer.weight.shape) for layer in self._head_out]
+            raise ValueError(
+                f"heads: expected output layers [{C}, d_m] with the feature sizes {dims} summing to the fusion output "
+                f"layer's input {D} (a concat head), or every output layer [{C}, {D}] (compared with the whole "
+                f"fusion weight [{C}, {D}]), got {shapes}; pass heads= ending in nn.Linear({D}, {C}), or "
+                f"fusion_output= a layer whose weight is [{C}, sum(d_m)]"
+            )
+        self.feature_dims = list(dims)
 
     def _loss(self, out: Tensor, labels: Tensor) -> Tensor:
         if self._loss_fn is not None:
@@ -276,6 +305,17 @@ class CGGM:
         M = self.num_modalities
         if len(features) != M:
             raise ValueError(f"features: expected {M} feature tensors (one per modality), got {len(features)}")
+        if self._slices is None:
+            for m, f in enumerate(features):
+                if not isinstance(f, Tensor) or f.dim() < 2:
+                    shape = tuple(f.shape) if isinstance(f, Tensor) else type(f).__name__
+                    raise ValueError(f"features[{m}]: expected shape [B, ..., d_m], got {shape}")
+            dims = self.feature_dims or [int(f.shape[-1]) for f in features]
+            with torch.no_grad():
+                for head, f in zip(self.heads, features):  # lazy heads take their sizes here
+                    if any(_lazy(p) for p in head.parameters()):
+                        head(f[:1].detach().to(self.fusion_weight.dtype))
+            self._resolve(dims)
         for m, (f, d) in enumerate(zip(features, self.feature_dims)):
             if not isinstance(f, Tensor) or f.dim() < 2 or f.shape[-1] != d:
                 shape = tuple(f.shape) if isinstance(f, Tensor) else type(f).__name__
@@ -475,7 +515,8 @@ class CGGM:
         if self._pending is not None:
             pending = {k: (list(v) if isinstance(v, list) else v) for k, v in self._pending.items()}
         else:
-            heads = [torch.zeros_like(layer.weight, device=dev) for layer in self._head_out]
+            heads = [torch.zeros((0,), device=dev) if _lazy(layer.weight)
+                     else torch.zeros_like(layer.weight, device=dev) for layer in self._head_out]
             pending = {"coeffs": zeros.clone(), "head": heads}
             if self.direction == "weights":
                 W = self.fusion_weight

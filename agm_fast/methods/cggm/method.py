@@ -29,8 +29,13 @@ class CGGMMethod(Method):
 
     Args:
         encoders, fusion, window, seed, task: as :class:`agm_fast.methods.Method`.
-        feature_dims: the M feature sizes (default: ``fusion.dims``).
-        metric, head_loss, heads, process_group: as :class:`agm_fast.CGGM`.
+        feature_dims: the M feature sizes (default: ``fusion.dims``; otherwise the heads take them from the first
+            forward's features).
+        fusion_output: the fusion layer the heads' output layers are compared with (the direction term): a module
+            of ``fusion`` or its dotted name in ``fusion.named_modules()`` (default: the last ``nn.Linear``).
+        metric, head_loss, heads, process_group: as :class:`agm_fast.CGGM`. Default heads: ``nn.Linear(d_m, C)``
+            when the compared layer reads the concatenated features or every one of them; otherwise (an MLP head's
+            output layer ``[C, D]``) ``nn.Sequential(nn.Linear(d_m, D), nn.ReLU(), nn.Linear(D, C))``.
         **hparams: CGGM's hyper-parameters (``agm_fast.methods.cggm.config.METHOD_HPARAMS``), including
             ``head_lr_scale`` and the reference's gradient-norm clip ``clip_grad_norm=0.8``.
 
@@ -53,13 +58,14 @@ class CGGMMethod(Method):
         seed: int = 0,
         task: str = "classification",
         feature_dims: Optional[Sequence[int]] = None,
+        fusion_output=None,
         metric=None,
         head_loss=None,
         heads=None,
         process_group=None,
     ) -> None:
         super().__init__(encoders, fusion, window=window, seed=seed, task=task)
-        dims = self.feature_dims(feature_dims)
+        dims = self.feature_dims(feature_dims, required=False)
         if isinstance(fusion, SumFusion):
             raise ValueError("fusion: expected a head with one output layer, got a SumFusion (one layer per modality)")
         if isinstance(fusion, FiLMFusion) and len(self.encoders) != 2:
@@ -67,7 +73,14 @@ class CGGMMethod(Method):
                 f"fusion: a FiLMFusion's output layer mixes the views, so CGGM compares its heads with it only for "
                 f"2 views, got {len(self.encoders)}"
             )
-        out_layer = output_layer(fusion)
+        out_layer = self._fusion_output(fusion, fusion_output)
+        if heads is None and dims is None and any(p is not out_layer.weight and p is not out_layer.bias
+                                                   for p in fusion.parameters()):
+            # The compared layer is not the head's only one (an MLP head): heads that end as it does, [C, D].
+            C, D = out_layer.weight.shape
+            kw = dict(device=out_layer.weight.device, dtype=out_layer.weight.dtype)
+            heads = [nn.Sequential(nn.LazyLinear(D, **kw), nn.ReLU(), nn.Linear(D, C, **kw))
+                     for _ in range(self.num_modalities)]
         self.cggm = CGGM(
             list(self.encoders), out_layer, feature_dims=dims, num_classes=out_layer.weight.shape[0], task=task,
             head_optimizer=None, metric=metric, head_loss=head_loss, heads=heads, process_group=process_group,
@@ -75,6 +88,30 @@ class CGGMMethod(Method):
         )
         self._warned = False
         self._model_params = [p for m in (*self.encoders, fusion) for p in m.parameters() if p.requires_grad]
+
+    @staticmethod
+    def _fusion_output(fusion: nn.Module, fusion_output) -> nn.Module:
+        if fusion_output is None:
+            return output_layer(fusion)
+        if isinstance(fusion_output, str):
+            named = dict(fusion.named_modules())
+            if fusion_output not in named:
+                names = [n for n, mod in named.items() if isinstance(getattr(mod, "weight", None), Tensor)]
+                raise ValueError(f"fusion_output: expected the name of a layer of fusion, one of {names}, got "
+                                 f"{fusion_output!r}")
+            fusion_output = named[fusion_output]
+        if not isinstance(fusion_output, nn.Module) or not any(fusion_output is mod for mod in fusion.modules()):
+            raise ValueError(f"fusion_output: expected a module of fusion or its name, got "
+                             f"{type(fusion_output).__name__}")
+        weight = getattr(fusion_output, "weight", None)
+        if not isinstance(weight, Tensor) or weight.dim() != 2:
+            raise ValueError(f"fusion_output: expected a layer with a 2-D weight [C, D], got "
+                             f"{type(fusion_output).__name__}")
+        C = output_layer(fusion).weight.shape[0]
+        if weight.shape[0] != C:
+            raise ValueError(f"fusion_output: expected a layer with one row per class ({C}, as the head's output "
+                             f"layer), got weight {tuple(weight.shape)}")
+        return fusion_output
 
     def param_groups(self, lr: float) -> List[Dict[str, Any]]:
         """The heads, at ``head_lr_scale * lr`` and without weight decay."""

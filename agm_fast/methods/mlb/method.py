@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ... import distributed, sharding
-from ...fusion import ConcatFusion, SumFusion, output_layer
+from ...fusion import ConcatFusion, SumFusion, linear_heads, output_layer
 from ..base import Method, StepOutput
 from ..hparams import declare
 from .config import HPARAMS
@@ -39,7 +39,8 @@ class MLBMethod(Method):
         heads: M modules ``features -> [B, C]`` (modality m's own classifier); default ``nn.Linear(d_m, C)`` each,
             on the fusion output layer's device and dtype. Their parameters are in :meth:`param_groups` and their
             weights in the method state either way (keep user heads out of the model's own param group).
-        feature_dims: the M feature sizes (default: ``fusion.dims``); needed only to build the default heads.
+        feature_dims: the M feature sizes of the default heads (default: ``fusion.dims``; otherwise the heads take
+            them from the first forward's features).
         process_group: the data-parallel group (None: the default group when ``torch.distributed`` is
             initialised): the scores are global-batch means (sums and counts reduced) and the heads' gradients are
             averaged over the ranks, as DDP / FSDP2 average the model's.
@@ -68,9 +69,7 @@ class MLBMethod(Method):
         M = self.num_modalities
         out_layer = output_layer(fusion)
         if heads is None:
-            dims = self.feature_dims(feature_dims)
-            w = out_layer.weight
-            heads = [nn.Linear(d, w.shape[0], device=w.device, dtype=w.dtype) for d in dims]
+            heads = linear_heads(self.feature_dims(feature_dims, required=False), out_layer.weight, M)
         else:
             if isinstance(heads, nn.Module) and not isinstance(heads, nn.ModuleList):
                 raise TypeError("heads: expected a list of M modules (one per modality), got a single module")

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ...fusion import output_layer
+from ...fusion import linear_heads, output_layer
 from ..base import Method, StepOutput
 from ..hparams import declare
 from .config import HPARAMS
@@ -50,7 +50,8 @@ class MMParetoMethod(Method):
             the method, on the device and dtype of the fusion's output layer. Either way the heads are trained
             through :meth:`param_groups` and saved in the method's state (do not put given heads in the model's
             optimizer group too).
-        feature_dims: the M feature sizes of the default heads (default: ``fusion.dims``).
+        feature_dims: the M feature sizes of the default heads (default: ``fusion.dims``; otherwise the heads take
+            them from the first forward's features).
         num_classes: the output size of the default heads (default: that of the fusion's output layer).
         **hparams: ``encoder_scale`` (1.5) and ``rescale`` (``"tensor"``), declared in
             ``agm_fast.methods.mmpareto.config``.
@@ -74,14 +75,13 @@ class MMParetoMethod(Method):
     ) -> None:
         super().__init__(encoders, fusion, window=window, seed=seed, task=task)
         if heads is None:
-            dims = self.feature_dims(feature_dims)
+            dims = self.feature_dims(feature_dims, required=False)
             out = output_layer(fusion)
             if num_classes is None:
                 num_classes = out.out_features
             elif isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
                 raise ValueError(f"num_classes: expected a positive int, got {num_classes!r}")
-            w = out.weight
-            heads = [nn.Linear(d, num_classes, device=w.device, dtype=w.dtype) for d in dims]
+            heads = linear_heads(dims, out.weight, self.num_modalities, num_classes)
         elif num_classes is not None or feature_dims is not None:
             raise ValueError("num_classes, feature_dims: apply to the default heads only, got them with heads=")
         self.heads = _check_heads(heads, self.num_modalities)

@@ -260,7 +260,8 @@ class OPM(nn.Module):
     ``DistributedSampler`` pads to equal shards).
 
     Args:
-        dims: the M feature dimensions ``d_m`` (features per sample), which weight theta.
+        dims: the M feature dimensions ``d_m`` (features per sample), which weight theta; None: taken from the
+            features of the first call (then fixed).
         q_base: base drop probability in [0, 1] (default 0.5).
         lam: imbalance gain of the drop probability, >= 0 (default 0.5).
         p_exe: probability in [0, 1] that a step drops at all (default 0.7).
@@ -276,18 +277,19 @@ class OPM(nn.Module):
 
     def __init__(
         self,
-        dims: Sequence[int],
+        dims: Optional[Sequence[int]],
         seed: int = 0,
         window: WindowLike = None,
         process_group=None,
     ):
         super().__init__()
-        if isinstance(dims, (str, bytes)) or not isinstance(dims, Sequence):
-            raise TypeError(f"dims: expected a sequence of feature dimensions, got {type(dims).__name__}")
-        dims = [check_int(f"dims[{m}]", d, low=1) for m, d in enumerate(dims)]
-        if len(dims) < 2:
-            raise ValueError(f"dims: expected at least two positive feature dimensions, got {dims}")
-        self.dims = dims
+        if dims is not None:
+            if isinstance(dims, (str, bytes)) or not isinstance(dims, Sequence):
+                raise TypeError(f"dims: expected a sequence of feature dimensions or None, got {type(dims).__name__}")
+            dims = [check_int(f"dims[{m}]", d, low=1) for m, d in enumerate(dims)]
+            if len(dims) < 2:
+                raise ValueError(f"dims: expected at least two positive feature dimensions, got {dims}")
+        self.dims: Optional[List[int]] = dims
         self.seed = check_seed("seed", seed)
         self.window = Window.of(window).starting_at(self.warmup_epochs)
         self.process_group = process_group
@@ -349,6 +351,10 @@ class OPM(nn.Module):
         if len(features) == 1 and isinstance(features[0], (list, tuple)):
             features = tuple(features[0])
         B = _check_features(features, self.dims)
+        if self.dims is None:
+            if len(features) < 2:
+                raise ValueError(f"features: expected at least two modalities, got {len(features)}")
+            self.dims = [math.prod(h.shape[1:]) for h in features]
         device = features[0].device
         if scores is not None and drop_probs is not None:
             raise ValueError("scores: expected either scores or drop_probs, got both")

@@ -27,7 +27,7 @@ class OPMMethod(Method):
     Args:
         encoders, fusion, window, seed: as :class:`agm_fast.methods.Method` (classification only).
         feature_dims: the M feature sizes (default: ``fusion.dims``, which every head of :mod:`agm_fast.fusion`
-            has).
+            has; otherwise the sizes of the first forward's features).
         process_group: as :class:`agm_fast.OPM`.
         **hparams: OPM's hyper-parameters (``agm_fast.methods.opm.config.HPARAMS``).
 
@@ -52,7 +52,7 @@ class OPMMethod(Method):
         super().__init__(encoders, fusion, window=window, seed=seed, task=task)
         if self.task != "classification":
             raise ValueError(f"task: OPM scores class probabilities, expected 'classification', got {task!r}")
-        dims = self.feature_dims(feature_dims)
+        dims = self.feature_dims(feature_dims, required=False)
         self.opm = OPM(dims, window=window, seed=seed, process_group=process_group, **self.hparams_values)
         self.window = self.opm.window
 

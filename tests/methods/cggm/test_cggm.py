@@ -362,8 +362,8 @@ def test_clear_errors():
         agm_fast.CGGM(enc[:1], nn.Linear(3, C), dims[:1], C, head_lr=0.1)
     with pytest.raises(ValueError, match="feature_dims"):
         agm_fast.CGGM(enc, model.out, [3], C, head_lr=0.1)
-    with pytest.raises(ValueError, match="feature_dims: expected sizes that match the fusion output layer"):
-        agm_fast.CGGM(enc, model.out, [3, 5], C, head_lr=0.1)
+    with pytest.raises(ValueError, match=r"heads: expected output layers .* pass heads= ending in nn.Linear"):
+        agm_fast.CGGM(enc, model.out, [3, 5], C, heads=[nn.Linear(3, C), nn.Linear(5, C)], head_lr=0.1)
     with pytest.raises(ValueError, match="num_classes"):
         agm_fast.CGGM(enc, model.out, dims, C + 1, head_lr=0.1)
     with pytest.raises(ValueError, match="selects no trainable parameter"):

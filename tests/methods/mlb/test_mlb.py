@@ -264,8 +264,12 @@ def test_errors_name_the_argument(kwargs, error, match):
 
 def test_errors_on_missing_sizes_and_foreign_outputs():
     encoders, _, _ = model(2)
-    with pytest.raises(ValueError, match="feature_dims: expected the M feature sizes"):
-        methods.create("mlb", encoders, nn.Linear(sum(FEAT[:2]), C).to(DT))
+    # A head without .dims and no feature_dims: the default heads take their sizes from the first features.
+    lazy = methods.create("mlb", encoders, nn.Linear(sum(FEAT[:2]), C).to(DT))
+    opt = torch.optim.SGD([p for e in encoders for p in e.parameters()] + lazy.param_groups(0.1)[0]["params"], lr=0.1)
+    methods.training_step(lazy, *batch(2), 0, opt)
+    assert [tuple(h.weight.shape) for h in lazy.heads] == [(C, d) for d in FEAT[:2]]
+    assert all(h.weight.grad is not None and h.weight.dtype == DT for h in lazy.heads)
     method = methods.create("mlb", encoders, nn.Linear(sum(FEAT[:2]), C).to(DT), feature_dims=FEAT[:2])
     xs, y = batch(2)
     out = method.forward(xs, y, 0)

@@ -202,5 +202,5 @@ def test_errors_name_the_argument():
         methods.create("mmpareto", enc, fus, heads=list(model.heads), num_classes=3)
     with pytest.raises(ValueError, match="num_classes: expected a positive int"):
         methods.create("mmpareto", enc, fus, feature_dims=[4, 4], num_classes=0)
-    with pytest.raises(ValueError, match="feature_dims: expected the M feature sizes"):
-        methods.create("mmpareto", enc, fus)
+    # Without sizes the default heads are lazy: they take them from the first features.
+    assert all(isinstance(h, nn.LazyLinear) for h in methods.create("mmpareto", enc, fus).heads)
