@@ -12,10 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..coalitions import full_mask, shapley_weights, subset_masks
 from ..models import MultiViewModel, mlp_encoder
-from ..ops.shapley import shapley_outputs_torch
-from ..ops.subset_batch import subset_batch_torch
+from ..validation import modality_metrics
 from .data import batches
 
 __all__ = ["TIME_COLUMNS", "columns", "competition_strength_of", "evaluate", "format_line", "plot", "write_csv"]
@@ -23,13 +21,10 @@ __all__ = ["TIME_COLUMNS", "columns", "competition_strength_of", "evaluate", "fo
 TIME_COLUMNS = ("step_ms", "epoch_s")
 
 
-@torch.no_grad()
 def evaluate(model: MultiViewModel, xs: Sequence[Tensor], y: Tensor, chunk: int = 32768) -> dict:
-    """Fused and mono-modal (Shapley) accuracy and loss of ``model`` in eval mode.
-
-    Every non-empty subset S of the views is evaluated with the muted views' inputs set to zero (after
-    standardisation: the average training sample); ``psi_m = sum_S W[m, S] f(S)`` with the exact Shapley weights of
-    :func:`agm_fast.coalitions.shapley_weights` (the reference variant, ``sum_m psi_m = f(A)``), whatever the method.
+    """Fused and mono-modal (Shapley) accuracy and loss of ``model`` in eval mode: :func:`agm_fast.validation.
+    modality_metrics` (every non-empty subset of the views with the muted views' inputs set to zero, after
+    standardisation the average training sample), whatever the method.
 
     Args:
         model: the model.
@@ -40,37 +35,9 @@ def evaluate(model: MultiViewModel, xs: Sequence[Tensor], y: Tensor, chunk: int 
     Returns:
         dict with ``acc``, ``loss`` (floats) and ``mono_acc``, ``mono_loss`` (lists of M floats).
     """
-    was_training = model.training
-    model.eval()
-    M = len(xs)
-    masks = subset_masks(M, "reference")
-    full = masks.index(full_mask(M))
-    W = shapley_weights(M, masks, torch.float32).to(y.device)
-    step = max(1, chunk // len(masks))
-    correct = torch.zeros((), device=y.device)
-    loss = torch.zeros((), device=y.device)
-    mono_correct = torch.zeros(M, device=y.device)
-    mono_loss = torch.zeros(M, device=y.device)
-    for start in range(0, y.shape[0], step):
-        part = [x[start : start + step] for x in xs]
-        yb = y[start : start + step]
-        B = yb.shape[0]
-        stacked = subset_batch_torch(part, masks, None)
-        subset_logits = model(*stacked).float().view(len(masks), B, -1)
-        psi = shapley_outputs_torch(subset_logits, W)
-        fused = subset_logits[full]
-        correct += (fused.argmax(-1) == yb).sum()
-        loss += F.cross_entropy(fused, yb, reduction="sum")
-        mono_correct += (psi.argmax(-1) == yb).sum(1)
-        mono_loss += F.cross_entropy(psi.permute(1, 2, 0), yb.unsqueeze(1).expand(B, M), reduction="none").sum(0)
-    model.train(was_training)
-    n = y.shape[0]
-    return {
-        "acc": float(correct) / n,
-        "loss": float(loss) / n,
-        "mono_acc": (mono_correct.double() / n).tolist(),
-        "mono_loss": (mono_loss.double() / n).tolist(),
-    }
+    r = modality_metrics(model, (list(xs), y), chunk=chunk)
+    return {"acc": r["accuracy"], "loss": r["loss"], "mono_acc": r["modality_accuracy"],
+            "mono_loss": r["modality_loss"]}
 
 
 def unimodal_concepts(splits, num_classes: int, args: argparse.Namespace, device: torch.device, epochs: int = 8):
