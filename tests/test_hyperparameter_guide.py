@@ -2,8 +2,8 @@
 
 Each table row's arguments build its method on a small model with that row's number of modalities; each
 ``agm-fast train`` command parses, passes the command line's checks, builds its method and sets exactly what the row
-of its method and data set says; the example runs. A row or command with an unknown argument, a flag of another
-method or an invalid value fails here.
+of its method and data set says; every ``name=value`` of the knob table builds; the example runs. A row or command
+with an unknown argument, a flag of another method or an invalid value fails here.
 """
 
 import ast
@@ -153,6 +153,38 @@ def test_every_command_parses_builds_and_matches_its_row(label, argv):
         assert not any(f in argv for f in flag), name
         # a published value the command leaves out must be the default (the command then sets it too)
         assert _same(value, defaults[name]), f"{label}: the row sets {name}={value!r}, the command does not"
+
+
+def knob_settings(text):
+    """The ``name=value`` settings of the knob table's "off" column, with the methods of their row."""
+    settings, header = [], None
+    for line in text.splitlines():
+        if not line.startswith("|"):
+            header = None
+            continue
+        cells = _cells(line)
+        if header is None:
+            header = cells if cells[:2] == ["method", "knob"] else ()
+            continue
+        if not header or set(line) <= set("|- "):
+            continue
+        row = dict(zip(header, cells))
+        names = re.findall(r"`(\w+)`", row["method"])
+        for setting in re.findall(r"`(\w+=[^`]+)`", row["off"]):
+            settings += [(name, parse_arguments(setting)) for name in names]
+    return settings
+
+
+KNOBS = knob_settings(_text())
+
+
+def test_the_knob_table_covers_the_methods():
+    assert {name for name, _ in KNOBS} >= {"agm", "ogm", "ogm_ge", "opm", "cggm", "mlb"}
+
+
+@pytest.mark.parametrize("name,kwargs", KNOBS, ids=[f"{n}-{k}" for n, k in KNOBS])
+def test_every_setting_of_the_knob_table_builds(name, kwargs):
+    build(name, 2, "concat", **kwargs)
 
 
 def _first_fence(lang):
