@@ -25,6 +25,7 @@ def render() -> str:
         "Generated from each method's declaration (`agm_fast/methods/<name>/config.py`) by `scripts/hparams_docs.py`;",
         "the same declaration gives the command line's flags, `Method.defaults()`, `Method.describe()` and what a",
         "checkpoint records. Every method also takes `window`, `seed` and `task` (docs/methods.md, section 0).",
+        "The authors' published settings per data set, and how to choose: docs/hyperparameter-guide.md.",
     ]
     for name in methods.available():
         cls, preset = methods.get(name)
