@@ -28,6 +28,7 @@ __all__ = [
     "global_mean_scores",
     "global_sums",
     "mean_over_ranks_",
+    "all_gather",
     "broadcast_seed",
     "shard_moments",
     "merge_moments",
@@ -257,6 +258,23 @@ def mean_over_ranks_(
     chunks = total.split([t.numel() for t in tensors])
     with torch.no_grad():
         torch._foreach_copy_(tensors, [c.view_as(t) for c, t in zip(chunks, tensors)])
+
+
+def all_gather(local: Tensor, process_group: Optional["ProcessGroup"] = None) -> Tensor:
+    """Every rank's ``local`` (the same shape on every rank), stacked in group-rank order, with one collective.
+
+    Args:
+        local: this rank's tensor (gloo: on the CPU; NCCL: on the GPU).
+        process_group: the group; None means the default group.
+
+    Returns:
+        ``[W, *local.shape]``. When :func:`is_active` is False, ``local[None]``.
+    """
+    _check_tensor(local, "local")
+    if not is_active(process_group):
+        return local.unsqueeze(0)
+    flat = local.reshape(1) if local.dim() == 0 else local
+    return _all_gather(flat, process_group).view((-1,) + tuple(local.shape))
 
 
 def _comm_device(process_group) -> torch.device:

@@ -6,18 +6,35 @@ from __future__ import annotations
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
+from ... import distributed, sharding
 from ...fusion import per_modality_logits
 from ..base import Method, StepOutput
 from ..hparams import declare
 from .config import HPARAMS
-from .core import channel_energy, keep_ratios, kept_count, mask_channels
+from .core import channel_energy, channel_mask, keep_ratio_sums, keep_ratios, keep_ratios_from_sums, kept_count
 
 __all__ = ["AMSSMethod", "masked_weights"]
 
 _SEED_STRIDE = 0x9E3779B97F4A7C15
 _MASKED_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def _local(t: Tensor) -> Tensor:
+    # This rank's shard of an FSDP2 tensor (a view of its storage: writing into it writes the gradient); else itself.
+    return t.to_local() if sharding.is_sharded(t) else t
+
+
+def _rows(t: Tensor) -> Tuple[int, int, int]:
+    """``(first row, rows per shard, world)`` of this rank's dim-0 shard of an FSDP2 gradient (``(0, C, 1)`` plain)."""
+    if not sharding.is_sharded(t):
+        return 0, t.shape[0], 1
+    sharding.shard_start(t, "grad")            # checks the layout: Shard(0) over a 1-D mesh
+    world, rank = t.device_mesh.size(), t.device_mesh.get_local_rank()
+    chunk = -(-t.shape[0] // world)
+    return min(rank * chunk, t.shape[0]), chunk, world
 
 
 def masked_weights(encoder: nn.Module, layers: str) -> List[Tuple[str, nn.Parameter]]:
@@ -45,6 +62,11 @@ class AMSSMethod(Method):
 
     Args:
         encoders, fusion, window, seed: as :class:`agm_fast.methods.Method` (classification only).
+        process_group: the data-parallel group (None: the default group when ``torch.distributed`` is initialised).
+            Every rank takes the decisions of one process on the global batch: the ratios come from label counts
+            and loss / entropy sums of every rank, and the channel energies of FSDP2-sharded weights (rows =
+            output channels) from every rank's rows; both travel in **one all-gather per step** (rank 0's seed is
+            broadcast once, at construction). Each rank then draws the same channels and masks its own rows.
         **hparams: AMSS's hyper-parameters (``agm_fast.methods.amss.config.HPARAMS``).
 
     Example::
@@ -52,10 +74,15 @@ class AMSSMethod(Method):
         method = agm_fast.methods.create("amss_plus", encoders=[enc_a, enc_v], fusion=head, layers="reference")
     """
 
-    def __init__(self, encoders, fusion, *, window=None, seed: int = 0, task: str = "classification") -> None:
+    def __init__(self, encoders, fusion, *, window=None, seed: int = 0, task: str = "classification",
+                 process_group=None) -> None:
         super().__init__(encoders, fusion, window=window, seed=seed, task=task)
         if self.task != "classification":
             raise ValueError(f"task: AMSS scores class probabilities, expected 'classification', got {task!r}")
+        self.process_group = process_group
+        # Every rank draws the same channels: rank 0's seed, read once here (not per step).
+        self.seed = distributed.broadcast_seed(self.seed, process_group)
+        self._meshes: Dict[int, bool] = {}
         self._layers = [masked_weights(enc, self.layers) for enc in self.encoders]
         if not any(self._layers):
             raise ValueError(f"layers: expected a rule that selects some encoder weight, got {self.layers!r} "
@@ -71,6 +98,44 @@ class AMSSMethod(Method):
         g.manual_seed((self.seed + self._step * _SEED_STRIDE) % (1 << 64))
         return g
 
+    def _check_mesh(self, grad: Tensor, world: int) -> None:
+        # The energies of a sharded weight are gathered over the data-parallel group: it must be the shards' group.
+        mesh = grad.device_mesh
+        if id(mesh) in self._meshes:
+            return
+        group = self.process_group if self.process_group is not None else dist.group.WORLD
+        active = distributed.is_active(self.process_group)
+        if not active or dist.get_process_group_ranks(mesh.get_group()) != dist.get_process_group_ranks(group):
+            got = "another group" if active else "a group with nothing to reduce (one rank, or not a member)"
+            raise ValueError(f"process_group: expected the group the encoders' weights are sharded over "
+                             f"(fully_shard's 1-D mesh of {world} ranks), got {got}")
+        self._meshes[id(mesh)] = True
+
+    def _ratios_and_energies(self, logits: Tensor, feats: List[Tensor], target: Tensor,
+                             work: List[Tuple[int, nn.Parameter]]) -> Tuple[Tensor, List[Tensor]]:
+        """The keep ratios and each weight's whole ``[C]`` channel energies, as one process on the global batch."""
+        local = [channel_energy(_local(p.grad), _local(p.detach()), self.energy) for _, p in work]
+        rows = [_rows(p.grad) for _, p in work]
+        if not distributed.is_active(self.process_group) and all(w == 1 for _, _, w in rows):
+            c, _ = keep_ratios(logits, feats, target, self.temperature, self.offset)
+            return c, local
+        sums = keep_ratio_sums(logits, feats, target)
+        packed, sharded = [sums], []
+        for i, ((_, p), mu, (_, chunk, world)) in enumerate(zip(work, local, rows)):
+            if world > 1:
+                self._check_mesh(p.grad, world)
+                packed.append(torch.cat([mu, mu.new_zeros(chunk - mu.numel())]).to(sums.device))
+                sharded.append(i)
+        gathered = distributed.all_gather(torch.cat(packed), self.process_group)      # the step's one collective
+        c, _ = keep_ratios_from_sums(gathered[:, :sums.numel()].sum(0), self.num_modalities, self.temperature,
+                                     self.offset)
+        at = sums.numel()
+        for i in sharded:
+            C, chunk = work[i][1].shape[0], rows[i][1]
+            local[i] = gathered[:, at:at + chunk].reshape(-1)[:C].to(local[i].device)
+            at += chunk
+        return c, local
+
     def before_optimizer_step(self, out: Optional[StepOutput] = None, target: Optional[Tensor] = None) -> Tensor:
         """Keep ratios from the detached head, then the in-place channel masking of the selected weights."""
         out, target = self._resolve(out, target)
@@ -82,21 +147,16 @@ class AMSSMethod(Method):
         with torch.no_grad():
             feats = [h.detach() for h in out.features]
             logits = per_modality_logits(self.fusion, feats)
-            c, _ = keep_ratios(logits, feats, target, self.temperature, self.offset)
-            work = []
-            for m, layers in enumerate(self._layers):
-                for _, p in layers:
-                    if p.grad is not None:
-                        mu = channel_energy(p.grad, p, self.energy)
-                        work.append((m, p.grad, mu))
-            stats = [c] + [torch.stack([(mu > 0).sum().float(), torch.isfinite(mu).all().float()])
-                           for _, _, mu in work]
+            work = [(m, p) for m, layers in enumerate(self._layers) for _, p in layers if p.grad is not None]
+            c, mus = self._ratios_and_energies(logits, feats, target, work)
+            stats = [c] + [torch.stack([(mu > 0).sum().float(), torch.isfinite(mu).all().float()]).to(c.device)
+                           for mu in mus]
             host = torch.cat(stats).tolist()            # the step's one host read
             cs, rest = host[:self.num_modalities], host[self.num_modalities:]
             sample = self.selection == "sample"
             kept = torch.zeros(self.num_modalities, dtype=torch.int64, device=c.device)
             gens: Dict[torch.device, torch.Generator] = {}
-            for i, (m, grad, mu) in enumerate(work):
+            for i, ((m, p), mu) in enumerate(zip(work, mus)):
                 nonzero, finite = int(rest[2 * i]), rest[2 * i + 1] > 0
                 if not finite:
                     continue                             # non-finite gradients stay as they are (the scaler skips)
@@ -106,7 +166,11 @@ class AMSSMethod(Method):
                     if g is None:
                         g = gens[mu.device] = self._generator(mu.device)
                 k = min(kept_count(mu.numel(), cs[m]), mu.numel())
-                mask = mask_channels(grad, mu, k, nonzero, sample=sample, plus=self.plus, generator=g)
+                mask = channel_mask(mu, k, nonzero, sample=sample, plus=self.plus, generator=g)
+                grad = _local(p.grad)
+                row0 = _rows(p.grad)[0]
+                grad.mul_(mask[row0:row0 + grad.shape[0]].to(grad.device, grad.dtype)
+                          .view(-1, *([1] * (grad.dim() - 1))))
                 kept[m] += (mask != 0).sum().to(kept.device)
         self._step += 1
         self._decisions = {"c": c.detach(), "kept": kept}
