@@ -4,7 +4,8 @@ DDP: each rank trains on its rows of the batch with gradients averaged over the 
 loss weighted by the rank's share of the global batch, so that unequal local batches average to the global mean), and
 must take the decisions and reach the parameters of one process on the whole batch (computed in each rank with a
 one-rank group). Each rank is given its own seed: rank 0's is the one used. FSDP2 (the equivalence itself is in
-test_scale_fsdp.py): one all-gather per step, and a group other than the shards' is refused.
+test_scale_fsdp.py): one all-gather per step, and a group other than the shards' is refused; gradient accumulation
+under data parallelism is refused.
 """
 
 from __future__ import annotations
@@ -116,6 +117,13 @@ def _check_collectives(rank: int, world: int) -> None:
         # FSDP2's own all-gather of the fusion head (for the per-modality logits) is not counted here.
         assert _count_collectives(method, out, y) == ["all_gather"]
         assert 0 < int(method.decisions()["kept"].sum()) < 2 * CHANNELS
+
+    # Gradient accumulation under data parallelism: the micro-batch's averaged gradient never exists.
+    method, params, _ = _build("amss", None)
+    method.set_accumulation(2)
+    out = method.forward(xs, y, 0)
+    with pytest.raises(ValueError, match="^steps: AMSS draws each micro-batch's channels from the energies"):
+        method.loss(out, y)
 
     own = [dist.new_group([r]) for r in range(world)][rank]
     method, params, _ = _build("amss", own, shard=lambda module: fully_shard(module, mesh=mesh))

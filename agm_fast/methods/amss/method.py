@@ -74,6 +74,8 @@ class AMSSMethod(Method):
         method = agm_fast.methods.create("amss_plus", encoders=[enc_a, enc_v], fusion=head, layers="reference")
     """
 
+    accumulation = "hooks"
+
     def __init__(self, encoders, fusion, *, window=None, seed: int = 0, task: str = "classification",
                  process_group=None) -> None:
         super().__init__(encoders, fusion, window=window, seed=seed, task=task)
@@ -88,6 +90,7 @@ class AMSSMethod(Method):
             raise ValueError(f"layers: expected a rule that selects some encoder weight, got {self.layers!r} "
                              "(it selects none in these encoders)")
         self._step = 0
+        self._micro: Optional[Tuple[Tensor, Dict[int, Tuple[int, Tensor]]]] = None
         self._generators: Dict[torch.device, torch.Generator] = {}
         self._decisions: Dict[str, Tensor] = {}
 
@@ -136,11 +139,42 @@ class AMSSMethod(Method):
             at += chunk
         return c, local
 
+    def _mask(self, c: Tensor, work: List[Tuple[int, Tensor]], mus: List[Tensor]) -> None:
+        """Mask each ``(m, gradient)`` of ``work`` (its whole energies ``mus[i]``) with modality m's ratio, one host
+        read in all, the draws from this step's generator; then count the step."""
+        stats = [c] + [torch.stack([(mu > 0).sum().float(), torch.isfinite(mu).all().float()]).to(c.device)
+                       for mu in mus]
+        host = torch.cat(stats).tolist()            # the step's one host read
+        cs, rest = host[:self.num_modalities], host[self.num_modalities:]
+        sample = self.selection == "sample"
+        kept = torch.zeros(self.num_modalities, dtype=torch.int64, device=c.device)
+        gens: Dict[torch.device, torch.Generator] = {}
+        for i, ((m, grad), mu) in enumerate(zip(work, mus)):
+            nonzero, finite = int(rest[2 * i]), rest[2 * i + 1] > 0
+            if not finite:
+                continue                             # non-finite gradients stay as they are (the scaler skips)
+            g = None
+            if sample:
+                g = gens.get(mu.device)
+                if g is None:
+                    g = gens[mu.device] = self._generator(mu.device)
+            k = min(kept_count(mu.numel(), cs[m]), mu.numel())
+            mask = channel_mask(mu, k, nonzero, sample=sample, plus=self.plus, generator=g)
+            rows, row0 = _local(grad), _rows(grad)[0]
+            rows.mul_(mask[row0:row0 + rows.shape[0]].to(rows.device, rows.dtype).view(-1, *([1] * (rows.dim() - 1))))
+            kept[m] += (mask != 0).sum().to(kept.device)
+        self._step += 1
+        self._decisions = {"c": c.detach(), "kept": kept}
+
     def before_optimizer_step(self, out: Optional[StepOutput] = None, target: Optional[Tensor] = None) -> Tensor:
-        """Keep ratios from the detached head, then the in-place channel masking of the selected weights."""
+        """Keep ratios from the detached head, then the in-place channel masking of the selected weights (under
+        accumulation, the mean of the micro-batches' ratios: each was masked at the end of its backward)."""
         out, target = self._resolve(out, target)
         if out.features is None:
             raise ValueError("out: expected a StepOutput with the step's features (from forward()), got none")
+        if self.accumulating:
+            coeffs = self.finish_accumulated_step()
+            return self.ones(target.device) if coeffs is None else coeffs
         if not self.in_window(out.epoch):
             self._decisions = {}
             return self.ones(target.device)
@@ -149,32 +183,59 @@ class AMSSMethod(Method):
             logits = per_modality_logits(self.fusion, feats)
             work = [(m, p) for m, layers in enumerate(self._layers) for _, p in layers if p.grad is not None]
             c, mus = self._ratios_and_energies(logits, feats, target, work)
-            stats = [c] + [torch.stack([(mu > 0).sum().float(), torch.isfinite(mu).all().float()]).to(c.device)
-                           for mu in mus]
-            host = torch.cat(stats).tolist()            # the step's one host read
-            cs, rest = host[:self.num_modalities], host[self.num_modalities:]
-            sample = self.selection == "sample"
-            kept = torch.zeros(self.num_modalities, dtype=torch.int64, device=c.device)
-            gens: Dict[torch.device, torch.Generator] = {}
-            for i, ((m, p), mu) in enumerate(zip(work, mus)):
-                nonzero, finite = int(rest[2 * i]), rest[2 * i + 1] > 0
-                if not finite:
-                    continue                             # non-finite gradients stay as they are (the scaler skips)
-                g = None
-                if sample:
-                    g = gens.get(mu.device)
-                    if g is None:
-                        g = gens[mu.device] = self._generator(mu.device)
-                k = min(kept_count(mu.numel(), cs[m]), mu.numel())
-                mask = channel_mask(mu, k, nonzero, sample=sample, plus=self.plus, generator=g)
-                grad = _local(p.grad)
-                row0 = _rows(p.grad)[0]
-                grad.mul_(mask[row0:row0 + grad.shape[0]].to(grad.device, grad.dtype)
-                          .view(-1, *([1] * (grad.dim() - 1))))
-                kept[m] += (mask != 0).sum().to(kept.device)
-        self._step += 1
-        self._decisions = {"c": c.detach(), "kept": kept}
+            self._mask(c, [(m, p.grad) for m, p in work], mus)
         return c
+
+    # -- gradient accumulation: each micro-batch masked as its own step ------------------------------------------
+    def modulated_parameters(self) -> List[List[Tensor]]:
+        return [[p for _, p in layers] for layers in self._layers]
+
+    def micro_batch_decision(self, out: StepOutput, target: Tensor) -> Tensor:
+        """This micro-batch's keep ratios, from the detached head on its features (its masking waits for the
+        energies of its gradient, at the end of its backward)."""
+        if out.features is None:
+            raise ValueError("out: expected a StepOutput with the step's features (from forward()), got none")
+        if distributed.is_active(self.process_group) or any(sharding.is_sharded(p) for ps in
+                                                            self.modulated_parameters() for p in ps):
+            raise ValueError(
+                "steps: AMSS draws each micro-batch's channels from the energies of that micro-batch's gradient "
+                "averaged over the ranks, which data-parallel accumulation (DDP's no_sync, FSDP) never forms; use "
+                "no gradient accumulation under data parallelism")
+        self._micro = None
+        if not self.in_window(out.epoch):
+            self._decisions = {}
+            return self.ones(target.device)
+        with torch.no_grad():
+            feats = [h.detach() for h in out.features]
+            c, _ = keep_ratios(per_modality_logits(self.fusion, feats), feats, target, self.temperature, self.offset)
+        self._micro = (c, {})
+        return c
+
+    def modulate_micro_gradient(self, m: int, index: int, grad: Tensor, coeffs: Tensor) -> Tensor:
+        # The micro-batch's gradient is kept aside and zeros are accumulated; at the end of the backward the kept
+        # gradients are masked in the order of a step (so the draws are a step's) and added to .grad.
+        if self._micro is None:
+            return grad
+        pending = self._micro[1]
+        if not pending:
+            torch.autograd.Variable._execution_engine.queue_callback(self._finish_micro_batch)
+        pending[index] = (m, grad)
+        return torch.zeros_like(grad)
+
+    def _finish_micro_batch(self) -> None:
+        c, pending = self._micro
+        self._micro = (c, {})
+        if not pending:
+            return
+        params = [p for ps in self.modulated_parameters() for p in ps]
+        order = sorted(pending)
+        work = [pending[i] for i in order]
+        with torch.no_grad():
+            grads = [g.clone() if g.requires_grad else g for _, g in work]
+            mus = [channel_energy(g, params[i], self.energy) for g, i in zip(grads, order)]
+            self._mask(c, [(m, g) for (m, _), g in zip(work, grads)], mus)
+            for g, i in zip(grads, order):
+                params[i].grad.add_(g)
 
     def decisions(self) -> Dict[str, Tensor]:
         """``"c"``: ``[M]`` float32 keep ratios; ``"kept"``: ``[M]`` int64 output channels kept per modality (over its
