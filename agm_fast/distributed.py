@@ -3,7 +3,8 @@
 Each method reduces the few statistics its coefficients depend on, so every rank computes what one process computes
 on the global batch: AGM's score sums and counts (:func:`global_mean_scores`, 2M numbers), OGM's softmax-at-label
 sums and CGGM's correct / total counts (:func:`global_sums`). :func:`broadcast_seed` gives every rank the same noise
-seed; :func:`sharded_std` merges per-shard moments into the std of a whole FSDP-sharded gradient.
+seed; :func:`sharded_std` merges per-shard moments into the std of a whole FSDP-sharded gradient; :func:`all_gather`
+gives every rank every rank's small vector (AMSS's statistics and sharded channel energies).
 
 Nothing is communicated when ``torch.distributed`` is not initialised, the rank is not in the group, or the group
 has one rank (:func:`is_active` is False). The reductions never read a value on the host, and inside

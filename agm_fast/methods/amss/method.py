@@ -1,5 +1,6 @@
 """AMSS / AMSS+ behind the method interface: after backward, each masked weight keeps a share c_m of its output
-channels (drawn by gradient energy) and the others' gradients are zeroed."""
+channels (drawn by gradient energy) and the others' gradients are zeroed. Under data parallelism every rank takes
+one process's decisions on the global batch; under gradient accumulation each micro-batch is masked as its own step."""
 
 from __future__ import annotations
 
@@ -58,7 +59,9 @@ class AMSSMethod(Method):
     energy; the other channels' gradients are zeroed (AMSS+: kept channels scaled by ``1 / (q_o + 1 / C)``).
 
     One host read per step (the M ratios and the layers' non-zero channel counts): the kept count must be a Python
-    int for ``torch.multinomial``. Draws use a generator seeded from ``(seed, step)``.
+    int for ``torch.multinomial``. Draws use a generator seeded from ``(seed, step)``. Under gradient accumulation
+    (``set_accumulation(k)``, one process) each micro-batch is a step: its own ratios and draw, masked at the end of
+    its backward (its masked weights' gradients are held until then), one host read per micro-batch.
 
     Args:
         encoders, fusion, window, seed: as :class:`agm_fast.methods.Method` (classification only).
