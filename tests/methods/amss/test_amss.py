@@ -10,7 +10,7 @@ from torch import nn
 
 import agm_fast.methods as methods
 from agm_fast.methods.amss import AMSSMethod, keep_ratios, mask_channels, masked_weights
-from agm_fast.methods.amss.core import kept_count
+from agm_fast.methods.amss.core import keep_ratio_sums, keep_ratios_from_sums, kept_count
 
 
 def _c_by_hand(t):
@@ -64,6 +64,24 @@ def test_fallback_overflow_and_clamp():
     # large finite gap: clamped to [0.1, 0.9]
     c, _ = keep_ratios(torch.zeros(2, 2, 2), feats, target, 0.01)
     assert c.tolist() == [pytest.approx(0.1), pytest.approx(0.9)]
+
+
+def test_keep_ratios_from_the_sums_of_unequal_shards_equal_the_whole_batch():
+    # 4 classes, labels up to 2 only; the first shard (3 rows) has no label 2, the second (6 rows) all of them.
+    gen = torch.Generator().manual_seed(0)
+    target = torch.tensor([0, 1, 0, 2, 1, 2, 0, 2, 1])
+    logits = torch.stack([s * F.one_hot(target, 4) + 0.3 * torch.randn(9, 4, generator=gen) for s in (3.0, 1.5)])
+    feats = [torch.randn(9, 3, generator=gen), torch.randn(9, 5, generator=gen)]
+    want_c, want_ratio = keep_ratios(logits, feats, target, 0.5)
+    sums = sum(keep_ratio_sums(logits[:, s], [f[s] for f in feats], target[s]) for s in (slice(0, 3), slice(3, 9)))
+    assert sums[:4].tolist() == [3, 3, 3, 0]
+    c, ratio = keep_ratios_from_sums(sums, 2, 0.5)
+    torch.testing.assert_close(c, want_c)
+    torch.testing.assert_close(ratio, want_ratio)
+    assert min(want_c.tolist()) != 0.5                                   # not the fallback
+    # The first shard alone decides otherwise (its label term counts classes 0..1).
+    alone, _ = keep_ratios_from_sums(keep_ratio_sums(logits[:, :3], [f[:3] for f in feats], target[:3]), 2, 0.5)
+    assert not torch.allclose(alone, want_c)
 
 
 def test_kept_count_uses_the_float32_value():
