@@ -3,7 +3,8 @@
 Each method reduces the few statistics its coefficients depend on, so every rank computes what one process computes
 on the global batch: AGM's score sums and counts (:func:`global_mean_scores`, 2M numbers), OGM's softmax-at-label
 sums and CGGM's correct / total counts (:func:`global_sums`). :func:`broadcast_seed` gives every rank the same noise
-seed; :func:`sharded_std` merges per-shard moments into the std of a whole FSDP-sharded gradient.
+seed; :func:`sharded_std` merges per-shard moments into the std of a whole FSDP-sharded gradient; :func:`all_gather`
+gives every rank every rank's small vector (AMSS's statistics and sharded channel energies).
 
 Nothing is communicated when ``torch.distributed`` is not initialised, the rank is not in the group, or the group
 has one rank (:func:`is_active` is False). The reductions never read a value on the host, and inside
@@ -28,6 +29,7 @@ __all__ = [
     "global_mean_scores",
     "global_sums",
     "mean_over_ranks_",
+    "all_gather",
     "broadcast_seed",
     "shard_moments",
     "merge_moments",
@@ -257,6 +259,23 @@ def mean_over_ranks_(
     chunks = total.split([t.numel() for t in tensors])
     with torch.no_grad():
         torch._foreach_copy_(tensors, [c.view_as(t) for c, t in zip(chunks, tensors)])
+
+
+def all_gather(local: Tensor, process_group: Optional["ProcessGroup"] = None) -> Tensor:
+    """Every rank's ``local`` (the same shape on every rank), stacked in group-rank order, with one collective.
+
+    Args:
+        local: this rank's tensor (gloo: on the CPU; NCCL: on the GPU).
+        process_group: the group; None means the default group.
+
+    Returns:
+        ``[W, *local.shape]``. When :func:`is_active` is False, ``local[None]``.
+    """
+    _check_tensor(local, "local")
+    if not is_active(process_group):
+        return local.unsqueeze(0)
+    flat = local.reshape(1) if local.dim() == 0 else local
+    return _all_gather(flat, process_group).view((-1,) + tuple(local.shape))
 
 
 def _comm_device(process_group) -> torch.device:

@@ -107,7 +107,7 @@ def test_accumulated_micro_batches_equal_each_modulated_alone_then_summed(name):
             torch.testing.assert_close(a, b, msg=lambda m: f"{name}, step {step}, parameter {i}: {m}")
 
 
-@pytest.mark.parametrize("name", ["ogm", "ogm_ge", "cggm"])
+@pytest.mark.parametrize("name", ["ogm", "ogm_ge", "cggm", "amss", "amss_plus"])
 def test_without_declaring_accumulation_the_summed_gradient_is_modulated_once(name):
     # What the interface did before accumulation was declared: the coefficients of the last micro-batch applied to
     # the summed gradient. It differs, so the test above can fail.

@@ -32,9 +32,9 @@ CASES = {
     "cggm": {"rho": 2.0, "lam": 0.2, "clip_grad_norm": None},
     "mslr": {"history": 1},
     "mses": {"patience": 0},
-    # Methods that refuse accumulation: the trainers must raise their error.
     "amss": {},
     "amss_plus": {},
+    # Methods that refuse accumulation: the trainers must raise their error.
     "gdl": {},
     "inforeg": {},
     "mlb": {},

@@ -264,6 +264,8 @@ def test_noop_without_process_group():
     assert D.global_sums(t, async_op=True).wait() is t
     assert D.broadcast_seed(123) == 123
     assert D.broadcast_seed(2**64 - 1) == 2**64 - 1
+    gathered = D.all_gather(t)
+    assert gathered.shape == (1, 3) and torch.equal(gathered[0], t)
     xs = [torch.randn(5, 4), torch.randn(1), torch.randn(0), torch.randn(3, dtype=torch.bfloat16)]
     std, offsets = D.sharded_std(xs, return_offsets=True)
     assert std.dtype == torch.float32
@@ -326,6 +328,8 @@ def test_bad_input_errors():
         D.sharded_std([torch.zeros(3), torch.zeros(3, device="meta")])
     with pytest.raises(ValueError, match="local"):
         D.merge_moments(torch.zeros(2, 3))
+    with pytest.raises(TypeError, match="^local: expected a torch.Tensor"):
+        D.all_gather([1.0])
 
 
 def _check_two_ranks(rank: int, world: int) -> None:

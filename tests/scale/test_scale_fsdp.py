@@ -42,8 +42,13 @@ CASES = {
     "mslr": {"history": 1},
     "mses": {"patience": 0},
     "mlb": {"alpha": 0.8},
+    # Every Linear weight of the encoders masked; the 9 hidden channels split 5 / 4 over the two ranks.
+    "amss": {},
+    "amss_plus": {},
 }
-GROUPED = ("agm", "ogm", "ogm_ge", "opm", "cggm", "mlb")  # methods that take a process_group
+GROUPED = ("agm", "ogm", "ogm_ge", "opm", "cggm", "mlb", "amss", "amss_plus")  # methods that take a process_group
+# Output channels of the masked weights per modality (AMSS must keep fewer under FSDP2 too).
+MASKED_CHANNELS = 9 + 8
 
 
 def _models():
@@ -86,6 +91,13 @@ def _whole(params):
     return [(p.full_tensor() if sharding.is_sharded(p) else p).detach().clone() for p in params]
 
 
+def _check_masked(name, method):
+    # AMSS's decisions on the sharded model: fewer channels kept than there are (the gathered energies were drawn from).
+    if name.startswith("amss"):
+        kept = method.decisions()["kept"].tolist()
+        assert all(0 < k < MASKED_CHANNELS for k in kept), f"{name}: kept {kept} of {MASKED_CHANNELS} channels"
+
+
 def _train(name, mesh, group, rank, batches, start=0, built=None):
     method, encoders, fusion, params, optimizer = built or _build(name, mesh, group)
     history = []
@@ -94,6 +106,7 @@ def _train(name, mesh, group, rank, batches, start=0, built=None):
             xs, y = [x[rank * B : (rank + 1) * B] for x in xs], y[rank * B : (rank + 1) * B]
         epoch = i // STEPS_PER_EPOCH
         methods.training_step(method, xs, y, epoch, optimizer)
+        _check_masked(name, method)
         if (i + 1) % STEPS_PER_EPOCH == 0:
             method.end_epoch(epoch, _metrics(epoch))
         history.append(_whole(params))
@@ -138,6 +151,7 @@ def _train_weighted(name, mesh, group, rank, batches):
         optimizer.zero_grad(set_to_none=True)
         (method.loss(out, y) * weight).backward()
         method.before_optimizer_step(out, y)
+        _check_masked(name, method)
         optimizer.step()
         if (i + 1) % STEPS_PER_EPOCH == 0:
             method.end_epoch(epoch, _metrics(epoch))

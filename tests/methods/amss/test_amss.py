@@ -10,7 +10,7 @@ from torch import nn
 
 import agm_fast.methods as methods
 from agm_fast.methods.amss import AMSSMethod, keep_ratios, mask_channels, masked_weights
-from agm_fast.methods.amss.core import kept_count
+from agm_fast.methods.amss.core import keep_ratio_sums, keep_ratios_from_sums, kept_count
 
 
 def _c_by_hand(t):
@@ -64,6 +64,24 @@ def test_fallback_overflow_and_clamp():
     # large finite gap: clamped to [0.1, 0.9]
     c, _ = keep_ratios(torch.zeros(2, 2, 2), feats, target, 0.01)
     assert c.tolist() == [pytest.approx(0.1), pytest.approx(0.9)]
+
+
+def test_keep_ratios_from_the_sums_of_unequal_shards_equal_the_whole_batch():
+    # 4 classes, labels up to 2 only; the first shard (3 rows) has no label 2, the second (6 rows) all of them.
+    gen = torch.Generator().manual_seed(0)
+    target = torch.tensor([0, 1, 0, 2, 1, 2, 0, 2, 1])
+    logits = torch.stack([s * F.one_hot(target, 4) + 0.3 * torch.randn(9, 4, generator=gen) for s in (3.0, 1.5)])
+    feats = [torch.randn(9, 3, generator=gen), torch.randn(9, 5, generator=gen)]
+    want_c, want_ratio = keep_ratios(logits, feats, target, 0.5)
+    sums = sum(keep_ratio_sums(logits[:, s], [f[s] for f in feats], target[s]) for s in (slice(0, 3), slice(3, 9)))
+    assert sums[:4].tolist() == [3, 3, 3, 0]
+    c, ratio = keep_ratios_from_sums(sums, 2, 0.5)
+    torch.testing.assert_close(c, want_c)
+    torch.testing.assert_close(ratio, want_ratio)
+    assert min(want_c.tolist()) != 0.5                                   # not the fallback
+    # The first shard alone decides otherwise (its label term counts classes 0..1).
+    alone, _ = keep_ratios_from_sums(keep_ratio_sums(logits[:, :3], [f[:3] for f in feats], target[:3]), 2, 0.5)
+    assert not torch.allclose(alone, want_c)
 
 
 def test_kept_count_uses_the_float32_value():
@@ -254,3 +272,59 @@ def test_errors_name_the_argument():
             AMSSMethod(encs, fus, **kw)
     with pytest.raises(ValueError, match="task"):
         AMSSMethod(encs, fus, task="regression")
+
+
+@pytest.mark.parametrize("plus", [False, True])
+def test_accumulation_masks_each_micro_batch_as_its_own_step(plus):
+    # Two micro-batches of 3 and 5 rows (losses weighted by rows): each gradient masked by hand with its own c and
+    # its own draw (micro-batch j draws as step j: seed + j * 0x9E3779B97F4A7C15), then the two summed.
+    encs, fus, xs, y = _mlp()
+    splits, seed = [(0, 3), (3, 8)], 7
+    micro = [([x[a:b] for x in xs], y[a:b], (b - a) / len(y)) for a, b in splits]
+    grads, cs = [], []
+    for mx, my, w in micro:
+        for e in list(encs) + [fus]:
+            e.zero_grad(set_to_none=True)
+        (F.cross_entropy(fus(torch.cat([e(x) for e, x in zip(encs, mx)], 1)), my) * w).backward()
+        grads.append(_grads(encs, fus))
+        cs.append(_independent_c(encs, fus, mx, my))
+
+    method = methods.create("amss_plus" if plus else "amss", encs, fus, seed=seed)
+    method.set_accumulation(2)
+    for e in list(encs) + [fus]:
+        e.zero_grad(set_to_none=True)
+    for mx, my, w in micro:
+        out = method.forward(mx, my, 0)
+        (method.loss(out, my) * w).backward()
+    recorded = [c.clone() for c in method.micro_coefficients]
+    coeffs = method.before_optimizer_step()
+    torch.testing.assert_close(coeffs, (recorded[0] + recorded[1]) / 2)
+
+    want = [torch.zeros_like(g) for g in grads[0]]
+    for j, (g_micro, c_hand, c) in enumerate(zip(grads, cs, recorded)):
+        assert c.tolist() == pytest.approx(c_hand, rel=1e-5)
+        gen = torch.Generator().manual_seed((seed + j * 0x9E3779B97F4A7C15) % 2 ** 64)
+        i, kept = 0, [0, 0]
+        for m, e in enumerate(encs):
+            for name, _ in e.named_parameters():
+                g = g_micro[i]
+                if name.endswith("weight"):
+                    C = g.shape[0]
+                    mu = (g * g).sum(1)
+                    q = mu / mu.sum()
+                    n = min(math.ceil(C * c[m].item()), int((mu > 0).sum()))
+                    idx = torch.multinomial(q, n, replacement=False, generator=gen)
+                    factor = torch.zeros(C)
+                    factor[idx] = 1 / (q[idx] + 1 / C) if plus else 1.0
+                    g = g * factor[:, None]
+                    kept[m] += n
+                want[i] += g
+                i += 1
+        for k in range(i, len(g_micro)):
+            want[k] += g_micro[k]                        # the head is never masked
+    got = _grads(encs, fus)
+    for k, (a, b) in enumerate(zip(got, want)):
+        torch.testing.assert_close(a, b, msg=lambda msg: f"parameter {k}: {msg}")
+    assert method.decisions()["kept"].tolist() == kept     # the last micro-batch's
+    assert all(0 < k < 10 + 4 for k in kept)               # channels were dropped
+    assert method.method_state() == {"step": 2}            # one step per micro-batch
