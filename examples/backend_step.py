@@ -94,12 +94,14 @@ class Net(nn.Module):
             return self.logits(xs)
         full, _ = self.logits(xs)
         rows = []
-        was_training = self.training
-        # The masked passes run in eval mode with the absent modalities' inputs set to zero (AGM's reference).
+        # The masked passes run in eval mode with the absent modalities' inputs set to zero (AGM's reference); each
+        # submodule gets its own mode back after.
+        modes = [(mod, mod.training) for mod in self.modules()]
         self.train(False)
         for mask in masks[:-1]:
             rows.append(self.logits([x if (mask >> m) & 1 else torch.zeros_like(x) for m, x in enumerate(xs)])[0])
-        self.train(was_training)
+        for mod, mode in modes:
+            mod.training = mode
         return torch.stack(rows + [full])
 
 
@@ -126,8 +128,8 @@ def batches(xs: List[Tensor], y: Tensor, batch: int, epoch: int, seed: int, rank
 class BackendAGM:
     """AGM as a caller runs it: its own subset passes, its own state, the functional ops."""
 
-    def __init__(self, net: Net, model: nn.Module, M: int, group, device: torch.device):
-        self.net, self.model, self.group = net, model, group
+    def __init__(self, model: nn.Module, M: int, group, device: torch.device):
+        self.model, self.group = model, group
         self.masks, W = fn.shapley_subsets(M)                        # bitmasks, the full set last; W [M, S]
         self.W = W.to(device)
         zeros = torch.zeros(M, device=device)
@@ -229,8 +231,7 @@ def main(argv: Sequence[str]) -> None:
 
 def train(args: argparse.Namespace, distributed: bool, library: bool) -> None:
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    device = torch.device("cuda", torch.cuda.current_device()) if distributed and torch.cuda.is_available() else (
-        torch.device("cpu"))
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     if args.batch_size % world:
         raise ValueError(f"--batch-size {args.batch_size} is not divisible by the world size {world}")
     group = dist.group.WORLD if distributed else None
@@ -245,7 +246,7 @@ def train(args: argparse.Namespace, distributed: bool, library: bool) -> None:
     if library:
         runner = Library(net, args.method, args.seed, group, ddp if distributed else None)
     elif args.method == "agm":
-        runner = BackendAGM(net, model, args.modalities, group, device)
+        runner = BackendAGM(model, args.modalities, group, device)
     else:
         runner = BackendOGMGE(net, model, args.seed, group)
     optimizer = torch.optim.SGD(net.parameters(), lr=args.lr, momentum=0.9)
