@@ -12,7 +12,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .. import _backend
+from .. import _backend, distributed
 from .._validate import check_alpha, check_class_labels, check_per_modality_logits
 from ..coalitions import mean_of_others
 
@@ -120,7 +120,9 @@ def _(logits, labels, alpha, continuous):
     )
 
 
-def ogm_scores(logits: Tensor, labels: Tensor, alpha: float, continuous: bool = False) -> Tuple[Tensor, Tensor]:
+def ogm_scores(
+    logits: Tensor, labels: Tensor, alpha: float, continuous: bool = False, process_group=None
+) -> Tuple[Tensor, Tensor]:
     """OGM scores and coefficients of one step, on the logits' device with no host synchronisation.
 
     ``s_m = sum_b softmax(out_m)[b, y_b]``; M = 2: ``rho = s_1 / s_0`` and the dominant modality gets
@@ -133,11 +135,22 @@ def ogm_scores(logits: Tensor, labels: Tensor, alpha: float, continuous: bool = 
         labels: ``[B]`` int64 class indices on the logits' device.
         alpha: modulation strength >= 0 (CREMA-D 0.8, VGGSound 0.1).
         continuous: use ``relu(rho - 1)``, continuous at ``rho = 1`` (the reference before May 2022).
+        process_group: under data parallelism, the group of ranks that share the batch (None: the default group).
+            With ``torch.distributed`` initialised, the score sums are all-reduced (M numbers,
+            :func:`agm_fast.distributed.global_sums`), so every rank gets the scores and coefficients of the global
+            batch, also for unequal local batches. Without an initialised group (or in a group of one) nothing is
+            communicated.
 
     Returns:
-        ``(scores [M], coeffs [M])``, float32, on the logits' device.
+        ``(scores [M], coeffs [M])``, float32, on the logits' device (under a process group: the global batch's).
     """
     check_per_modality_logits(logits)
     check_class_labels(labels, logits.shape[1], logits.shape[2], logits.device)
     alpha = check_alpha(alpha)
-    return ogm_scores_op(logits.detach().contiguous(), labels.contiguous(), alpha, bool(continuous))
+    continuous = bool(continuous)
+    scores, coeffs = ogm_scores_op(logits.detach().contiguous(), labels.contiguous(), alpha, continuous)
+    if not distributed.is_active(process_group):
+        return scores, coeffs
+    # The scores are sums over the batch: their sum over the ranks is the global batch's.
+    scores = distributed.global_sums(scores, process_group)
+    return scores, ogm_coefficients_torch(scores, alpha, continuous)

@@ -14,7 +14,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from .. import _backend
+from .. import _backend, distributed
 from .._validate import check_alpha, check_class_labels, check_float_tensor, check_target
 from ..coalitions import check_modalities, mean_of_others, sampled_shapley_weights, shapley_weights, subset_masks
 
@@ -328,6 +328,7 @@ def shapley_scores(
     in_window: bool = True,
     hold_last: bool = False,
     task: str = "classification",
+    process_group=None,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The AGM step on stacked subset logits, on their device with no host synchronisation.
 
@@ -350,10 +351,15 @@ def shapley_scores(
         in_window: whether this step lies in the modulation window (outside it the coefficients are 1).
         hold_last: outside the window, keep ``prev_coeffs`` (the reference behaviour) instead of 1.
         task: ``"classification"`` or ``"regression"``.
+        process_group: under data parallelism, the group of ranks that share the batch (None: the default group).
+            With ``torch.distributed`` initialised, this rank's score sums and sample count are all-reduced (one
+            collective of 2M numbers, :func:`agm_fast.distributed.global_mean_scores`), so every rank gets the
+            scores, running means and coefficients of the global batch, also for unequal local batches. Without an
+            initialised group (or in a group of one) nothing is communicated.
 
     Returns:
         ``(psi [M, B, C] in F's dtype, scores [M], running_new [M], count_new (count's shape), coeffs [M])``, the
-        last four float32.
+        last four float32; under a process group the last four are the global batch's, the same on every rank.
     """
     M, _ = check_subset_logits(F, W)
     B, C = F.shape[1], F.shape[2]
@@ -379,9 +385,18 @@ def shapley_scores(
         if math.isnan(cap):
             raise ValueError("cap: expected a number or None, got NaN")
         cap = float(cap)
-    return shapley_scores_op(
-        F, W, labels, running, count, prev_coeffs, alpha, cap, bool(in_window), bool(hold_last), task == "regression"
+    in_window, hold_last = bool(in_window), bool(hold_last)
+    out = shapley_scores_op(F, W, labels, running, count, prev_coeffs, alpha, cap, in_window, hold_last,
+                            task == "regression")
+    if not distributed.is_active(process_group):
+        return out
+    # The op's scores are this rank's batch means: one collective turns them into the global batch mean, and the
+    # running means and coefficients follow from it (device arithmetic, as agm_fast.AGMCoefficients does).
+    psi, scores = out[0], distributed.global_mean_scores(out[1].detach(), B, process_group)
+    running_new, count_new, coeffs = agm_coefficients_torch(
+        scores, running, count, prev_coeffs, alpha, cap, in_window, hold_last
     )
+    return psi, scores, running_new, count_new.reshape(count.shape), coeffs
 
 
 def shapley_combine(F: Tensor, W: Tensor, coeffs: Tensor, full_index: int) -> Tensor:
