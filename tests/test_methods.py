@@ -54,9 +54,11 @@ def run_epochs(method, opt, epochs, batches):
     """The one loop: no method is named in it."""
     coeffs = []
     for epoch in epochs:
+        methods.run_epoch_passes(method, epoch, "start", batches, batches)
         for xs, y in batches:
             coeffs.append(methods.training_step(method, xs, y, epoch, opt).coeffs)
         method.end_epoch(epoch, metrics_of(epoch))
+        methods.run_epoch_passes(method, epoch, "end", batches, batches)
     return coeffs
 
 
