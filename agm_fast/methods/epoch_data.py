@@ -230,9 +230,14 @@ def run_epoch_passes(
     t0 = time.perf_counter()
     device = _device_of(method) if device is None else torch.device(device)
     batches = rows = 0
+    # Every loader is resolved before the first pass runs: a missing one fails before any state changes.
+    loaders = {}
     for request in requests:
-        loader = _loader(train if request.split == "train" else val, request.split, method, epoch, when)
-        b, r = _one_pass(method, request, loader, epoch, device, process_group)
+        if request.split not in loaders:
+            source = train if request.split == "train" else val
+            loaders[request.split] = _loader(source, request.split, method, epoch, when)
+    for request in requests:
+        b, r = _one_pass(method, request, loaders[request.split], epoch, device, process_group)
         batches += b
         rows += r
     if device.type == "cuda":

@@ -41,3 +41,39 @@ def _check_two_ranks(rank: int, world: int) -> None:
 
 def test_a_sharded_pass_reduces_to_one_process_over_all_the_data():
     _spawn(_check_two_ranks)
+
+
+def _check_relearning(rank: int, world: int) -> None:
+    import copy
+
+    import torch.distributed as dist
+    from torch import nn
+
+    from agm_fast import ConcatFusion, methods
+
+    torch.manual_seed(0)
+    encoders = [nn.Sequential(nn.Linear(5, 4), nn.Tanh()), nn.Sequential(nn.Linear(2, 4), nn.Tanh())]
+    fusion = ConcatFusion([4, 4], C)
+    solo_encoders = copy.deepcopy(encoders)
+    kwargs = {"reinit_epoch": 1, "kmeans_restarts": 2, "move_lambda": 5.0}
+    sharded = methods.create("relearning", encoders, fusion, **kwargs)
+    solo = methods.create("relearning", solo_encoders, copy.deepcopy(fusion), **kwargs)
+    with torch.no_grad():
+        for e in encoders + solo_encoders:
+            for p in e.parameters():
+                p.add_(0.5)
+    train, val = _data(4), _data(3)
+    # Rank r holds batches r, r + 2, ...: one process sees them in rank order (the order the gather makes).
+    shard = {k: d[rank::world] for k, d in (("train", train), ("val", val))}
+    order = {k: d[0::world] + d[1::world] for k, d in (("train", train), ("val", val))}
+    groups = [dist.new_group([r]) for r in range(world)]
+    methods.run_epoch_passes(sharded, 1, "end", shard["train"], shard["val"])
+    methods.run_epoch_passes(solo, 1, "end", order["train"], order["val"], process_group=groups[rank])
+    for key in ("train_purity", "val_purity", "weight"):
+        torch.testing.assert_close(sharded.decisions()[key], solo.decisions()[key])
+    for p, q in zip([p for e in encoders for p in e.parameters()], [p for e in solo_encoders for p in e.parameters()]):
+        torch.testing.assert_close(p, q)
+
+
+def test_relearning_gathers_every_rank_s_features():
+    _spawn(_check_relearning, timeout=90.0)
