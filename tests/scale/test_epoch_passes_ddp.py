@@ -77,3 +77,38 @@ def _check_relearning(rank: int, world: int) -> None:
 
 def test_relearning_gathers_every_rank_s_features():
     _spawn(_check_relearning, timeout=90.0)
+
+
+def _check_pmr(rank: int, world: int) -> None:
+    import copy
+
+    import torch.distributed as dist
+    from torch import nn
+
+    from agm_fast import ConcatFusion, methods
+
+    torch.manual_seed(0)
+    encoders = [nn.Sequential(nn.Linear(5, 4), nn.Tanh()), nn.Sequential(nn.Linear(2, 4), nn.Tanh())]
+    fusion = ConcatFusion([4, 4], C)
+    solo_enc, solo_fus = copy.deepcopy(encoders), copy.deepcopy(fusion)
+    groups = [dist.new_group([r]) for r in range(world)]
+    sharded = methods.create("pmr", encoders, fusion, proto_fraction=1.0)
+    solo = methods.create("pmr", solo_enc, solo_fus, proto_fraction=1.0, process_group=groups[rank])
+    train = _data(4)
+    methods.run_epoch_passes(sharded, 0, "start", train[rank::world])
+    methods.run_epoch_passes(solo, 0, "start", train, process_group=groups[rank])
+    for p, q in zip(sharded.prototypes, solo.prototypes):
+        torch.testing.assert_close(p, q)
+    # One step: each rank half of a batch; the scores are global-batch sums, so the strengths are one process's.
+    (xs, y), = _data(1, rows=10)
+    half = slice(5 * rank, 5 * rank + 5)
+    out = sharded.forward([x[half] for x in xs], y[half], 0)
+    sharded.loss(out, y[half])
+    out = solo.forward(xs, y, 0)
+    solo.loss(out, y)
+    for key in ("scores", "ratios", "strength"):
+        torch.testing.assert_close(sharded.decisions()[key], solo.decisions()[key])
+
+
+def test_pmr_prototypes_and_scores_are_global():
+    _spawn(_check_pmr, timeout=90.0)
