@@ -12,7 +12,8 @@ from agm_fast.fusion import ConcatFusion
 
 M, B, C, D = 2, 16, 4, 6
 # Settings that make every method act within a few steps (MSES stops at once, OPM drops from epoch 0).
-ACTIVE = {"opm": {"warmup_epochs": 0, "p_exe": 1.0}, "mses": {"patience": 0}, "mslr": {"history": 1}}
+ACTIVE = {"opm": {"warmup_epochs": 0, "p_exe": 1.0}, "mses": {"patience": 0}, "mslr": {"history": 1},
+          "relearning": {"reinit_epoch": 1, "kmeans_restarts": 2}}
 
 
 class Parts(nn.Module):
@@ -36,6 +37,9 @@ def data(steps=3, seed=0):
     return out
 
 
+VAL = data(2, seed=5)
+
+
 def metrics_of(epoch):
     # Validation metrics that drift, so MSLR's ratios and MSES's stops change the state.
     return {"modality_accuracy": [0.5 + 0.1 * epoch, 0.4 - 0.05 * epoch], "modality_loss": [1.0 + epoch, 2.0 + epoch]}
@@ -54,9 +58,12 @@ def run_epochs(method, opt, epochs, batches):
     """The one loop: no method is named in it."""
     coeffs = []
     for epoch in epochs:
+        # Epoch passes (PMR, relearning) over these batches and validation batches of their own.
+        methods.run_epoch_passes(method, epoch, "start", batches, VAL)
         for xs, y in batches:
             coeffs.append(methods.training_step(method, xs, y, epoch, opt).coeffs)
         method.end_epoch(epoch, metrics_of(epoch))
+        methods.run_epoch_passes(method, epoch, "end", batches, VAL)
     return coeffs
 
 
@@ -87,6 +94,7 @@ def test_coefficients_are_float32_m_on_the_input_device(name):
     torch.manual_seed(0)
     parts = Parts()
     method, opt = build(name, parts)
+    methods.run_epoch_passes(method, 0, "start", data(), data())  # PMR's prototypes; the others ask for nothing
     for xs, y in data():
         res = methods.training_step(method, xs, y, 0, opt)
         assert res.coeffs.dtype == torch.float32 and res.coeffs.shape == (M,) and res.coeffs.device == y.device

@@ -105,20 +105,21 @@ def competition_strength_of(model, splits, num_classes, args, device):
     return d.tolist(), unimodal_acc, None
 
 
-def columns(names: Sequence[str], probe: bool = False) -> List[str]:
+def columns(names: Sequence[str], probe: bool = False, passes: bool = False) -> List[str]:
     cols = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc"]
     cols += [f"val_acc_{n}" for n in names] + [f"val_loss_{n}" for n in names] + [f"coeff_{n}" for n in names]
     cols += [f"coeff_mean_{n}" for n in names]
     if probe:
         cols += [f"probe_acc_{n}" for n in names]
-    return cols + list(TIME_COLUMNS)
+    return cols + list(TIME_COLUMNS) + (["pass_s", "pass_frac"] if passes else [])
 
 
 def write_csv(path: str, names: Sequence[str], history: List[dict]) -> None:
     tmp = path + ".tmp"
     with open(tmp, "w", newline="") as fh:
         probe = bool(history) and f"probe_acc_{names[0]}" in history[0]
-        writer = csv.DictWriter(fh, fieldnames=columns(names, probe))
+        passes = bool(history) and "pass_s" in history[0]
+        writer = csv.DictWriter(fh, fieldnames=columns(names, probe, passes))
         writer.writeheader()
         for row in history:
             writer.writerow({k: (repr(v) if isinstance(v, float) else v) for k, v in row.items()})

@@ -21,6 +21,7 @@ import torch
 
 from .. import data as data_mod
 from .. import methods
+from ..methods.epoch_data import run_epoch_passes
 from ..models import MultiViewModel
 from ..probe import probe_encoders
 from .args import CLIError, config_of, flag_message, method_kwargs, one_line, resolve, restorable
@@ -270,6 +271,7 @@ def _train(
     if starts is not None:
         print(starts)
     metrics_path = os.path.join(args.out, "metrics.csv")
+    uses_passes = type(method).epoch_passes is not methods.Method.epoch_passes
     interactive = sys.stderr.isatty()
     for epoch in range(len(history), args.epochs):
         progress["epoch"] = epoch
@@ -281,6 +283,7 @@ def _train(
         coeff_steps = []
         bar = tqdm(total=len(steps), desc=f"epoch {epoch + 1}/{args.epochs}", file=sys.stderr, leave=False,
                    disable=not interactive, unit="step")
+        passes = _epoch_passes(method, epoch, "start", args, (xs_train, y_train), (xs_val, y_val))
         t0 = time.perf_counter()
         for step, idx in enumerate(steps):
             idx = idx.to(device)
@@ -301,6 +304,7 @@ def _train(
         if not math.isfinite(val["loss"]):
             _diverged(args, names, source, splits, config, history, epoch, "validation", val["loss"])
         method.end_epoch(epoch, {"modality_accuracy": val["mono_acc"], "modality_loss": val["mono_loss"]})
+        passes += _epoch_passes(method, epoch, "end", args, (xs_train, y_train), (xs_val, y_val))
         coeff_all = torch.stack(coeff_steps).float()
         row = {
             "epoch": epoch + 1,
@@ -317,6 +321,8 @@ def _train(
             probe = probe_encoders(list(model.encoders), xs_train, y_train, xs_val, y_val, num_classes=C)
             row.update({f"probe_acc_{n}": a for n, a in zip(names, probe.tolist())})
         row.update({"step_ms": 1e3 * elapsed / len(steps), "epoch_s": elapsed})
+        if uses_passes:
+            row.update({"pass_s": passes, "pass_frac": passes / (elapsed + passes)})
         history.append(row)
         print(format_line(row, names, args.epochs), flush=True)
         with _writing("metrics.csv", metrics_path):
@@ -385,6 +391,36 @@ def _train(
     if never is not None:
         print(f"agm-fast: warning: {never}", file=sys.stderr)
     return summary
+
+
+class _PassData:
+    """The batches of one epoch pass over tensors on the device (``([x_0, ...], y)`` each), read as they are used."""
+
+    def __init__(self, xs, y, order) -> None:
+        self.xs, self.y, self.order = xs, y, order
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __iter__(self):
+        for idx in self.order:
+            idx = idx.to(self.y.device)
+            yield [x[idx] for x in self.xs], self.y[idx]
+
+
+def _epoch_passes(method, epoch: int, when: str, args, train, val) -> float:
+    """The passes the method asks for at ``when`` of ``epoch``; their seconds. The training rows are shuffled by a
+    generator of their own (seed, epoch), so the run's data order is the same with or without passes."""
+
+    def loader(split):
+        xs, y = train if split == "train" else val
+        if split == "val":
+            return _PassData(xs, y, list(torch.split(torch.arange(len(y)), args.batch_size)))
+        gen = torch.Generator().manual_seed(args.seed * 1_000_003 + 2 * epoch + (when == "end"))
+        return _PassData(xs, y, batches(len(y), args.batch_size, gen))
+
+    report = run_epoch_passes(method, epoch, when, lambda: loader("train"), lambda: loader("val"))
+    return 0.0 if report is None else report.seconds
 
 
 def _diverged(args, names, source, splits, config, history, epoch, where, value) -> None:

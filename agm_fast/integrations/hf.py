@@ -16,6 +16,7 @@ A batch is a dict ``{"inputs": [x_0, ..., x_{M-1}], "labels": y}`` (:func:`colla
 from __future__ import annotations
 
 import os
+import time
 import warnings
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -23,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from ..methods import Method
+from ..methods.epoch_data import run_epoch_passes
 from . import missing
 
 try:
@@ -104,6 +106,9 @@ class BalancingCallback(TrainerCallback):
         coefficients: the ``[M]`` coefficients of every optimizer step (detached).
         modulated_step: the global step whose gradients were last modulated (:class:`BalancedTrainer` modulates
             before clipping and sets it, so that this callback does not modulate the same step again).
+        eval_loader: a zero-argument callable that gives the validation dataloader for the method's epoch passes
+            when the Trainer has not built one yet (:class:`BalancedTrainer` sets it).
+        pass_times: ``(epoch, pass seconds, epoch seconds)`` of each epoch in which the method's epoch passes ran.
     """
 
     def __init__(self, method: Method, metrics=None) -> None:
@@ -119,6 +124,9 @@ class BalancingCallback(TrainerCallback):
         self.resume_from: Optional[str] = None
         #: Whether the trainer modulates before clipping itself (:class:`BalancedTrainer`).
         self.modulates_before_clipping = False
+        self.eval_loader = None
+        self.pass_times: List[tuple] = []
+        self._epoch_clock = (0.0, 0.0)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if model is not None:
@@ -154,6 +162,19 @@ class BalancingCallback(TrainerCallback):
     def on_epoch_begin(self, args, state, control, model=None, **kwargs):
         if model is not None:
             getattr(model, "module", model).epoch = int(state.epoch or 0)
+        t0 = time.perf_counter()
+        self._epoch_clock = (self._epoch_passes(int(state.epoch or 0), "start", model, kwargs), t0)
+
+    # Epoch passes with data (agm_fast/methods/epoch_data.py), over the Trainer's own (sharded) dataloaders.
+    def _epoch_passes(self, epoch: int, when: str, model, kwargs) -> float:
+        def val():
+            loader = kwargs.get("eval_dataloader")
+            return loader if loader is not None or self.eval_loader is None else self.eval_loader()
+
+        device = None if model is None else next(model.parameters()).device
+        report = run_epoch_passes(self.method, epoch, when, lambda: kwargs.get("train_dataloader"), val,
+                                  device=device)
+        return 0.0 if report is None else report.seconds
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         self.modulate(state.global_step)
@@ -164,10 +185,14 @@ class BalancingCallback(TrainerCallback):
             self.coefficients.append(self.method.before_optimizer_step().detach())
             self.modulated_step = step
 
-    def on_epoch_end(self, args, state, control, **kwargs):
+    def on_epoch_end(self, args, state, control, model=None, **kwargs):
+        epoch = int(round(state.epoch or 0)) - 1
         if self.metrics is not None:
-            epoch = int(round(state.epoch or 0)) - 1
             self.method.end_epoch(epoch, self.metrics(epoch))
+        end = self._epoch_passes(epoch, "end", model, kwargs)
+        start_s, t0 = self._epoch_clock
+        if start_s or end:
+            self.pass_times.append((epoch, start_s + end, time.perf_counter() - t0 + start_s))
 
     def on_save(self, args, state, control, **kwargs):
         folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
@@ -189,6 +214,7 @@ class BalancedTrainer(Trainer):
         model = BalancedModel(method) if model is None else model
         self.balancing = BalancingCallback(method, metrics=metrics)
         self.balancing.modulates_before_clipping = True
+        self.balancing.eval_loader = lambda: None if self.eval_dataset is None else self.get_eval_dataloader()
         callbacks = [self.balancing] + list(kwargs.pop("callbacks", None) or [])
         super().__init__(model=model, callbacks=callbacks, **kwargs)
         kind = str(getattr(self.accelerator, "distributed_type", ""))

@@ -16,6 +16,7 @@ where.
 
 from __future__ import annotations
 
+import time
 import warnings
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -25,6 +26,7 @@ from torch import Tensor, nn
 
 from ..fusion import per_modality_logits
 from ..methods import Method
+from ..methods.epoch_data import run_epoch_passes
 from . import missing
 
 try:
@@ -57,6 +59,8 @@ class BalancingCallback(pl.Callback):
 
     Attributes:
         coefficients: the ``[M]`` coefficients of every optimizer step of the current fit (detached, on the device).
+        pass_times: ``(epoch, pass seconds, epoch seconds)`` of each epoch in which the method's epoch passes ran
+            (over the trainer's own train / val dataloaders; the fraction is logged as ``epoch_pass_fraction``).
     """
 
     def __init__(self, method: Method) -> None:
@@ -65,6 +69,8 @@ class BalancingCallback(pl.Callback):
         self.method = method
         self.coefficients: List[Tensor] = []
         self._kept: Optional[List[Optional[Tensor]]] = None
+        self.pass_times: List[Tuple[int, float, float]] = []
+        self._epoch_clock = (0.0, 0.0)
 
     @property
     def state_key(self) -> str:
@@ -120,6 +126,29 @@ class BalancingCallback(pl.Callback):
         metrics = fn() if callable(fn) else None
         if metrics:
             self.method.end_epoch(trainer.current_epoch, metrics)
+        end = self._epoch_passes(trainer, pl_module, "end")
+        start_s, t0 = self._epoch_clock
+        if start_s or end:
+            pass_s = start_s + end
+            self.pass_times.append((trainer.current_epoch, pass_s, time.perf_counter() - t0 + start_s))
+            pl_module.log("epoch_pass_fraction", pass_s / max(self.pass_times[-1][2], 1e-12), on_epoch=True)
+
+    # Epoch passes with data (agm_fast/methods/epoch_data.py), over the trainer's own (sharded) dataloaders.
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        t0 = time.perf_counter()
+        self._epoch_clock = (self._epoch_passes(trainer, pl_module, "start"), t0)
+
+    def _epoch_passes(self, trainer, pl_module, when: str) -> float:
+        def val():
+            loaders = trainer.val_dataloaders
+            if loaders is None and trainer.fit_loop.epoch_loop.val_loop is not None:
+                trainer.fit_loop.epoch_loop.val_loop.setup_data()  # before the first validation of the fit
+                loaders = trainer.val_dataloaders
+            return loaders[0] if isinstance(loaders, (list, tuple)) and loaders else loaders
+
+        report = run_epoch_passes(self.method, trainer.current_epoch, when, lambda: trainer.train_dataloader, val,
+                                  device=pl_module.device)
+        return 0.0 if report is None else report.seconds
 
     def state_dict(self) -> Dict[str, Any]:
         return {"method": self.method.state_dict()}

@@ -5,9 +5,11 @@
     method = agm_fast.methods.create("ogm_ge", encoders=[enc_a, enc_v], fusion=head, alpha=0.8, window=(0, 50))
     optimizer = torch.optim.SGD([{"params": params}] + method.param_groups(lr), lr=lr)
     for epoch in range(epochs):
-        for x_a, x_v, y in loader:
+        agm_fast.methods.run_epoch_passes(method, epoch, "start", train_loader, val_loader)   # PMR, relearning
+        for x_a, x_v, y in train_loader:
             agm_fast.methods.training_step(method, [x_a, x_v], y, epoch, optimizer)
         method.end_epoch(epoch, {"modality_accuracy": acc, "modality_loss": loss})
+        agm_fast.methods.run_epoch_passes(method, epoch, "end", train_loader, val_loader)
 
 Each method is one folder here (``agm/``, ``ogm/``, ...) that declares its hyper-parameters once and registers itself
 from its ``__init__``; methods of other packages register through the ``agm_fast.methods`` entry-point group.
@@ -19,13 +21,16 @@ import importlib
 import pkgutil
 
 from .base import TASKS, Method, StepOutput, StepResult, encode, training_step
+from .epoch_data import EpochPass, PassBatch, run_epoch_passes
 from .hparams import HParam, HParams, declare
 from .registry import Registered, available, create, get, register, unregister
 
 __all__ = [
     "Method",
+    "EpochPass",
     "HParam",
     "HParams",
+    "PassBatch",
     "Registered",
     "StepOutput",
     "StepResult",
@@ -36,6 +41,7 @@ __all__ = [
     "encode",
     "get",
     "register",
+    "run_epoch_passes",
     "training_step",
     "unregister",
 ]

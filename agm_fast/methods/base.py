@@ -9,6 +9,9 @@ A method is built on the model's ``encoders`` (M modules) and ``fusion`` head; a
     optimizer.step()
     method.end_epoch(epoch, {"modality_accuracy": [...], "modality_loss": [...]})   # MSLR, MSES
 
+and, at the start and end of each epoch, ``run_epoch_passes`` (agm_fast/methods/epoch_data.py) runs the passes over
+the data that a method asks for in ``epoch_passes`` (PMR's prototypes); the base class asks for none.
+
 :func:`training_step` is those lines, written once. docs/architecture.md states the contract (hooks, window,
 state) that every registered method passes.
 """
@@ -389,6 +392,28 @@ class Method:
         """End of an epoch with the validation metrics: ``"modality_accuracy"`` and ``"modality_loss"``, M floats
         each (MSLR follows the accuracies, MSES the losses; the others ignore them)."""
         return None
+
+    # --- Epoch passes with data (agm_fast/methods/epoch_data.py). The defaults ask for nothing and do nothing. ---
+
+    def epoch_passes(self, epoch: int) -> Sequence[Any]:
+        """The passes over the data the method asks for in ``epoch``: :class:`~agm_fast.methods.epoch_data.EpochPass`
+        requests (split, start or end, fraction of the batches); none by default. The same on every rank."""
+        return ()
+
+    def begin_pass(self, request: Any, epoch: int, device: torch.device) -> Dict[str, Tensor]:
+        """The zero sums a pass starts from (every key :meth:`pass_batch` returns, so that a rank with no batches
+        still takes part in the reduction)."""
+        return {}
+
+    def pass_batch(self, request: Any, batch: Any) -> Optional[Dict[str, Tensor]]:
+        """One :class:`~agm_fast.methods.epoch_data.PassBatch` of a pass (no gradients): the sums it adds."""
+        return None
+
+    def finish_pass(self, request: Any, epoch: int, sums: Dict[str, Tensor], process_group: Any = None) -> None:
+        """The end of a pass, with its sums over every batch and rank; may change parameters (under no_grad)."""
+        return None
+
+    # --- end of the epoch passes ---
 
     def decisions(self) -> Dict[str, Tensor]:
         """What the last step decided, beyond its coefficients, for logging (detached tensors on the device: e.g.
