@@ -113,3 +113,65 @@ def _check_ddp(rank: int, world: int) -> None:
 
 def test_agm_and_ogm_over_two_ranks_equal_one_process_on_the_global_batch():
     _spawn(_check_ddp, timeout=90.0)
+
+
+# InfoReg: the scores of the global batch (sums reduced), so every rank picks the leader and beta of one process; the
+# gradients are the averaged ones, so the pull and the traces need nothing more. Local batches of 5 and 7 rows, the
+# loss of each weighted by its share of the global batch (what makes the average of the ranks' gradients the gradient
+# of the global mean loss), and equal halves.
+INFOREG = {"trace_window": 2, "trace_modality": "leader", "beta_bases": [0.95, 0.5]}
+INFOREG_EPOCHS, INFOREG_STEPS = 3, 2
+
+
+def _train_inforeg(batches, rows, rank, group, reduce_group, score):
+    encoders, fusion, params = _models()
+    method = agm_fast.methods.create("inforeg", encoders, fusion, score=score, process_group=group, **INFOREG)
+    opt = torch.optim.SGD(params, lr=0.5, momentum=0.9)
+    start = sum(rows[:rank]) if rows is not None else 0
+    decided, reduces = [], []
+    all_reduce = dist.all_reduce
+
+    def counted(*args, **kwargs):
+        reduces[-1] += 1
+        return all_reduce(*args, **kwargs)
+
+    for i, (xs, y) in enumerate(batches):
+        N = len(y)
+        if rows is not None:
+            xs, y = [x[start:start + rows[rank]] for x in xs], y[start:start + rows[rank]]
+        epoch = i // INFOREG_STEPS
+        out = method.forward(xs, y, epoch)
+        opt.zero_grad()
+        (method.loss(out, y) * (len(y) * dist.get_world_size() / N if rows is not None else 1.0)).backward()
+        _average_grads(params, reduce_group)
+        reduces.append(0)
+        dist.all_reduce = counted
+        try:
+            method.before_optimizer_step(out, y)
+        finally:
+            dist.all_reduce = all_reduce
+        opt.step()
+        decided.append(method.decisions())
+        if (i + 1) % INFOREG_STEPS == 0:
+            method.end_epoch(epoch, {})
+    return decided, [p.detach().clone() for p in params], reduces
+
+
+def _check_inforeg(rank: int, world: int) -> None:
+    own = [dist.new_group([r]) for r in range(world)][rank]
+    batches = _batches(INFOREG_EPOCHS * INFOREG_STEPS)
+    for rows, score in [((B, B), "sum"), ((5, 7), "sum"), ((5, 7), "mean")]:
+        want = _train_inforeg(batches, None, rank, own, own, score)
+        got = _train_inforeg(batches, rows, rank, None, None, score)
+        for step, (g, w) in enumerate(zip(got[0], want[0])):
+            for key in w:
+                torch.testing.assert_close(g[key], w[key], msg=lambda m: f"{rows} {score}, step {step}, {key}: {m}")
+        assert any(bool(d["regulated"].any()) for d in got[0][1::INFOREG_STEPS]), "InfoReg never pulled"
+        for i, (g, w) in enumerate(zip(got[1], want[1])):
+            torch.testing.assert_close(g, w, msg=lambda m: f"{rows} {score}, parameter {i}: {m}")
+        assert want[2] == [0] * len(batches), want[2]  # a group of one rank: nothing is communicated
+        assert got[2] == [1] * len(batches), got[2]  # the scores' all-reduce, once per step
+
+
+def test_inforeg_over_two_ranks_equals_one_process_on_the_global_batch():
+    _spawn(_check_inforeg, timeout=120.0)

@@ -42,8 +42,12 @@ CASES = {
     "mslr": {"history": 1},
     "mses": {"patience": 0},
     "mlb": {"alpha": 0.8},
+    "inforeg": {"trace_window": 2, "trace_modality": "leader", "beta_bases": [0.95, 0.5]},
 }
-GROUPED = ("agm", "ogm", "ogm_ge", "opm", "cggm", "mlb")  # methods that take a process_group
+# Methods whose decisions() are compared step by step too, and what they must show on some step for the test to mean
+# anything (InfoReg: it regulated; its trace ratio k, from the traces summed over the shards, is compared as well).
+ACTED = {"inforeg": lambda d: bool(d["regulated"].any())}
+GROUPED = ("agm", "ogm", "ogm_ge", "opm", "cggm", "mlb", "inforeg")  # methods that take a process_group
 
 
 def _models():
@@ -86,7 +90,23 @@ def _whole(params):
     return [(p.full_tensor() if sharding.is_sharded(p) else p).detach().clone() for p in params]
 
 
-def _train(name, mesh, group, rank, batches, start=0, built=None):
+def _acted(name, method, decided: list) -> None:
+    if name in ACTED:
+        decided.append(method.decisions())
+
+
+def _check_decisions(name, got: list, want: list) -> None:
+    if name not in ACTED:
+        return
+    assert len(got) == len(want)
+    for step, (g, w) in enumerate(zip(got, want)):
+        assert g.keys() == w.keys(), f"{name}, step {step}: decisions {sorted(g)} vs {sorted(w)}"
+        for key in g:
+            torch.testing.assert_close(g[key], w[key], msg=lambda m: f"{name}, step {step}, {key}: {m}")
+    assert any(ACTED[name](d) for d in got if d), f"{name}: its decisions say it never acted: {got}"
+
+
+def _train(name, mesh, group, rank, batches, start=0, built=None, acted=None):
     method, encoders, fusion, params, optimizer = built or _build(name, mesh, group)
     history = []
     for i, (xs, y) in enumerate(batches[start:], start):
@@ -94,6 +114,7 @@ def _train(name, mesh, group, rank, batches, start=0, built=None):
             xs, y = [x[rank * B : (rank + 1) * B] for x in xs], y[rank * B : (rank + 1) * B]
         epoch = i // STEPS_PER_EPOCH
         methods.training_step(method, xs, y, epoch, optimizer)
+        _acted(name, method, [] if acted is None else acted)
         if (i + 1) % STEPS_PER_EPOCH == 0:
             method.end_epoch(epoch, _metrics(epoch))
         history.append(_whole(params))
@@ -106,8 +127,10 @@ def _check_methods(rank: int, world: int) -> None:
     batches = _batches()
     joint = _train("joint", None, own, rank, batches)
     for name in CASES:
-        want = _train(name, None, own, rank, batches)
-        got = _train(name, mesh, None, rank, batches)
+        decided, single = [], []
+        want = _train(name, None, own, rank, batches, acted=single)
+        got = _train(name, mesh, None, rank, batches, acted=decided)
+        _check_decisions(name, decided, single)
         for step, (g, w) in enumerate(zip(got, want)):
             for i, (a, b) in enumerate(zip(g, w)):
                 torch.testing.assert_close(a, b, msg=lambda m: f"{name}, step {step}, parameter {i}: {m}")
@@ -124,7 +147,7 @@ UNEQUAL = (5, 7)
 UNEQUAL_CASES = [n for n in CASES if n not in ("opm", "cggm")]
 
 
-def _train_weighted(name, mesh, group, rank, batches):
+def _train_weighted(name, mesh, group, rank, batches, acted=None, reshard_head=False):
     method, encoders, fusion, params, optimizer = _build(name, mesh, group)
     start = sum(UNEQUAL[:rank]) if mesh is not None else 0
     history = []
@@ -135,9 +158,12 @@ def _train_weighted(name, mesh, group, rank, batches):
         weight = len(y) * (len(UNEQUAL) if mesh is not None else 1) / N
         epoch = i // STEPS_PER_EPOCH
         out = method.forward(xs, y, epoch)
+        if reshard_head and mesh is not None:
+            fusion.reshard()  # the head sharded again before the loss (as a non-root unit is after its forward)
         optimizer.zero_grad(set_to_none=True)
         (method.loss(out, y) * weight).backward()
         method.before_optimizer_step(out, y)
+        _acted(name, method, [] if acted is None else acted)
         optimizer.step()
         if (i + 1) % STEPS_PER_EPOCH == 0:
             method.end_epoch(epoch, _metrics(epoch))
@@ -149,9 +175,15 @@ def _check_unequal_local_batches(rank: int, world: int) -> None:
     mesh = init_device_mesh("cpu", (world,))
     own = [dist.new_group([r]) for r in range(world)][rank]
     batches = _batches()
-    for name in UNEQUAL_CASES:
-        want = _train_weighted(name, None, own, rank, batches)
-        got = _train_weighted(name, mesh, None, rank, batches)
+    # InfoReg's unimodal losses read the head whole: as FSDP left it after its forward (the root keeps it
+    # unsharded), and from a sharded head (through a whole copy whose gradient is averaged over the ranks).
+    for name, reshard in [(n, False) for n in UNEQUAL_CASES] + [("inforeg", True)]:
+        if name not in UNEQUAL_CASES:
+            continue
+        decided, single = [], []
+        want = _train_weighted(name, None, own, rank, batches, acted=single)
+        got = _train_weighted(name, mesh, None, rank, batches, acted=decided, reshard_head=reshard)
+        _check_decisions(name, decided, single)
         for step, (g, w) in enumerate(zip(got, want)):
             for i, (a, b) in enumerate(zip(g, w)):
                 torch.testing.assert_close(a, b, msg=lambda m: f"{name}, step {step}, parameter {i}: {m}")
