@@ -175,3 +175,43 @@ def _check_inforeg(rank: int, world: int) -> None:
 
 def test_inforeg_over_two_ranks_equals_one_process_on_the_global_batch():
     _spawn(_check_inforeg, timeout=120.0)
+
+
+# MLB with gradient accumulation: two micro-batches per step, each rank holding half of each global micro-batch. Each
+# micro-batch's k is that of the global micro-batch (its scores reduced), the model's summed gradients are averaged
+# after the last micro-batch (as DDP under no_sync), the heads' by the method at the step.
+def _train_mlb_accumulated(batches, rank, group, reduce_group, split):
+    encoders, fusion, params = _models()
+    method = agm_fast.methods.create("mlb", encoders, fusion, alpha=0.8, process_group=group)
+    method.set_accumulation(2)
+    everything = params + list(method.heads.parameters())
+    opt = torch.optim.SGD(everything, lr=0.5)
+    coeffs = []
+    for xs, y in batches:
+        opt.zero_grad()
+        for i in range(2):
+            lo, hi = i * B, (i + 1) * B
+            if split:
+                lo, hi = lo + rank * B // 2, lo + (rank + 1) * B // 2
+            out = method.forward([x[lo:hi] for x in xs], y[lo:hi], 0)
+            (method.loss(out, y[lo:hi]) / 2).backward()
+        _average_grads(params, reduce_group)
+        coeffs.append(method.before_optimizer_step())
+        opt.step()
+    return coeffs, [p.detach().clone() for p in everything]
+
+
+def _check_mlb_accumulated(rank: int, world: int) -> None:
+    own = [dist.new_group([r]) for r in range(world)][rank]
+    batches = _batches(3)
+    want = _train_mlb_accumulated(batches, rank, own, own, split=False)
+    got = _train_mlb_accumulated(batches, rank, None, None, split=True)
+    assert not torch.allclose(want[0][0], torch.ones(2))
+    for step, (g, w) in enumerate(zip(got[0], want[0])):
+        torch.testing.assert_close(g, w, msg=lambda m: f"step {step}, k: {m}")
+    for i, (g, w) in enumerate(zip(got[1], want[1])):
+        torch.testing.assert_close(g, w, msg=lambda m: f"parameter {i}: {m}")
+
+
+def test_mlb_accumulation_over_two_ranks_equals_one_process_on_the_global_micro_batches():
+    _spawn(_check_mlb_accumulated, timeout=90.0)
