@@ -211,6 +211,12 @@ def _check_layout_and_collectives(rank: int, world: int) -> None:
     with pytest.raises(ValueError, match="every tensor sharded"):
         sharding.local_shards([distribute_tensor(torch.zeros(4), mesh, [Shard(0)]), torch.zeros(3)])
 
+    # Gradient hooks are never called on FSDP2-sharded parameters: the methods that accumulate by hooks refuse.
+    for name in [n for n in CASES if methods.get(n).cls.accumulation == "hooks"]:
+        with pytest.raises(ValueError, match=f"^steps: {name} modulates micro-batches by gradient hooks"):
+            _build(name, mesh, None)[0].set_accumulation(2)
+        _build(name, mesh, None)[0].set_accumulation(1)
+
     # OGM-GE under FSDP2: one all-reduce of the scores and one all-gather of the moments per step, nothing else.
     method, encoders, fusion, params, optimizer = _build("ogm_ge", mesh, None)
     xs, y = [x[rank * B : (rank + 1) * B] for x in _batches()[0][0]], _batches()[0][1][rank * B : (rank + 1) * B]
