@@ -246,6 +246,46 @@ def _check_layout_and_collectives(rank: int, world: int) -> None:
     assert sorted(calls) == ["all_reduce", "moments all_gather"], calls
 
 
+def _check_inforeg_shards_and_collectives(rank: int, world: int) -> None:
+    # InfoReg's anchors and Fisher accumulators are shards of the parameters' layout; per step one all-reduce (the
+    # scores), per epoch one more (the traces' shard parts), nothing else of its own.
+    mesh = init_device_mesh("cpu", (world,))
+    method, encoders, fusion, params, optimizer = _build("inforeg", mesh, None)
+    batches = _batches()
+    calls = []
+    all_reduce = dist.all_reduce
+
+    def counted(*args, **kwargs):
+        calls.append("all_reduce")
+        return all_reduce(*args, **kwargs)
+
+    for i, (xs, y) in enumerate(batches[:STEPS_PER_EPOCH]):
+        xs, y = [x[rank * B : (rank + 1) * B] for x in xs], y[rank * B : (rank + 1) * B]
+        out = method.forward(xs, y, 0)
+        optimizer.zero_grad()
+        method.loss(out, y).backward()
+        dist.all_reduce = counted
+        try:
+            method.before_optimizer_step(out, y)
+            assert calls == ["all_reduce"], calls
+            if i == STEPS_PER_EPOCH - 1:
+                method.end_epoch(0, _metrics(0))
+                assert calls == ["all_reduce"] * 2, calls
+        finally:
+            dist.all_reduce = all_reduce
+        calls.clear()
+        optimizer.step()
+    for m, enc in enumerate(encoders):
+        weights = [mod.weight for mod in enc.modules() if isinstance(mod, nn.Linear)]
+        for t, p in [*zip(method._anchor[m], enc.parameters()), *zip(method._fisher[m], weights)]:
+            assert sharding.is_sharded(t) and t.placements == p.placements and t.shape == p.shape
+            assert t.to_local().shape == p.to_local().shape
+
+
+def test_inforeg_state_is_sharded_and_its_collectives_counted():
+    _spawn(_check_inforeg_shards_and_collectives, timeout=120.0)
+
+
 def _holder(encoders, fusion, method) -> nn.Module:
     """One module over everything the optimizer steps: the model and the method's own modules (CGGM's heads)."""
     holder = nn.ModuleDict({"encoders": nn.ModuleList(encoders), "fusion": fusion})
