@@ -3,6 +3,7 @@ unequal size equals modulating each micro-batch's gradient with that micro-batch
 then summing. Methods that cannot split their modulation refuse accumulation with one error."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -23,6 +24,7 @@ CASES = {
     "cggm": {"rho": 2.0, "lam": 0.2, "clip_grad_norm": None},
     "mslr": {"history": 1},
     "mses": {"patience": 0},
+    "mlb": {"alpha": 0.8},
 }
 
 
@@ -109,7 +111,7 @@ def test_accumulated_micro_batches_equal_each_modulated_alone_then_summed(name):
             torch.testing.assert_close(a, b, msg=lambda m: f"{name}, step {step}, parameter {i}: {m}")
 
 
-@pytest.mark.parametrize("name", ["ogm", "ogm_ge", "cggm", "amss", "amss_plus"])
+@pytest.mark.parametrize("name", ["ogm", "ogm_ge", "cggm", "mlb", "amss", "amss_plus"])
 def test_without_declaring_accumulation_the_summed_gradient_is_modulated_once(name):
     # What the interface did before accumulation was declared: the coefficients of the last micro-batch applied to
     # the summed gradient. It differs, so the test above can fail.
@@ -141,3 +143,47 @@ def test_accumulation_is_refused_by_a_method_that_needs_the_whole_step():
     with pytest.raises(ValueError, match="^steps: expected"):
         methods.create("ogm", encoders, fusion).set_accumulation(0)
     copy.deepcopy(Whole(encoders, fusion)).set_accumulation(1)
+
+
+def test_mlb_accumulated_step_equals_each_micro_batch_scaled_by_its_own_k_by_hand():
+    # Independent of the method's step: each micro-batch's gradient of CE(fused) + sum_m CE(head_m), weighted by its
+    # rows, with encoder m, head m and the fusion weight's column block m multiplied by that micro-batch's
+    # k_m = 1 + tanh(alpha (r_m - 1)), r_0 = s_1 / s_0, r_1 = 1 / r_0 (docs/methods.md, section 11), then summed.
+    alpha = 0.8
+    method, params = _build("mlb")
+    encoders, fusion, heads = method.encoders, method.fusion, method.heads
+    twin_enc, twin_fus, twin_heads = copy.deepcopy(list(encoders)), copy.deepcopy(fusion), copy.deepcopy(heads)
+    method.set_accumulation(len(SPLITS))
+    xs, y = _batches(1)[0]
+    for p in params:
+        p.grad = None
+    for mx, my in _micro(xs, y):
+        out = method.forward(mx, my, 0)
+        (method.loss(out, my) * (len(my) / len(y))).backward()
+    coeffs = method.before_optimizer_step()
+
+    groups = [list(e.parameters()) + list(h.parameters()) for e, h in zip(twin_enc, twin_heads)]
+    every = [q for g in groups for q in g] + list(twin_fus.parameters())
+    total = {id(q): torch.zeros_like(q) for q in every}
+    ks = []
+    for mx, my in _micro(xs, y):
+        feats = [e(x) for e, x in zip(twin_enc, mx)]
+        logits = [h(f) for h, f in zip(twin_heads, feats)]
+        loss = nn.functional.cross_entropy(twin_fus(*feats), my)
+        for z in logits:
+            loss = loss + nn.functional.cross_entropy(z, my)
+        grads = torch.autograd.grad(loss * (len(my) / len(y)), every)
+        s = [float(torch.softmax(z.detach(), 1)[torch.arange(len(my)), my].mean()) for z in logits]
+        r0 = s[1] / s[0]
+        k = [1 + math.tanh(alpha * (r - 1)) for r in (r0, 1 / r0)]
+        ks.append(k)
+        scale = {id(q): k[m] for m, g in enumerate(groups) for q in g}
+        for q, g in zip(every, grads):
+            if q is twin_fus.fc.weight:
+                g = torch.cat([g[:, :8] * k[0], g[:, 8:] * k[1]], dim=1)
+            total[id(q)] += g * scale.get(id(q), 1.0)
+    assert abs(ks[0][0] - ks[1][0]) > 1e-3  # the micro-batches' k differ, so one k for both would fail
+    torch.testing.assert_close(coeffs, torch.tensor(ks, dtype=torch.float32).mean(0))
+    mine = [q for e, h in zip(encoders, heads) for q in [*e.parameters(), *h.parameters()]] + list(fusion.parameters())
+    for i, (a, b) in enumerate(zip(mine, every)):
+        torch.testing.assert_close(a.grad, total[id(b)], msg=lambda m: f"parameter {i}: {m}")

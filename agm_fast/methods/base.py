@@ -290,6 +290,15 @@ class Method:
                 f"steps: {self.name or type(self).__name__} cannot modulate micro-batches one by one "
                 f"({self.accumulation_refusal}); expected 1 (no gradient accumulation), got {steps}"
             )
+        if steps > 1 and self.accumulation == "hooks":
+            if any(sharding.is_sharded(p) for ps in self.modulated_parameters() for p in ps):
+                # FSDP2 computes the gradients on gathered copies and writes the shards' .grad itself: a hook
+                # registered on a sharded parameter is never called, so its gradients would not be modulated.
+                raise ValueError(
+                    f"steps: {self.name or type(self).__name__} modulates micro-batches by gradient hooks, which "
+                    f"FSDP2-sharded parameters never call; expected 1 (no gradient accumulation) under FSDP2, got "
+                    f"{steps}"
+                )
         for handle in self._hooks:
             handle.remove()
         self._hooks = []

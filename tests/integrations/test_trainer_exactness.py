@@ -32,12 +32,12 @@ CASES = {
     "cggm": {"rho": 2.0, "lam": 0.2, "clip_grad_norm": None},
     "mslr": {"history": 1},
     "mses": {"patience": 0},
+    "mlb": {"alpha": 0.8},
     "amss": {},
     "amss_plus": {},
     # Methods that refuse accumulation: the trainers must raise their error.
     "gdl": {},
     "inforeg": {},
-    "mlb": {},
     "mmpareto": {},
 }
 # Fixed validation metrics for the methods that follow them (MSLR, MSES), given at every epoch end.

@@ -45,8 +45,13 @@ CASES = {
     # Every Linear weight of the encoders masked; the 9 hidden channels split 5 / 4 over the two ranks.
     "amss": {},
     "amss_plus": {},
+    "inforeg": {"trace_window": 2, "trace_modality": "leader", "beta_bases": [0.95, 0.5]},
 }
-GROUPED = ("agm", "ogm", "ogm_ge", "opm", "cggm", "mlb", "amss", "amss_plus")  # methods that take a process_group
+# Methods whose decisions() are compared step by step too, and what they must show on some step for the test to mean
+# anything (InfoReg: it regulated; its trace ratio k, from the traces summed over the shards, is compared as well).
+ACTED = {"inforeg": lambda d: bool(d["regulated"].any())}
+# methods that take a process_group
+GROUPED = ("agm", "ogm", "ogm_ge", "opm", "cggm", "mlb", "amss", "amss_plus", "inforeg")
 # Output channels of the masked weights per modality (AMSS must keep fewer under FSDP2 too).
 MASKED_CHANNELS = 9 + 8
 
@@ -98,7 +103,23 @@ def _check_masked(name, method):
         assert all(0 < k < MASKED_CHANNELS for k in kept), f"{name}: kept {kept} of {MASKED_CHANNELS} channels"
 
 
-def _train(name, mesh, group, rank, batches, start=0, built=None):
+def _acted(name, method, decided: list) -> None:
+    if name in ACTED:
+        decided.append(method.decisions())
+
+
+def _check_decisions(name, got: list, want: list) -> None:
+    if name not in ACTED:
+        return
+    assert len(got) == len(want)
+    for step, (g, w) in enumerate(zip(got, want)):
+        assert g.keys() == w.keys(), f"{name}, step {step}: decisions {sorted(g)} vs {sorted(w)}"
+        for key in g:
+            torch.testing.assert_close(g[key], w[key], msg=lambda m: f"{name}, step {step}, {key}: {m}")
+    assert any(ACTED[name](d) for d in got if d), f"{name}: its decisions say it never acted: {got}"
+
+
+def _train(name, mesh, group, rank, batches, start=0, built=None, acted=None):
     method, encoders, fusion, params, optimizer = built or _build(name, mesh, group)
     history = []
     for i, (xs, y) in enumerate(batches[start:], start):
@@ -107,6 +128,7 @@ def _train(name, mesh, group, rank, batches, start=0, built=None):
         epoch = i // STEPS_PER_EPOCH
         methods.training_step(method, xs, y, epoch, optimizer)
         _check_masked(name, method)
+        _acted(name, method, [] if acted is None else acted)
         if (i + 1) % STEPS_PER_EPOCH == 0:
             method.end_epoch(epoch, _metrics(epoch))
         history.append(_whole(params))
@@ -119,8 +141,10 @@ def _check_methods(rank: int, world: int) -> None:
     batches = _batches()
     joint = _train("joint", None, own, rank, batches)
     for name in CASES:
-        want = _train(name, None, own, rank, batches)
-        got = _train(name, mesh, None, rank, batches)
+        decided, single = [], []
+        want = _train(name, None, own, rank, batches, acted=single)
+        got = _train(name, mesh, None, rank, batches, acted=decided)
+        _check_decisions(name, decided, single)
         for step, (g, w) in enumerate(zip(got, want)):
             for i, (a, b) in enumerate(zip(g, w)):
                 torch.testing.assert_close(a, b, msg=lambda m: f"{name}, step {step}, parameter {i}: {m}")
@@ -137,7 +161,7 @@ UNEQUAL = (5, 7)
 UNEQUAL_CASES = [n for n in CASES if n not in ("opm", "cggm")]
 
 
-def _train_weighted(name, mesh, group, rank, batches):
+def _train_weighted(name, mesh, group, rank, batches, acted=None, reshard_head=False):
     method, encoders, fusion, params, optimizer = _build(name, mesh, group)
     start = sum(UNEQUAL[:rank]) if mesh is not None else 0
     history = []
@@ -148,10 +172,13 @@ def _train_weighted(name, mesh, group, rank, batches):
         weight = len(y) * (len(UNEQUAL) if mesh is not None else 1) / N
         epoch = i // STEPS_PER_EPOCH
         out = method.forward(xs, y, epoch)
+        if reshard_head and mesh is not None:
+            fusion.reshard()  # the head sharded again before the loss (as a non-root unit is after its forward)
         optimizer.zero_grad(set_to_none=True)
         (method.loss(out, y) * weight).backward()
         method.before_optimizer_step(out, y)
         _check_masked(name, method)
+        _acted(name, method, [] if acted is None else acted)
         optimizer.step()
         if (i + 1) % STEPS_PER_EPOCH == 0:
             method.end_epoch(epoch, _metrics(epoch))
@@ -163,9 +190,15 @@ def _check_unequal_local_batches(rank: int, world: int) -> None:
     mesh = init_device_mesh("cpu", (world,))
     own = [dist.new_group([r]) for r in range(world)][rank]
     batches = _batches()
-    for name in UNEQUAL_CASES:
-        want = _train_weighted(name, None, own, rank, batches)
-        got = _train_weighted(name, mesh, None, rank, batches)
+    # InfoReg's unimodal losses read the head whole: as FSDP left it after its forward (the root keeps it
+    # unsharded), and from a sharded head (through a whole copy whose gradient is averaged over the ranks).
+    for name, reshard in [(n, False) for n in UNEQUAL_CASES] + [("inforeg", True)]:
+        if name not in UNEQUAL_CASES:
+            continue
+        decided, single = [], []
+        want = _train_weighted(name, None, own, rank, batches, acted=single)
+        got = _train_weighted(name, mesh, None, rank, batches, acted=decided, reshard_head=reshard)
+        _check_decisions(name, decided, single)
         for step, (g, w) in enumerate(zip(got, want)):
             for i, (a, b) in enumerate(zip(g, w)):
                 torch.testing.assert_close(a, b, msg=lambda m: f"{name}, step {step}, parameter {i}: {m}")
@@ -192,6 +225,12 @@ def _check_layout_and_collectives(rank: int, world: int) -> None:
         sharding.shard_start(distribute_tensor(torch.zeros(4, 6), mesh, [Shard(1)]))
     with pytest.raises(ValueError, match="every tensor sharded"):
         sharding.local_shards([distribute_tensor(torch.zeros(4), mesh, [Shard(0)]), torch.zeros(3)])
+
+    # Gradient hooks are never called on FSDP2-sharded parameters: the methods that accumulate by hooks refuse.
+    for name in [n for n in CASES if methods.get(n).cls.accumulation == "hooks"]:
+        with pytest.raises(ValueError, match=f"^steps: {name} modulates micro-batches by gradient hooks"):
+            _build(name, mesh, None)[0].set_accumulation(2)
+        _build(name, mesh, None)[0].set_accumulation(1)
 
     # OGM-GE under FSDP2: one all-reduce of the scores and one all-gather of the moments per step, nothing else.
     method, encoders, fusion, params, optimizer = _build("ogm_ge", mesh, None)
@@ -220,6 +259,46 @@ def _check_layout_and_collectives(rank: int, world: int) -> None:
     # The scores' all-reduce and the moments' all-gather (the fusion head's own all-gather for the per-modality
     # logits is FSDP's, not counted here).
     assert sorted(calls) == ["all_reduce", "moments all_gather"], calls
+
+
+def _check_inforeg_shards_and_collectives(rank: int, world: int) -> None:
+    # InfoReg's anchors and Fisher accumulators are shards of the parameters' layout; per step one all-reduce (the
+    # scores), per epoch one more (the traces' shard parts), nothing else of its own.
+    mesh = init_device_mesh("cpu", (world,))
+    method, encoders, fusion, params, optimizer = _build("inforeg", mesh, None)
+    batches = _batches()
+    calls = []
+    all_reduce = dist.all_reduce
+
+    def counted(*args, **kwargs):
+        calls.append("all_reduce")
+        return all_reduce(*args, **kwargs)
+
+    for i, (xs, y) in enumerate(batches[:STEPS_PER_EPOCH]):
+        xs, y = [x[rank * B : (rank + 1) * B] for x in xs], y[rank * B : (rank + 1) * B]
+        out = method.forward(xs, y, 0)
+        optimizer.zero_grad()
+        method.loss(out, y).backward()
+        dist.all_reduce = counted
+        try:
+            method.before_optimizer_step(out, y)
+            assert calls == ["all_reduce"], calls
+            if i == STEPS_PER_EPOCH - 1:
+                method.end_epoch(0, _metrics(0))
+                assert calls == ["all_reduce"] * 2, calls
+        finally:
+            dist.all_reduce = all_reduce
+        calls.clear()
+        optimizer.step()
+    for m, enc in enumerate(encoders):
+        weights = [mod.weight for mod in enc.modules() if isinstance(mod, nn.Linear)]
+        for t, p in [*zip(method._anchor[m], enc.parameters()), *zip(method._fisher[m], weights)]:
+            assert sharding.is_sharded(t) and t.placements == p.placements and t.shape == p.shape
+            assert t.to_local().shape == p.to_local().shape
+
+
+def test_inforeg_state_is_sharded_and_its_collectives_counted():
+    _spawn(_check_inforeg_shards_and_collectives, timeout=120.0)
 
 
 def _holder(encoders, fusion, method) -> nn.Module:

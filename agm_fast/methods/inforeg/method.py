@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ...fusion import per_modality_logits
+from ... import distributed, sharding
+from ...fusion import _PerModalityLogits, per_modality_logits
 from ..base import Method, StepOutput
 from ..hparams import declare
 from .config import HPARAMS
@@ -24,6 +25,11 @@ from .config import HPARAMS
 __all__ = ["InfoRegMethod"]
 
 _CONV_OR_LINEAR = (nn.Linear, nn.modules.conv._ConvNd)
+
+
+def _local(t: Tensor) -> Tensor:
+    # This rank's shard of an FSDP2 tensor (a view of its storage; element-wise work acts on it); a plain tensor itself.
+    return t.to_local() if sharding.is_sharded(t) else t
 
 
 def trace_ratio(history: List[Tensor], window: int, device=None) -> Tensor:
@@ -50,6 +56,11 @@ class InfoRegMethod(Method):
 
     Args:
         encoders, fusion, window, seed: as :class:`agm_fast.methods.Method` (classification only).
+        process_group: the data-parallel group (None: the default group when ``torch.distributed`` is
+            initialised): the scores are the global batch's (sums and counts reduced), so every rank picks the same
+            leader and ``beta``. The gradients are the averaged ones (DDP, FSDP2); under FSDP2 the pull and the
+            traces act on the local shards, the traces are summed over the shards' group once per epoch, and the
+            unimodal losses reach a sharded fusion head through a whole copy whose gradient is averaged over it.
         **hparams: InfoReg's hyper-parameters (``agm_fast.methods.inforeg.config.HPARAMS``); ``beta_bases``, when
             given, needs M values (the default is the code's 0.95 for modality 0 and 0.1 for every other).
 
@@ -58,8 +69,15 @@ class InfoRegMethod(Method):
         method = agm_fast.methods.create("inforeg", encoders=[enc_a, enc_v], fusion=head, beta_bases=[0.95, 0.1])
     """
 
-    def __init__(self, encoders, fusion, *, window=None, seed: int = 0, task: str = "classification") -> None:
+    accumulation_refusal = ("its pull beta (theta - theta_0) is not the gradient of a micro-batch's loss: added per "
+                            "micro-batch it would count k times at full weight whatever the loss weights, and the "
+                            "Fisher trace squares the whole step's gradient")
+
+    def __init__(self, encoders, fusion, *, window=None, seed: int = 0, task: str = "classification",
+                 process_group=None) -> None:
         super().__init__(encoders, fusion, window=window, seed=seed, task=task)
+        distributed.is_active(process_group)  # checks its type
+        self.process_group = process_group
         if self.task != "classification":
             raise ValueError(f"task: InfoReg scores class probabilities, expected 'classification', got {task!r}")
         M = self.num_modalities
@@ -78,34 +96,51 @@ class InfoRegMethod(Method):
         self._traces: List[List[Tensor]] = [[] for _ in range(M)]
         self._k: Optional[Tensor] = None
         self._scored: Optional[tuple] = None
+        self._head_copies: Optional[List[tuple]] = None
         self._decided: Dict[str, Tensor] = {}
 
     # -- epochs -------------------------------------------------------------------------------------------------
     def _close_epoch(self) -> None:
-        for m, acc in enumerate(self._fisher):
-            dev = self._k.device
-            tr = torch.stack([a.mean() for a in acc]).sum() if acc else torch.zeros((), device=dev)
-            self._traces[m].append(tr.detach().to(torch.float32))
+        dev = self._k.device
+        whole, parts, group = [], [], None
+        for acc in self._fisher:
+            plain = [a.mean() for a in acc if not sharding.is_sharded(a)]
+            # A sharded accumulator's mean: its shard's sum over the global size, summed over the shards' group.
+            shards = [_local(a).sum() / a.numel() for a in acc if sharding.is_sharded(a)]
+            group = next((a.device_mesh.get_group() for a in acc if sharding.is_sharded(a)), group)
+            zero = torch.zeros((), device=dev)
+            whole.append(torch.stack(plain).sum().to(dev, torch.float32) if plain else zero)
+            parts.append(torch.stack(shards).sum().to(dev, torch.float32) if shards else zero)
+        traces = torch.stack(whole) if whole else torch.zeros(0, device=dev)
+        if group is not None:
+            # One collective per epoch: the M shard parts summed over the group.
+            traces = traces + distributed.global_sums(torch.stack(parts), group)
+        for m in range(len(self._fisher)):
+            self._traces[m].append(traces[m].detach())
         self._open = False
+
+    def _buffers(self) -> None:
+        # The anchors and Fisher accumulators, allocated once like the parameters (shards of them under FSDP2), so
+        # the method state has one structure from construction on (a sharded checkpoint loads into it in place).
+        if not self._anchor:
+            with torch.no_grad():
+                self._anchor = [[q.detach().clone() for q in p] for p in self._params]
+        if not self._fisher:
+            self._fisher = [[torch.zeros_like(w) for w in ws] for ws in self._weights]
 
     def _begin_epoch(self, epoch) -> None:
         if self._open:
             self._close_epoch()
         ks = torch.stack([trace_ratio(h, self.trace_window, self._device()) for h in self._traces])
         self._k = ks
+        self._buffers()
         with torch.no_grad():
-            if self._anchor and all(len(a) == len(p) for a, p in zip(self._anchor, self._params)):
-                for a, p in zip(self._anchor, self._params):
-                    if a:
-                        torch._foreach_copy_(a, [q.detach() for q in p])
-            else:
-                self._anchor = [[q.detach().clone() for q in p] for p in self._params]
-            if self._fisher:
-                for acc in self._fisher:
-                    if acc:
-                        torch._foreach_zero_(acc)
-            else:
-                self._fisher = [[torch.zeros_like(w) for w in ws] for ws in self._weights]
+            for a, p in zip(self._anchor, self._params):
+                if a:
+                    torch._foreach_copy_([_local(t) for t in a], [_local(q.detach()) for q in p])
+            for acc in self._fisher:
+                if acc:
+                    torch._foreach_zero_([_local(t) for t in acc])
         self._epoch = epoch
         self._open = True
 
@@ -131,14 +166,43 @@ class InfoRegMethod(Method):
     def _unimodal(self, out: StepOutput, target: Tensor, grad: bool) -> Tensor:
         if out.features is None:
             raise ValueError("out: expected a StepOutput with the step's features (from forward()), got none")
-        with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
-            logits = per_modality_logits(self.fusion, out.features)
+        self._head_copies = None
+        grad = grad and torch.is_grad_enabled()
+        if grad and any(sharding.is_sharded(p) for p in self.fusion.parameters()):
+            # FSDP2: the head's parameters, gathered whole, as leaves of their own; their gradients (this rank's
+            # batch) are averaged over the shards' group and added to the shards in before_optimizer_step.
+            with torch.no_grad(), sharding.gathered(self.fusion):
+                copies = {n: p.detach().clone().requires_grad_(p.requires_grad)
+                          for n, p in self.fusion.named_parameters()}
+            self._head_copies = [(p, copies[n]) for n, p in self.fusion.named_parameters() if p.requires_grad]
+            logits = torch.func.functional_call(_PerModalityLogits(self.fusion, None),
+                                                {f"fusion.{n}": c for n, c in copies.items()}, tuple(out.features))
+        else:
+            with torch.set_grad_enabled(grad):
+                logits = per_modality_logits(self.fusion, out.features)
         with torch.no_grad():
             p = torch.softmax(logits.detach().float(), dim=-1)
             true = p.gather(-1, target.view(1, -1, 1).expand(p.shape[0], -1, 1)).squeeze(-1)
             scores = true.sum(-1) if self.score == "sum" else true.mean(-1)
         self._scored = (out, scores)
         return logits
+
+    def _add_head_gradients(self) -> None:
+        # The unimodal losses' gradient of a sharded head: averaged over the shards' group (as FSDP2 averages the
+        # rest, one collective) and each rank's slice added to its shard.
+        pairs = [(p, c.grad) for p, c in self._head_copies if c.grad is not None]
+        self._head_copies = None
+        if not pairs:
+            return
+        params, grads = (list(t) for t in zip(*pairs))
+        group = params[0].device_mesh.get_group()
+        distributed.mean_over_ranks_(grads, group)
+        for i, (p, g) in enumerate(zip(params, grads)):
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            local = _local(p.grad)
+            start = sharding.shard_start(p, f"fusion parameter {i}")
+            local.add_(g.reshape(-1)[start:start + local.numel()].view(local.shape).to(local.dtype))
 
     def loss_term(self, task_loss: Tensor, out: StepOutput) -> Optional[Tensor]:
         """In the window: ``sum_m CE(out_m, y)`` on the per-modality logits (the step's scores come from them)."""
@@ -159,7 +223,15 @@ class InfoRegMethod(Method):
         if self._scored is None or self._scored[0] is not out:
             with torch.no_grad():
                 self._unimodal(out, target, grad=False)
+        elif self._head_copies is not None:
+            self._add_head_gradients()
         scores = self._scored[1].to(target.device)
+        if distributed.is_active(self.process_group):
+            # The global batch's sums (score="sum") or means (score="mean"), from sums and counts.
+            if self.score == "sum":
+                scores = distributed.global_sums(scores, self.process_group)
+            else:
+                scores = distributed.global_mean_scores(scores, target.shape[0], self.process_group)
         M = self.num_modalities
         vals, idx = torch.topk(scores, 2)
         lead = idx[0]
@@ -174,13 +246,15 @@ class InfoRegMethod(Method):
         beta = torch.where(regulated, bases * torch.exp(torch.tanh(gap)), torch.zeros_like(bases))
         with torch.no_grad():
             for m in range(M):
-                pairs = [(p.grad, p, a) for p, a in zip(self._params[m], self._anchor[m]) if p.grad is not None]
+                pairs = [(_local(p.grad), _local(p.detach()), _local(a))
+                         for p, a in zip(self._params[m], self._anchor[m]) if p.grad is not None]
                 if pairs:
                     grads, params, anchors = (list(t) for t in zip(*pairs))
-                    diffs = torch._foreach_sub([p.detach() for p in params], anchors)
+                    diffs = torch._foreach_sub(params, anchors)
                     torch._foreach_mul_(diffs, beta[m].to(grads[0].dtype))
                     torch._foreach_add_(grads, diffs)
-                wpairs = [(w.grad, acc) for w, acc in zip(self._weights[m], self._fisher[m]) if w.grad is not None]
+                wpairs = [(_local(w.grad), _local(acc))
+                          for w, acc in zip(self._weights[m], self._fisher[m]) if w.grad is not None]
                 if wpairs:
                     g, acc = (list(t) for t in zip(*wpairs))
                     torch._foreach_addcmul_(acc, g, g)
@@ -195,12 +269,15 @@ class InfoRegMethod(Method):
 
     # -- state --------------------------------------------------------------------------------------------------
     def method_state(self) -> Dict[str, Any]:
+        """Epoch, ``k`` and the traces as Python floats (read on the host), the anchors and Fisher accumulators as
+        tensors (shards under FSDP2), allocated if no epoch began yet, so that the structure never changes."""
         clone = lambda ts: [t.detach().clone() for t in ts]  # noqa: E731
+        self._buffers()
         return {
             "epoch": self._epoch,
             "open": self._open,
-            "k": None if self._k is None else self._k.detach().clone(),
-            "traces": [clone(h) for h in self._traces],
+            "k": None if self._k is None else [float(v) for v in self._k.tolist()],
+            "traces": [[float(t) for t in h] for h in self._traces],
             "anchor": [clone(a) for a in self._anchor],
             "fisher": [clone(a) for a in self._fisher],
         }
@@ -214,10 +291,11 @@ class InfoRegMethod(Method):
             if [t.shape for t in a] != [q.shape for q in p]:
                 raise ValueError(f"state: the anchor of encoders[{m}] does not match its parameters")
         dev = self._device()
+        f32 = lambda v: torch.as_tensor(v, dtype=torch.float32).to(dev)  # noqa: E731  (floats, or older tensors)
         self._epoch = state["epoch"]
         self._open = bool(state["open"])
-        self._k = None if state["k"] is None else state["k"].to(dev)
-        self._traces = [[t.to(dev) for t in h] for h in state["traces"]] or [[] for _ in range(M)]
+        self._k = None if state["k"] is None else f32(state["k"])
+        self._traces = [[f32(t) for t in h] for h in state["traces"]] or [[] for _ in range(M)]
         self._anchor = [[t.to(dev).clone() for t in a] for a in state["anchor"]]
         self._fisher = [[t.to(dev).clone() for t in a] for a in state["fisher"]]
 

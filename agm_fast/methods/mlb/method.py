@@ -32,7 +32,8 @@ class MLBMethod(Method):
     encoder m, of head m (weight and bias) and of the fusion weight that reads modality m: the column block m of a
     concat head (:class:`agm_fast.fusion.ConcatFusion` or an ``nn.Linear`` on the concatenation), ``fcs[m].weight``
     of a :class:`agm_fast.fusion.SumFusion`. Fusion biases are never scaled; the parameters of any other fusion head
-    are not scaled (``scaled_fusion`` says which case applies). Outside the window: joint training.
+    are not scaled (``scaled_fusion`` says which case applies). Outside the window: joint training. Under gradient
+    accumulation (``set_accumulation``) each micro-batch's gradients are scaled by its own k as they arrive.
 
     Args:
         encoders, fusion, window, seed, task: as :class:`agm_fast.methods.Method`.
@@ -50,6 +51,8 @@ class MLBMethod(Method):
 
         method = agm_fast.methods.create("mlb", encoders=[enc_a, enc_v], fusion=head, alpha=0.8)
     """
+
+    accumulation = "hooks"
 
     def __init__(
         self,
@@ -103,6 +106,8 @@ class MLBMethod(Method):
         self._columns: Optional[Tuple[Tuple[int, ...], Tensor]] = None
         self._pending: Optional[Tuple[StepOutput, List[Tensor]]] = None
         self._decisions: Dict[str, Tensor] = {}
+        self._concat_index: Optional[int] = None
+        self._micro_active = False
 
     def _head_loss(self, logits: Tensor, target: Tensor) -> Tensor:
         if self.task == "regression":
@@ -153,13 +158,8 @@ class MLBMethod(Method):
             g = _local(self._concat.weight.grad)
             g.mul_(k.index_select(0, self._column_index(features, g.device)).to(g.dtype))
 
-    def before_optimizer_step(self, out: Optional[StepOutput] = None, target: Optional[Tensor] = None) -> Tensor:
-        """Inside the window: scores, ratios and k from the heads' logits of this step, then (unless
-        ``multi_loss_only``) the gradients scaled by k. Returns k as ``[M]`` float32 (ones when nothing is scaled)."""
-        out, target = self._resolve(out, target)
-        if not self.in_window(out.epoch):
-            self._decisions = {}
-            return self.ones(target.device)
+    def _decide(self, out: StepOutput, target: Tensor) -> Tensor:
+        # Scores (global-batch means under a process group), ratios and k from the heads' logits of this forward.
         if out.features is None:
             raise ValueError("out: expected a StepOutput with the step's features (from forward()), got none")
         if self._pending is not None and self._pending[0] is out:
@@ -174,14 +174,67 @@ class MLBMethod(Method):
             # Means of squared errors count every element; probabilities one per sample.
             n = logits[0].numel() if self.task == "regression" else logits[0].shape[0]
             scores = distributed.global_mean_scores(scores, n, self.process_group).to(scores.dtype)
-            distributed.mean_over_ranks_([p.grad for p in self.heads.parameters() if p.grad is not None],
-                                         self.process_group)
         ratios, k = mlb_coefficients(scores, self.alpha, self.beta, self.task)
         self._decisions = {"scores": scores, "ratios": ratios, "k": k}
+        return k
+
+    def _mean_head_gradients(self) -> None:
+        if distributed.is_active(self.process_group):
+            distributed.mean_over_ranks_([p.grad for p in self.heads.parameters() if p.grad is not None],
+                                         self.process_group)
+
+    def before_optimizer_step(self, out: Optional[StepOutput] = None, target: Optional[Tensor] = None) -> Tensor:
+        """Inside the window: scores, ratios and k from the heads' logits of this step, then (unless
+        ``multi_loss_only``) the gradients scaled by k. Returns k as ``[M]`` float32 (ones when nothing is scaled).
+        Under accumulation the micro-batches were scaled as they arrived: the mean of their k is returned."""
+        out, target = self._resolve(out, target)
+        if self.accumulating:
+            self._pending = None
+            self._mean_head_gradients()
+            coeffs = self.finish_accumulated_step()
+            return self.ones(target.device) if coeffs is None else coeffs
+        if not self.in_window(out.epoch):
+            self._decisions = {}
+            return self.ones(target.device)
+        k = self._decide(out, target)
+        self._mean_head_gradients()
         if self.multi_loss_only:
             return self.ones(target.device)
         self.scale_gradients_(k, out.features)
         return k.to(torch.float32)
+
+    def modulated_parameters(self) -> List[List[Tensor]]:
+        """Modality m's encoder, head and sum-head weight; a concat head's weight last in modality M - 1's list
+        (its gradient is scaled column block by column block)."""
+        groups = [list(g) for g in self._groups]
+        self._concat_index = None
+        if self._concat is not None and self._concat.weight.requires_grad:
+            self._concat_index = sum(len(g) for g in groups)
+            groups[-1].append(self._concat.weight)
+        return groups
+
+    def micro_batch_decision(self, out: StepOutput, target: Tensor) -> Tensor:
+        """This micro-batch's k from its heads' logits (ones outside the window or with ``multi_loss_only``),
+        before its backward."""
+        self._micro_active = False
+        if not self.in_window(out.epoch):
+            self._decisions = {}
+            return self.ones(target.device)
+        k = self._decide(out, target)
+        if self.multi_loss_only:
+            return self.ones(target.device)
+        if self._concat is not None:
+            self._column_index(out.features, k.device)
+        self._micro_active = True
+        return k
+
+    def modulate_micro_gradient(self, m: int, index: int, grad: Tensor, coeffs: Tensor) -> Tensor:
+        if not self._micro_active:
+            return grad
+        if index == self._concat_index:
+            cols = self._columns[1].to(grad.device)
+            return grad * coeffs.to(grad.device).index_select(0, cols).to(grad.dtype)
+        return grad * coeffs[m].to(device=grad.device, dtype=grad.dtype)
 
     def decisions(self) -> Dict[str, Tensor]:
         """The last step's ``"scores"`` (s_m), ``"ratios"`` (r_m) and ``"k"`` (k_m, also computed but not applied
