@@ -42,8 +42,10 @@ CASES = {
     "mslr": {"history": 1},
     "mses": {"patience": 0},
     "mlb": {"alpha": 0.8},
+    "gdl": {"clip_grad_norm": 0.5},  # a clip that binds at every step
+    "mmpareto": {},
 }
-GROUPED = ("agm", "ogm", "ogm_ge", "opm", "cggm", "mlb")  # methods that take a process_group
+GROUPED = ("agm", "ogm", "ogm_ge", "opm", "cggm", "mlb", "gdl", "mmpareto")  # methods that take a process_group
 
 
 def _models():
