@@ -209,6 +209,33 @@ def _check_layout_and_collectives(rank: int, world: int) -> None:
     # logits is FSDP's, not counted here).
     assert sorted(calls) == ["all_reduce", "moments all_gather"], calls
 
+    # MMPareto and GDL: one reduction of their own per step (FSDP's collectives aside), in the modulation.
+    for name in ("mmpareto", "gdl"):
+        method, encoders, fusion, params, optimizer = _build(name, mesh, None)
+        out = method.forward(xs, y, 0)
+        optimizer.zero_grad()
+        calls = []
+        reduce = agm_dist._reduce
+
+        def count(*args, **kwargs):
+            calls.append("step" if stepping else "loss")
+            return reduce(*args, **kwargs)
+
+        agm_dist._reduce, stepping = count, False
+        try:
+            method.loss(out, y).backward()
+            stepping = True
+            method.before_optimizer_step(out, y)
+        finally:
+            agm_dist._reduce = reduce
+        assert calls == ["step"], (name, calls)
+    encoders, fusion = _models()
+    for module in [*encoders, fusion]:
+        fully_shard(module, mesh=mesh)
+    method = methods.create("gdl", encoders, fusion, head_unimodal_grad="keep")
+    with pytest.raises(ValueError, match="^head_unimodal_grad: expected 'drop' for a fusion head sharded"):
+        method.unimodal_logits([torch.zeros(B, 8), torch.zeros(B, 8)])
+
 
 def _holder(encoders, fusion, method) -> nn.Module:
     """One module over everything the optimizer steps: the model and the method's own modules (CGGM's heads)."""

@@ -152,10 +152,12 @@ class MMParetoMethod(Method):
             kept = [p.grad for p in enc + heads]
             for p in enc + heads:
                 p.grad = None
-            (torch.stack(losses).sum() * rows).backward(retain_graph=True)
-            grads = [p.grad for p in enc + heads]
-            for p, g in zip(enc + heads, kept):
-                p.grad = g
+            try:
+                (torch.stack(losses).sum() * rows).backward(retain_graph=True)
+                grads = [p.grad for p in enc + heads]
+            finally:
+                for p, g in zip(enc + heads, kept):
+                    p.grad = g
         else:
             grads = torch.autograd.grad(torch.stack(losses).sum(), enc + heads, retain_graph=True,
                                         allow_unused=True)
