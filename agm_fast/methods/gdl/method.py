@@ -174,7 +174,7 @@ class GDLMethod(Method):
         return total, torch.clamp(self.clip_grad_norm / (total + 1e-6), max=1.0)
 
     def _global_losses(self) -> None:
-        # DDP: the gradients are averaged already; the reported losses become global-batch means (M + M numbers).
+        # DDP: the gradients are averaged already; the reported losses become global-batch means (2M numbers).
         losses = self._decisions.get("unimodal_loss")
         if losses is not None and distributed.is_active(self.process_group):
             self._decisions["unimodal_loss"] = distributed.global_mean_scores(
@@ -223,5 +223,6 @@ class GDLMethod(Method):
     def decisions(self) -> Dict[str, Tensor]:
         """The last step inside the window: ``"unimodal_loss"`` ``[M]`` (each modality's unimodal loss),
         ``"grad_norm"`` ``[]`` (the global gradient norm before the clip) and ``"clip_coef"`` ``[]`` (the clip factor
-        ``min(1, clip_grad_norm / (grad_norm + 1e-6))``, 1 without a clip); empty outside the window."""
+        ``min(1, clip_grad_norm / (grad_norm + 1e-6))``, 1 without a clip); empty outside the window. Under data
+        parallelism the losses are global-batch means; under gradient accumulation, the last micro-batch's."""
         return dict(self._decisions)
