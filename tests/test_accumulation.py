@@ -25,6 +25,8 @@ CASES = {
     "mslr": {"history": 1},
     "mses": {"patience": 0},
     "mlb": {"alpha": 0.8},
+    # The clip acts once per optimizer step, on the summed gradient (test below), so the definition is without it.
+    "gdl": {"clip_grad_norm": None},
 }
 
 
@@ -118,6 +120,44 @@ def test_without_declaring_accumulation_the_summed_gradient_is_modulated_once(na
     batches = _batches(1)
     got, want = _accumulated(name, batches, declare=False), _one_by_one(name, batches)
     assert max((a - b).abs().max().item() for a, b in zip(got[0], want[0])) > 1e-4
+
+
+def test_gdl_clips_the_summed_gradient_once_per_step():
+    # With a clip that binds, an accumulated step is one step on the whole batch (the clip on the summed gradient,
+    # like torch's clip after accumulation), not the sum of the micro-batches clipped one by one.
+    clip = {"clip_grad_norm": 0.5}
+    method, params = _build("gdl", **clip)
+    method.set_accumulation(len(SPLITS))
+    whole, whole_params = _build("gdl", **clip)
+    alone, alone_params = _build("gdl", **clip)
+    for step, (xs, y) in enumerate(_batches()):
+        for p in params + whole_params:
+            p.grad = None
+        for mx, my in _micro(xs, y):
+            out = method.forward(mx, my, 0)
+            (method.loss(out, my) * (len(my) / len(y))).backward()
+        coeffs = method.before_optimizer_step()
+        out = whole.forward(xs, y, 0)
+        whole.loss(out, y).backward()
+        want = whole.before_optimizer_step(out, y)
+        assert float(whole.decisions()["clip_coef"]) < 0.9  # the clip binds
+        torch.testing.assert_close(coeffs, want)
+        for a, b in zip(params, whole_params):
+            torch.testing.assert_close(a.grad, b.grad)
+        if step == 0:
+            clipped = [torch.zeros_like(p) for p in alone_params]
+            for mx, my in _micro(xs, y):
+                for p in alone_params:
+                    p.grad = None
+                out = alone.forward(mx, my, 0)
+                (alone.loss(out, my) * (len(my) / len(y))).backward()
+                alone.before_optimizer_step(out, my)
+                for t, p in zip(clipped, alone_params):
+                    t.add_(p.grad)
+            assert max((a.grad - t).abs().max().item() for a, t in zip(params, clipped)) > 1e-4
+        with torch.no_grad():
+            for p in params + whole_params:
+                p.sub_(0.1 * p.grad)
 
 
 def test_micro_batch_coefficients_are_recorded_and_their_mean_returned():

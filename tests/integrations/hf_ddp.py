@@ -15,8 +15,8 @@ from agm_fast.integrations.hf import BalancedTrainer, collate
 from agm_fast.models import MultiViewModel
 
 LR, MOMENTUM, LOCAL = 0.05, 0.9, 16
-# As CASES in test_trainer_exactness.py.
-OPTIONS = {"agm": {"alpha": 1.5}, "ogm": {"alpha": 0.8}, "ogm_ge": {"alpha": 0.8}}
+# As CASES in test_trainer_exactness.py (GDL: HF_DDP_OPTIONS there, a clip that binds).
+OPTIONS = {"agm": {"alpha": 1.5}, "ogm": {"alpha": 0.8}, "ogm_ge": {"alpha": 0.8}, "gdl": {"clip_grad_norm": 0.5}}
 
 
 def main(out: str, k: int, names) -> None:

@@ -46,12 +46,14 @@ CASES = {
     "amss": {},
     "amss_plus": {},
     "inforeg": {"trace_window": 2, "trace_modality": "leader", "beta_bases": [0.95, 0.5]},
+    "gdl": {"clip_grad_norm": 0.5},  # a clip that binds at every step
+    "mmpareto": {},
 }
 # Methods whose decisions() are compared step by step too, and what they must show on some step for the test to mean
 # anything (InfoReg: it regulated; its trace ratio k, from the traces summed over the shards, is compared as well).
 ACTED = {"inforeg": lambda d: bool(d["regulated"].any())}
 # methods that take a process_group
-GROUPED = ("agm", "ogm", "ogm_ge", "opm", "cggm", "mlb", "amss", "amss_plus", "inforeg")
+GROUPED = ("agm", "ogm", "ogm_ge", "opm", "cggm", "mlb", "amss", "amss_plus", "inforeg", "gdl", "mmpareto")
 # Output channels of the masked weights per modality (AMSS must keep fewer under FSDP2 too).
 MASKED_CHANNELS = 9 + 8
 
@@ -259,6 +261,33 @@ def _check_layout_and_collectives(rank: int, world: int) -> None:
     # The scores' all-reduce and the moments' all-gather (the fusion head's own all-gather for the per-modality
     # logits is FSDP's, not counted here).
     assert sorted(calls) == ["all_reduce", "moments all_gather"], calls
+
+    # MMPareto and GDL: one reduction of their own per step (FSDP's collectives aside), in the modulation.
+    for name in ("mmpareto", "gdl"):
+        method, encoders, fusion, params, optimizer = _build(name, mesh, None)
+        out = method.forward(xs, y, 0)
+        optimizer.zero_grad()
+        calls = []
+        reduce = agm_dist._reduce
+
+        def count(*args, **kwargs):
+            calls.append("step" if stepping else "loss")
+            return reduce(*args, **kwargs)
+
+        agm_dist._reduce, stepping = count, False
+        try:
+            method.loss(out, y).backward()
+            stepping = True
+            method.before_optimizer_step(out, y)
+        finally:
+            agm_dist._reduce = reduce
+        assert calls == ["step"], (name, calls)
+    encoders, fusion = _models()
+    for module in [*encoders, fusion]:
+        fully_shard(module, mesh=mesh)
+    method = methods.create("gdl", encoders, fusion, head_unimodal_grad="keep")
+    with pytest.raises(ValueError, match="^head_unimodal_grad: expected 'drop' for a fusion head sharded"):
+        method.unimodal_logits([torch.zeros(B, 8), torch.zeros(B, 8)])
 
 
 def _check_inforeg_shards_and_collectives(rank: int, world: int) -> None:

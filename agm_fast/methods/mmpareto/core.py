@@ -2,17 +2,18 @@
 ``scale * max(1, ||g_mm + g_u|| / ||h||) * h`` with ``h = 2 (w g_mm + (1 - w) g_u)`` (docs/methods.md).
 
 Everything runs on the device, without a host sync: the branch on the cosine is a ``torch.where`` and the per-tensor
-work is multi-tensor (``torch._foreach_*``) over an encoder's gradients.
+work is multi-tensor (``torch._foreach_*``) over an encoder's gradients. On FSDP2 shards the inner products come from
+:func:`tensor_stats` summed over the shards (``stats=``), and the norms from them.
 """
 
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
-__all__ = ["combine_", "pareto_weights"]
+__all__ = ["combine_", "pareto_weights", "tensor_stats"]
 
 # torch.nn.functional.cosine_similarity's default eps.
 COS_EPS = 1e-8
@@ -51,8 +52,22 @@ def _sq(norms: Sequence[Tensor]) -> Tensor:
 
 
 @torch.no_grad()
+def tensor_stats(g_mm: Sequence[List[Tensor]], g_u: Sequence[List[Tensor]]) -> Tensor:
+    """``[3, T]`` float64: ``<g_mm, g_mm>``, ``<g_mm, g_u>`` and ``<g_u, g_u>`` of each of the T tensors (the encoders'
+    tensors in order); on shards, the shard's part of each sum."""
+    G = [t for ts in g_mm for t in ts]
+    U = [t for ts in g_u for t in ts]
+    if not G:
+        return torch.zeros(3, 0, dtype=torch.float64)
+    dt = _acc_dtype(G)
+    return torch.stack([_sq(torch._foreach_norm(G, 2, dtype=torch.float64)),
+                        _dots(G, U, dt).to(torch.float64),
+                        _sq(torch._foreach_norm(U, 2, dtype=torch.float64))])
+
+
+@torch.no_grad()
 def combine_(g_mm: Sequence[List[Tensor]], g_u: Sequence[List[Tensor]], *, scale: float = 1.5,
-             rescale: str = "tensor") -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+             rescale: str = "tensor", stats: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Replace each encoder's multimodal gradients by MMPareto's combination, in place.
 
     Args:
@@ -61,6 +76,8 @@ def combine_(g_mm: Sequence[List[Tensor]], g_u: Sequence[List[Tensor]], *, scale
         scale: the factor on every combined gradient (the reference: 1.5).
         rescale: ``"tensor"`` (the reference), ``"encoder"`` or ``"none"``: where the norm of the combination is
             raised to that of ``g_mm + g_u`` when it is smaller.
+        stats: the :func:`tensor_stats` of the whole gradients when ``g_mm`` and ``g_u`` are shards of them (summed
+            over the shards); the weights and every norm then come from these sums (None: from the tensors).
 
     Returns:
         ``(cos, weight, pareto, rescaled)``, each ``[M]``: as :func:`pareto_weights`, and the fraction of the
@@ -68,16 +85,22 @@ def combine_(g_mm: Sequence[List[Tensor]], g_u: Sequence[List[Tensor]], *, scale
     """
     M = len(g_mm)
     dev = next((t.device for ts in g_mm for t in ts), torch.device("cpu"))
-    stats = torch.zeros(3, M, dtype=torch.float64 if any(_acc_dtype(ts) == torch.float64 for ts in g_mm)
-                        else torch.float32, device=dev)
-    for m, (G, U) in enumerate(zip(g_mm, g_u)):
-        if not G:
-            continue
-        dt = _acc_dtype(G)
-        stats[0, m] = _sq(torch._foreach_norm(G, 2, dtype=dt)).sum()
-        stats[1, m] = _dots(G, U, dt).sum()
-        stats[2, m] = _sq(torch._foreach_norm(U, 2, dtype=dt)).sum()
-    cos, weight, pareto = pareto_weights(stats[0], stats[1], stats[2])
+    per: List[Tensor] = []
+    if stats is not None:
+        # Per encoder, its tensors' [3, T_m] sums; the encoder's sums are theirs.
+        per = list(stats.to(dev).split([len(G) for G in g_mm], dim=1))
+        enc = torch.stack([p.sum(1) for p in per], 1) if M else stats.new_zeros(3, 0)
+    else:
+        enc = torch.zeros(3, M, dtype=torch.float64 if any(_acc_dtype(ts) == torch.float64 for ts in g_mm)
+                          else torch.float32, device=dev)
+        for m, (G, U) in enumerate(zip(g_mm, g_u)):
+            if not G:
+                continue
+            dt = _acc_dtype(G)
+            enc[0, m] = _sq(torch._foreach_norm(G, 2, dtype=dt)).sum()
+            enc[1, m] = _dots(G, U, dt).sum()
+            enc[2, m] = _sq(torch._foreach_norm(U, 2, dtype=dt)).sum()
+    cos, weight, pareto = pareto_weights(enc[0], enc[1], enc[2])
     # h = 2 w g_mm + 2 (1 - w) g_u = (alpha - beta) g_mm + beta (g_mm + g_u), built in the .grad tensors with g_u as
     # the only other buffer; at w = 1/2 it is g_mm + g_u exactly.
     beta = 2 * (1 - weight)
@@ -88,7 +111,14 @@ def combine_(g_mm: Sequence[List[Tensor]], g_u: Sequence[List[Tensor]], *, scale
             continue
         dt = _acc_dtype(G)
         torch._foreach_add_(U, G)
-        n_sum = torch.stack(torch._foreach_norm(U, 2, dtype=dt))
+        if stats is None:
+            n_sum = torch.stack(torch._foreach_norm(U, 2, dtype=dt))
+        else:
+            # ||g_mm + g_u||^2 = a + 2b + c and ||h||^2 = 4 w^2 a + 8 w (1 - w) b + 4 (1 - w)^2 c per tensor.
+            a, b, c = per[m]
+            w = weight[m]
+            n_sum = (a + 2 * b + c).clamp_min(0).sqrt()
+            n_h_sharded = (4 * w * w * a + 8 * w * (1 - w) * b + 4 * (1 - w) ** 2 * c).clamp_min(0).sqrt()
         torch._foreach_mul_(G, diff[m])
         torch._foreach_mul_(U, beta[m])
         torch._foreach_add_(G, U)
@@ -96,7 +126,7 @@ def combine_(g_mm: Sequence[List[Tensor]], g_u: Sequence[List[Tensor]], *, scale
             if scale != 1.0:
                 torch._foreach_mul_(G, scale)
             continue
-        n_h = torch.stack(torch._foreach_norm(G, 2, dtype=dt))
+        n_h = torch.stack(torch._foreach_norm(G, 2, dtype=dt)) if stats is None else n_h_sharded
         if rescale == "tensor":
             ratio = n_sum / n_h
         else:
@@ -104,6 +134,8 @@ def combine_(g_mm: Sequence[List[Tensor]], g_u: Sequence[List[Tensor]], *, scale
         up = ratio > 1
         rescaled[m] = up.to(torch.float32).mean()
         factor = torch.where(up, ratio, 1.0) * scale
+        if stats is not None:
+            factor = factor.to(G[0].dtype)
         if rescale == "tensor":
             torch._foreach_mul_(G, list(factor.unbind()))
         else:

@@ -1,8 +1,10 @@
 """MMPareto behind the method interface: unimodal heads, their gradients before backward, the integration after it.
 
 Two backward passes per step: :meth:`MMParetoMethod.loss_term` takes the gradients of the sum of the unimodal
-losses (each reaches only its own encoder and head) with ``torch.autograd.grad``; the main backward of the
-multimodal loss then leaves g_mm in ``.grad``, and :meth:`MMParetoMethod.before_optimizer_step` combines the two.
+losses (each reaches only its own encoder and head) with ``torch.autograd.grad`` (under FSDP2 with a backward that
+FSDP reduces, its gradients then moved aside); the main backward of the multimodal loss then leaves g_mm in ``.grad``,
+and :meth:`MMParetoMethod.before_optimizer_step` combines the two. Under data parallelism the unimodal gradients are
+averaged over the ranks (DDP) or the shards' inner products summed (FSDP2): docs/training-at-scale.md.
 """
 
 from __future__ import annotations
@@ -13,13 +15,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ... import distributed, sharding
 from ...fusion import linear_heads, output_layer
 from ..base import Method, StepOutput
 from ..hparams import declare
 from .config import HPARAMS
-from .core import combine_
+from .core import combine_, tensor_stats
 
 __all__ = ["MMParetoMethod"]
+
+
+def _local(t: Tensor) -> Tensor:
+    # This rank's shard of an FSDP2 tensor (a view of its storage); a plain tensor itself.
+    return t.to_local() if sharding.is_sharded(t) else t
 
 
 def _check_heads(heads, M: int) -> nn.ModuleList:
@@ -53,6 +61,12 @@ class MMParetoMethod(Method):
         feature_dims: the M feature sizes of the default heads (default: ``fusion.dims``; otherwise the heads take
             them from the first forward's features).
         num_classes: the output size of the default heads (default: that of the fusion's output layer).
+        process_group: the data-parallel group (None: the default group when ``torch.distributed`` is
+            initialised). Under DDP the unimodal gradients, the heads' gradients and the unimodal losses are
+            averaged over the ranks, weighted by each rank's rows (one all-reduce); under FSDP2 the unimodal
+            gradients come from a backward that FSDP reduces, and the shards' inner products, the heads' gradients
+            and the losses are summed over the shards' group (one all-reduce). Every rank then takes the decisions
+            of one process on the global batch.
         **hparams: ``encoder_scale`` (1.5) and ``rescale`` (``"tensor"``), declared in
             ``agm_fast.methods.mmpareto.config``.
 
@@ -60,6 +74,11 @@ class MMParetoMethod(Method):
 
         method = agm_fast.methods.create("mmpareto", encoders=[enc_a, enc_v], fusion=head, window=(0, 50))
     """
+
+    accumulation_refusal = (
+        "each micro-batch's weights need its whole multimodal gradient per encoder, apart from the unimodal one, "
+        "before backward sums it into .grad; a per-tensor gradient hook sees one tensor at a time"
+    )
 
     def __init__(
         self,
@@ -72,8 +91,11 @@ class MMParetoMethod(Method):
         heads: Optional[Sequence[nn.Module]] = None,
         feature_dims: Optional[Sequence[int]] = None,
         num_classes: Optional[int] = None,
+        process_group=None,
     ) -> None:
         super().__init__(encoders, fusion, window=window, seed=seed, task=task)
+        distributed.is_active(process_group)  # checks its type
+        self.process_group = process_group
         if heads is None:
             dims = self.feature_dims(feature_dims, required=False)
             out = output_layer(fusion)
@@ -116,11 +138,29 @@ class MMParetoMethod(Method):
         self._pending = self._unimodal_grads(out)
         return None
 
+    def _sharded(self) -> bool:
+        return any(sharding.is_sharded(p) for ps in self._enc_params for p in ps)
+
     def _unimodal_grads(self, out: StepOutput) -> tuple:
         losses = self._unimodal[1]
         enc = [p for ps in self._enc_params for p in ps]
         heads = [p for ps in self._head_params for p in ps]
-        grads = torch.autograd.grad(torch.stack(losses).sum(), enc + heads, retain_graph=True, allow_unused=True)
+        rows = out.logits.shape[0]
+        if self._sharded():
+            # FSDP2's graph holds the gathered parameters, not the shards: a backward of rows * sum_m L_m, which FSDP
+            # reduces (mean over the ranks) into the shards' .grad, moved aside; the .grad tensors are restored.
+            kept = [p.grad for p in enc + heads]
+            for p in enc + heads:
+                p.grad = None
+            try:
+                (torch.stack(losses).sum() * rows).backward(retain_graph=True)
+                grads = [p.grad for p in enc + heads]
+            finally:
+                for p, g in zip(enc + heads, kept):
+                    p.grad = g
+        else:
+            grads = torch.autograd.grad(torch.stack(losses).sum(), enc + heads, retain_graph=True,
+                                        allow_unused=True)
         g_u, head_g, i = [], [], 0
         for ps in self._enc_params:
             g_u.append(list(grads[i:i + len(ps)]))
@@ -128,7 +168,7 @@ class MMParetoMethod(Method):
         for ps in self._head_params:
             head_g.append(list(grads[i:i + len(ps)]))
             i += len(ps)
-        return out, g_u, head_g, torch.stack([loss.detach() for loss in losses])
+        return out, g_u, head_g, torch.stack([loss.detach() for loss in losses]), rows
 
     def before_optimizer_step(self, out: Optional[StepOutput] = None, target: Optional[Tensor] = None) -> Tensor:
         """Inside the window: the heads' gradients set, each encoder's gradient replaced by the integration.
@@ -149,7 +189,7 @@ class MMParetoMethod(Method):
                     "before_optimizer_step: no unimodal gradients for this step; compute the loss with loss() (or "
                     "call loss_term()) before backward"
                 ) from err
-        _, g_u, head_g, uni_loss = pending
+        _, g_u, head_g, uni_loss, rows = pending
         g_mm, g_uni = [], []
         for params, us in zip(self._enc_params, g_u):
             G, U = [], []
@@ -164,7 +204,19 @@ class MMParetoMethod(Method):
             g_mm.append(G)
             g_uni.append(U)
         del g_u
-        cos, weight, pareto, rescaled = combine_(g_mm, g_uni, scale=self.encoder_scale, rescale=self.rescale)
+        if self._sharded():
+            g_mm, g_uni, uni_loss, stats = self._reduce_sharded(g_mm, g_uni, head_g, uni_loss, rows)
+            cos, weight, pareto, rescaled = combine_(g_mm, g_uni, scale=self.encoder_scale, rescale=self.rescale,
+                                                     stats=stats)
+        else:
+            if distributed.is_active(self.process_group):
+                # DDP averaged g_mm; the unimodal gradients (taken apart from its backward), the heads' gradients and
+                # the losses are each rank's: their row-weighted mean over the ranks, in one all-reduce.
+                uni_loss = uni_loss.clone()
+                distributed.mean_over_ranks_([u for U in g_uni for u in U]
+                                             + [g for gs in head_g for g in gs if g is not None] + [uni_loss],
+                                             self.process_group, count=rows)
+            cos, weight, pareto, rescaled = combine_(g_mm, g_uni, scale=self.encoder_scale, rescale=self.rescale)
         for params, gs in zip(self._head_params, head_g):
             for p, g in zip(params, gs):
                 if g is not None:
@@ -172,6 +224,46 @@ class MMParetoMethod(Method):
         self._decisions = {"cos": cos, "weight": weight, "pareto": pareto, "rescaled": rescaled,
                            "unimodal_loss": uni_loss}
         return weight.to(target.device)
+
+    def _reduce_sharded(self, g_mm, g_uni, head_g, uni_loss: Tensor, rows: int):
+        """FSDP2: the local shards, the heads' gradients, the losses and the whole gradients' per-tensor inner
+        products, from one all-reduce over the shards' group."""
+        flat = [t for ts in g_mm for t in ts]
+        shards, _, group = sharding.local_shards(flat + [u for U in g_uni for u in U], "grads")
+        G_loc, U_loc, i = [], [], 0
+        for G in g_mm:
+            G_loc.append(shards[i:i + len(G)])
+            i += len(G)
+        for U in g_uni:
+            U_loc.append(shards[i:i + len(U)])
+            i += len(U)
+        # U holds FSDP's mean of rows_r * g_u,r: (N / W) times the global batch's g_u, fixed once N is known.
+        partial = tensor_stats(G_loc, U_loc)
+        dev = partial.device
+        plain = [g for gs in head_g for g in gs if g is not None and not sharding.is_sharded(g)]
+        parts = [partial.reshape(-1), torch.full((1,), float(rows), dtype=torch.float64, device=dev),
+                 uni_loss.to(dev, torch.float64) * rows]
+        parts += [g.reshape(-1).to(torch.float64) for g in plain]
+        total = distributed.global_sums(torch.cat(parts), group)
+        T = partial.shape[1]
+        n = total[3 * T]
+        k = torch.distributed.get_world_size(group) / n
+        stats = total[:3 * T].view(3, T) * torch.stack([torch.ones_like(k), k, k * k]).unsqueeze(1)
+        for U in U_loc:
+            if U:
+                torch._foreach_mul_(U, k.to(U[0].dtype))
+        M = self.num_modalities
+        uni_loss = (total[3 * T + 1:3 * T + 1 + M] / n).to(uni_loss.dtype)
+        start = 3 * T + 1 + M
+        with torch.no_grad():
+            for g in plain:
+                g.copy_((total[start:start + g.numel()] / n).view_as(g))
+                start += g.numel()
+            for gs in head_g:
+                for g in gs:
+                    if g is not None and sharding.is_sharded(g):
+                        _local(g).mul_(k.to(g.dtype))
+        return G_loc, U_loc, uni_loss, stats
 
     def decisions(self) -> Dict[str, Tensor]:
         """The last step inside the window (empty outside it), each ``[M]``: ``cos`` (of g_mm and g_u per encoder),
