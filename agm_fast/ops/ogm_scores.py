@@ -135,11 +135,12 @@ def ogm_scores(
         labels: ``[B]`` int64 class indices on the logits' device.
         alpha: modulation strength >= 0 (CREMA-D 0.8, VGGSound 0.1).
         continuous: use ``relu(rho - 1)``, continuous at ``rho = 1`` (the reference before May 2022).
-        process_group: under data parallelism, the group of ranks that share the batch (None: the default group).
-            With ``torch.distributed`` initialised, the score sums are all-reduced (M numbers,
+        process_group: under data parallelism, the group of ranks that share the batch (e.g.
+            ``torch.distributed.group.WORLD``): the score sums are all-reduced (M numbers,
             :func:`agm_fast.distributed.global_sums`), so every rank gets the scores and coefficients of the global
-            batch, also for unequal local batches. Without an initialised group (or in a group of one) nothing is
-            communicated.
+            batch, also for unequal local batches. None (the default), a group of one rank or no initialised
+            ``torch.distributed``: nothing is communicated. Unlike the classes, an op never reduces over the default
+            group unasked.
 
     Returns:
         ``(scores [M], coeffs [M])``, float32, on the logits' device (under a process group: the global batch's).
@@ -149,7 +150,7 @@ def ogm_scores(
     alpha = check_alpha(alpha)
     continuous = bool(continuous)
     scores, coeffs = ogm_scores_op(logits.detach().contiguous(), labels.contiguous(), alpha, continuous)
-    if not distributed.is_active(process_group):
+    if process_group is None or not distributed.is_active(process_group):
         return scores, coeffs
     # The scores are sums over the batch: their sum over the ranks is the global batch's.
     scores = distributed.global_sums(scores, process_group)

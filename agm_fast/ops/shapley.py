@@ -351,11 +351,12 @@ def shapley_scores(
         in_window: whether this step lies in the modulation window (outside it the coefficients are 1).
         hold_last: outside the window, keep ``prev_coeffs`` (the reference behaviour) instead of 1.
         task: ``"classification"`` or ``"regression"``.
-        process_group: under data parallelism, the group of ranks that share the batch (None: the default group).
-            With ``torch.distributed`` initialised, this rank's score sums and sample count are all-reduced (one
+        process_group: under data parallelism, the group of ranks that share the batch (e.g.
+            ``torch.distributed.group.WORLD``): this rank's score sums and sample count are all-reduced (one
             collective of 2M numbers, :func:`agm_fast.distributed.global_mean_scores`), so every rank gets the
-            scores, running means and coefficients of the global batch, also for unequal local batches. Without an
-            initialised group (or in a group of one) nothing is communicated.
+            scores, running means and coefficients of the global batch, also for unequal local batches. None (the
+            default), a group of one rank or no initialised ``torch.distributed``: nothing is communicated. Unlike
+            the classes, an op never reduces over the default group unasked.
 
     Returns:
         ``(psi [M, B, C] in F's dtype, scores [M], running_new [M], count_new (count's shape), coeffs [M])``, the
@@ -388,7 +389,7 @@ def shapley_scores(
     in_window, hold_last = bool(in_window), bool(hold_last)
     out = shapley_scores_op(F, W, labels, running, count, prev_coeffs, alpha, cap, in_window, hold_last,
                             task == "regression")
-    if not distributed.is_active(process_group):
+    if process_group is None or not distributed.is_active(process_group):
         return out
     # The op's scores are this rank's batch means: one collective turns them into the global batch mean, and the
     # running means and coefficients follow from it (device arithmetic, as agm_fast.AGMCoefficients does).
