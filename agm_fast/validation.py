@@ -20,7 +20,7 @@ from .coalitions import full_mask, shapley_weights, subset_masks
 from .ops.shapley import shapley_outputs_torch
 from .ops.subset_batch import subset_batch_torch
 
-__all__ = ["modality_metrics", "split_batch"]
+__all__ = ["metrics_from_sums", "modality_metrics", "modality_sums", "split_batch"]
 
 Batch = Union[Tuple, List, Dict]
 
@@ -58,6 +58,44 @@ def _modules(encoders: Sequence[nn.Module], fusion: nn.Module) -> List[nn.Module
 
 
 @torch.no_grad()
+def modality_sums(encoders: Sequence[nn.Module], fusion: nn.Module, xs: Sequence[Tensor], y: Tensor) -> Tensor:
+    """One batch's sums, in the modules' current modes: ``[correct, loss, count, correct_m (M), loss_m (M)]``
+    (float32, on the labels' device; losses are sums of cross-entropies). Add them over batches (and ranks), then
+    :func:`metrics_from_sums`."""
+    M = len(encoders)
+    masks = subset_masks(M, "reference")
+    full = masks.index(full_mask(M))
+    W = shapley_weights(M, masks, torch.float32).to(y.device)
+    B = y.shape[0]
+    stacked = subset_batch_torch(list(xs), masks, None)
+    feats = [enc(x) for enc, x in zip(encoders, stacked)]
+    subset_logits = fusion(*feats).float().view(len(masks), B, -1)
+    psi = shapley_outputs_torch(subset_logits, W)
+    fused = subset_logits[full]
+    return torch.cat([
+        torch.stack([(fused.argmax(-1) == y).sum().float(), F.cross_entropy(fused, y, reduction="sum"),
+                     torch.tensor(float(B), device=y.device)]),
+        (psi.argmax(-1) == y).sum(1).float(),
+        F.cross_entropy(psi.permute(1, 2, 0), y.unsqueeze(1).expand(B, M), reduction="none").sum(0),
+    ])
+
+
+def metrics_from_sums(sums: Tensor, M: int) -> Dict[str, object]:
+    """``{"accuracy", "loss", "modality_accuracy", "modality_loss", "count"}`` from :func:`modality_sums` totals."""
+    sums = sums.double()
+    n = float(sums[2])
+    if n <= 0:
+        raise ValueError("data: expected at least one sample, got none")
+    return {
+        "accuracy": float(sums[0]) / n,
+        "loss": float(sums[1]) / n,
+        "modality_accuracy": (sums[3 : 3 + M] / n).tolist(),
+        "modality_loss": (sums[3 + M :] / n).tolist(),
+        "count": int(n),
+    }
+
+
+@torch.no_grad()
 def modality_metrics(
     model,
     data: Union[Tuple[Sequence[Tensor], Tensor], Iterable[Batch]],
@@ -76,7 +114,8 @@ def modality_metrics(
         chunk: at most this many rows (subsets x samples) per model call, for ``(xs, y)`` data.
         device: where batches are moved (default: where they are).
         process_group: with ``torch.distributed`` initialised, the sums and counts are reduced over this group
-            (None: the default group), so every rank gets the metrics of the whole validation set.
+            (None: the default group), so every rank gets the metrics of the whole validation set (each rank passes
+            its shard).
 
     Returns:
         ``{"accuracy", "loss", "modality_accuracy" (M floats), "modality_loss" (M floats), "count"}``. The modes of
@@ -90,44 +129,21 @@ def modality_metrics(
         raise ValueError(f"model: expected at least 2 encoders, got {M}")
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
         raise ValueError(f"chunk: expected an int >= 1, got {chunk!r}")
-    masks = subset_masks(M, "reference")
-    full = masks.index(full_mask(M))
+    subsets = (1 << M) - 1
     modes = [(mod, mod.training) for root in _modules(encoders, fusion) for mod in root.modules()]
     for root in _modules(encoders, fusion):
         root.eval()
     sums: Optional[Tensor] = None
-    W: Optional[Tensor] = None
     try:
-        for xs, y in _batches(data, M, chunk // len(masks) or 1, device):
-            if W is None or W.device != y.device:
-                W = shapley_weights(M, masks, torch.float32).to(y.device)
-            B = y.shape[0]
-            stacked = subset_batch_torch(list(xs), masks, None)
-            feats = [enc(x) for enc, x in zip(encoders, stacked)]
-            subset_logits = fusion(*feats).float().view(len(masks), B, -1)
-            psi = shapley_outputs_torch(subset_logits, W)
-            fused = subset_logits[full]
-            part = torch.cat([
-                torch.stack([(fused.argmax(-1) == y).sum().float(), F.cross_entropy(fused, y, reduction="sum"),
-                             torch.tensor(float(B), device=y.device)]),
-                (psi.argmax(-1) == y).sum(1).float(),
-                F.cross_entropy(psi.permute(1, 2, 0), y.unsqueeze(1).expand(B, M), reduction="none").sum(0),
-            ])
+        for xs, y in _batches(data, M, chunk // subsets or 1, device):
+            part = modality_sums(encoders, fusion, xs, y)
             sums = part if sums is None else sums + part
     finally:
         for mod, training in modes:
             mod.training = training
     if sums is None:
         raise ValueError("data: expected at least one sample, got none")
-    sums = distributed.global_sums(sums.double(), process_group)
-    n = float(sums[2])
-    return {
-        "accuracy": float(sums[0]) / n,
-        "loss": float(sums[1]) / n,
-        "modality_accuracy": (sums[3 : 3 + M] / n).tolist(),
-        "modality_loss": (sums[3 + M :] / n).tolist(),
-        "count": int(n),
-    }
+    return metrics_from_sums(distributed.global_sums(sums.double(), process_group), M)
 
 
 def _batches(data, M: int, step: int, device):

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from ..methods import Method
 from ..methods.epoch_data import run_epoch_passes
+from ..validation import modality_metrics
 from . import missing
 
 try:
@@ -100,7 +101,12 @@ class BalancingCallback(TrainerCallback):
     Args:
         method: the method of the model being trained.
         metrics: optional ``metrics(epoch) -> {"modality_accuracy": [...], "modality_loss": [...]}`` for methods that
-            follow per-modality validation metrics (MSLR, MSES).
+            follow per-modality validation metrics (MSLR, MSES). Default: :func:`agm_fast.validation.
+            modality_metrics` on the validation dataloader (the Trainer's ``eval_dataset``) at each epoch end.
+
+    Logging: :meth:`log_entries` gives ``coeff_<m>`` (each modality's coefficient, averaged over the optimizer steps
+    since the last log) and, after an epoch end, ``val_acc_<m>`` and ``val_loss_<m>``; :class:`BalancedTrainer` adds
+    them to every ``log`` call, so they reach the Trainer's loggers (``report_to``) and ``state.log_history``.
 
     Attributes:
         coefficients: the ``[M]`` coefficients of every optimizer step (detached).
@@ -114,8 +120,9 @@ class BalancingCallback(TrainerCallback):
     def __init__(self, method: Method, metrics=None) -> None:
         if not isinstance(method, Method):
             raise TypeError(f"method: expected an agm_fast.methods.Method, got {type(method).__name__}")
-        if method.needs_epoch_metrics and metrics is None:
-            raise TypeError(f"metrics: expected a callable that gives {method.name} its per-modality metrics, got None")
+        if metrics is not None and not callable(metrics):
+            raise TypeError(f"metrics: expected a callable epoch -> per-modality metrics, or None, got "
+                            f"{type(metrics).__name__}")
         self.method = method
         self.metrics = metrics
         self.coefficients: List[Tensor] = []
@@ -127,6 +134,28 @@ class BalancingCallback(TrainerCallback):
         self.eval_loader = None
         self.pass_times: List[tuple] = []
         self._epoch_clock = (0.0, 0.0)
+        self._logged = 0
+        self._epoch_metrics: Optional[Dict[str, List[float]]] = None
+
+    def log_entries(self) -> Dict[str, float]:
+        """Per-modality entries for the next log: ``coeff_<m>`` (mean over the steps since the last call) and the
+        last epoch's ``val_acc_<m>`` / ``val_loss_<m>`` (once)."""
+        out: Dict[str, float] = {}
+        recent = self.coefficients[self._logged:]
+        self._logged = len(self.coefficients)
+        if recent:
+            for m, c in enumerate(torch.stack(recent).float().mean(0).tolist()):
+                out[f"coeff_{m}"] = c
+        if self._epoch_metrics is not None:
+            for key, name in (("modality_accuracy", "val_acc"), ("modality_loss", "val_loss")):
+                for m, v in enumerate(self._epoch_metrics.get(key, ())):
+                    out[f"{name}_{m}"] = float(v)
+            self._epoch_metrics = None
+        return out
+
+    def _validation_loader(self, kwargs):
+        loader = kwargs.get("eval_dataloader")
+        return loader if loader is not None or self.eval_loader is None else self.eval_loader()
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if model is not None:
@@ -168,8 +197,7 @@ class BalancingCallback(TrainerCallback):
     # Epoch passes with data (agm_fast/methods/epoch_data.py), over the Trainer's own (sharded) dataloaders.
     def _epoch_passes(self, epoch: int, when: str, model, kwargs) -> float:
         def val():
-            loader = kwargs.get("eval_dataloader")
-            return loader if loader is not None or self.eval_loader is None else self.eval_loader()
+            return self._validation_loader(kwargs)
 
         device = None if model is None else next(model.parameters()).device
         report = run_epoch_passes(self.method, epoch, when, lambda: kwargs.get("train_dataloader"), val,
@@ -188,7 +216,21 @@ class BalancingCallback(TrainerCallback):
     def on_epoch_end(self, args, state, control, model=None, **kwargs):
         epoch = int(round(state.epoch or 0)) - 1
         if self.metrics is not None:
-            self.method.end_epoch(epoch, self.metrics(epoch))
+            metrics = self.metrics(epoch)
+        elif self.method.needs_epoch_metrics:
+            loader = self._validation_loader(kwargs)
+            if loader is None:
+                raise TypeError(
+                    f"metrics: {self.method.name} follows per-modality validation metrics; give the Trainer an "
+                    "eval_dataset (BalancedTrainer computes them from it) or pass metrics=, got neither"
+                )
+            device = None if model is None else next(model.parameters()).device
+            metrics = modality_metrics(self.method, loader, device=device)
+        else:
+            metrics = None
+        if metrics is not None:
+            self._epoch_metrics = {k: list(metrics[k]) for k in ("modality_accuracy", "modality_loss") if k in metrics}
+            self.method.end_epoch(epoch, metrics)
         end = self._epoch_passes(epoch, "end", model, kwargs)
         start_s, t0 = self._epoch_clock
         if start_s or end:
@@ -211,6 +253,11 @@ class BalancedTrainer(Trainer):
     """
 
     def __init__(self, method: Method, metrics=None, model: Optional[nn.Module] = None, **kwargs: Any) -> None:
+        if method.needs_epoch_metrics and metrics is None and kwargs.get("eval_dataset") is None:
+            raise TypeError(
+                f"metrics: {method.name} follows per-modality validation metrics; pass eval_dataset= (they are "
+                "computed from it at each epoch end) or metrics=, got neither"
+            )
         model = BalancedModel(method) if model is None else model
         self.balancing = BalancingCallback(method, metrics=metrics)
         self.balancing.modulates_before_clipping = True
@@ -233,6 +280,12 @@ class BalancedTrainer(Trainer):
             folder = get_last_checkpoint(self.args.output_dir)
         self.balancing.resume_from = folder if isinstance(folder, str) else None
         return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def log(self, logs: Dict[str, float], *args: Any, **kwargs: Any) -> None:
+        """``Trainer.log`` with the method's per-modality entries added (:meth:`BalancingCallback.log_entries`)."""
+        if "loss" in logs or "eval_loss" not in logs:
+            logs = {**logs, **self.balancing.log_entries()}
+        return super().log(logs, *args, **kwargs)
 
     def create_optimizer(self, model=None):
         """The Trainer's optimizer over the model, plus the method's own parameter groups (CGGM's heads at their

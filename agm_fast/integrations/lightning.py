@@ -18,15 +18,14 @@ from __future__ import annotations
 
 import time
 import warnings
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..fusion import per_modality_logits
 from ..methods import Method
 from ..methods.epoch_data import run_epoch_passes
+from ..validation import metrics_from_sums, modality_sums, split_batch
 from . import missing
 
 try:
@@ -38,17 +37,6 @@ except ImportError:  # the standalone package name
         raise missing("lightning", "lightning") from None
 
 __all__ = ["BalancedModule", "BalancingCallback", "split_batch"]
-
-
-def split_batch(batch) -> Tuple[List[Tensor], Tensor]:
-    """``(inputs, labels)`` from a ``(x_0, ..., x_{M-1}, y)`` tuple or an ``{"inputs": [...], "labels": y}`` dict."""
-    if isinstance(batch, Mapping):
-        if "inputs" not in batch or "labels" not in batch:
-            raise KeyError(f"batch: expected the keys 'inputs' and 'labels', got {sorted(batch)}")
-        return list(batch["inputs"]), batch["labels"]
-    if not isinstance(batch, (list, tuple)) or len(batch) < 3:
-        raise TypeError("batch: expected (x_0, ..., x_{M-1}, y) with M >= 2, or a dict with 'inputs' and 'labels'")
-    return list(batch[:-1]), batch[-1]
 
 
 class BalancingCallback(pl.Callback):
@@ -119,7 +107,11 @@ class BalancingCallback(pl.Callback):
             self._kept = None
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        self.coefficients.append(self.method.before_optimizer_step().detach())
+        coeffs = self.method.before_optimizer_step().detach()
+        self.coefficients.append(coeffs)
+        # Through the trainer's loggers: each modality's coefficient, averaged over the epoch's steps.
+        for m, c in enumerate(coeffs.float().unbind(0)):
+            pl_module.log(f"coeff_{m}", c, on_step=False, on_epoch=True, batch_size=1)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         fn = getattr(pl_module, "modality_metrics", None)
@@ -162,9 +154,10 @@ class BalancedModule(pl.LightningModule):
 
     ``training_step`` runs ``method.forward`` (AGM evaluates its subsets there, OPM drops features there) and
     ``method.loss``; the :class:`BalancingCallback` it returns from ``configure_callbacks`` modulates the gradients.
-    ``validation_step`` records the fused accuracy and, per modality, the accuracy and cross-entropy of the
-    per-modality logits (:func:`agm_fast.fusion.per_modality_logits`), which ``modality_metrics`` hands to
-    ``method.end_epoch`` (MSLR and MSES follow them).
+    ``validation_step`` records the fused accuracy and loss and, per modality, the accuracy and cross-entropy of the
+    Shapley outputs (:mod:`agm_fast.validation`, the one definition the CLI uses too), logged as ``val_acc``,
+    ``val_loss``, ``val_acc_<m>`` and ``val_loss_<m>``; ``modality_metrics`` hands them to ``method.end_epoch``
+    (MSLR and MSES follow them). The callback logs each modality's coefficient as ``coeff_<m>`` (epoch mean).
 
     Args:
         method: the method (built on the encoders and fusion head this module trains).
@@ -211,32 +204,22 @@ class BalancedModule(pl.LightningModule):
 
     def validation_step(self, batch, batch_idx: int) -> None:
         inputs, labels = split_batch(batch)
-        feats = self.method.encode(inputs)
-        logits = self.method.head(feats)
-        per = per_modality_logits(self.fusion, feats)
-        B, M = labels.shape[0], per.shape[0]
-        sums = {
-            "n": torch.tensor(float(B), device=labels.device),
-            "correct": (logits.argmax(-1) == labels).sum().float(),
-            "loss": F.cross_entropy(logits.float(), labels, reduction="sum"),
-            "modality_correct": (per.argmax(-1) == labels).sum(1).float(),
-            "modality_loss": F.cross_entropy(
-                per.float().permute(1, 2, 0), labels.unsqueeze(1).expand(B, M), reduction="none"
-            ).sum(0),
-        }
-        self._val = sums if self._val is None else {k: self._val[k] + v for k, v in sums.items()}
+        # agm_fast's one definition of per-modality metrics (agm_fast.validation): Shapley outputs over the
+        # subsets with the muted inputs zero.
+        sums = modality_sums(list(self.method.encoders), self.fusion, inputs, labels)
+        self._val = sums if self._val is None else self._val + sums
 
     def on_validation_epoch_end(self) -> None:
         if self._val is None:
             return
-        n = self.trainer.strategy.reduce(self._val["n"], reduce_op="sum")
-        totals = {k: self.trainer.strategy.reduce(v, reduce_op="sum") for k, v in self._val.items()}
-        self.log("val_acc", totals["correct"] / n, sync_dist=False)
-        self.log("val_loss", totals["loss"] / n, sync_dist=False)
-        self._last_metrics = {
-            "modality_accuracy": (totals["modality_correct"] / n).tolist(),
-            "modality_loss": (totals["modality_loss"] / n).tolist(),
-        }
+        M = self.method.num_modalities
+        metrics = metrics_from_sums(self.trainer.strategy.reduce(self._val.double(), reduce_op="sum"), M)
+        self.log("val_acc", metrics["accuracy"], sync_dist=False)
+        self.log("val_loss", metrics["loss"], sync_dist=False)
+        for m in range(M):
+            self.log(f"val_acc_{m}", metrics["modality_accuracy"][m], sync_dist=False)
+            self.log(f"val_loss_{m}", metrics["modality_loss"][m], sync_dist=False)
+        self._last_metrics = {k: metrics[k] for k in ("modality_accuracy", "modality_loss")}
 
     def modality_metrics(self) -> Optional[Dict[str, Sequence[float]]]:
         """The last validation epoch's per-modality accuracy and loss (None before the first validation)."""
