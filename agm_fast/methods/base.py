@@ -397,10 +397,49 @@ class Method:
         out, target = self._resolve(out, target)
         return out.coeffs if out.coeffs is not None else self.ones(target.device)
 
-    def end_epoch(self, epoch: int, metrics: Mapping[str, Sequence[float]]) -> None:
+    def end_epoch(self, epoch: int, metrics: Optional[Mapping[str, Sequence[float]]] = None) -> None:
         """End of an epoch with the validation metrics: ``"modality_accuracy"`` and ``"modality_loss"``, M floats
-        each (MSLR follows the accuracies, MSES the losses; the others ignore them)."""
-        return None
+        each (MSLR follows the accuracies, MSES the losses; the others ignore them). Every method checks them
+        (:meth:`check_epoch_metrics`) before it acts, so a wrong shape is an error for every method alike."""
+        self.check_epoch_metrics(epoch, metrics)
+
+    def check_epoch_metrics(self, epoch, metrics) -> None:
+        """Raise a clear error for an ``end_epoch`` call with a bad epoch or metrics: ``epoch`` an int >= 0;
+        ``metrics`` None or a mapping whose ``"modality_accuracy"`` / ``"modality_loss"`` (when present) hold M real
+        numbers (a sequence or a 1-D tensor); methods that follow them (:attr:`needs_epoch_metrics`) need them."""
+        check_int("epoch", epoch, low=0)
+        if metrics is None:
+            if self.needs_epoch_metrics:
+                raise TypeError(f"metrics: {self.name} follows per-modality validation metrics, expected a mapping "
+                                "with 'modality_accuracy' and 'modality_loss', got None")
+            return
+        if not isinstance(metrics, Mapping):
+            raise TypeError(f"metrics: expected a mapping such as {{'modality_accuracy': [M floats], "
+                            f"'modality_loss': [M floats]}}, got {type(metrics).__name__}")
+        M = self.num_modalities
+        for key in ("modality_accuracy", "modality_loss"):
+            if key not in metrics:
+                continue
+            values = metrics[key]
+            if isinstance(values, Tensor):
+                values = values.detach().reshape(-1).tolist() if values.dim() == 1 else values
+            if isinstance(values, (str, bytes, Tensor)) or not isinstance(values, Sequence):
+                raise TypeError(f"metrics[{key!r}]: expected a sequence of {M} numbers (one per modality), got "
+                                f"{type(values).__name__}")
+            if len(values) != M or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in values):
+                raise ValueError(f"metrics[{key!r}]: expected {M} numbers (one per modality), got {list(values)!r}")
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("end_epoch")
+        if own is not None and not getattr(own, "_checks_metrics", False):
+            @functools.wraps(own)
+            def end_epoch(self, epoch, metrics=None, *args, **kw):
+                self.check_epoch_metrics(epoch, metrics)
+                return own(self, epoch, metrics, *args, **kw)
+
+            end_epoch._checks_metrics = True
+            cls.end_epoch = end_epoch
 
     # --- Epoch passes with data (agm_fast/methods/epoch_data.py). The defaults ask for nothing and do nothing. ---
 

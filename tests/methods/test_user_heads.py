@@ -39,6 +39,7 @@ def train(method, encoders, head, steps):
     params = [p for mod in [*encoders, head] for p in mod.parameters()]
     opt = torch.optim.SGD([{"params": params}] + method.param_groups(0.1), lr=0.1)
     before = [p.detach().clone() for p in params]
+    methods.run_epoch_passes(method, EPOCH, "start", steps, steps)  # PMR's prototypes; the others ask for nothing
     coeffs = [methods.training_step(method, xs, y, EPOCH, opt).coeffs for xs, y in steps]
     return coeffs, before, params
 
