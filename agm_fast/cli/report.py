@@ -24,7 +24,7 @@ TIME_COLUMNS = ("step_ms", "epoch_s")
 
 
 @torch.no_grad()
-def evaluate(model: MultiViewModel, xs: Sequence[Tensor], y: Tensor, chunk: int = 32768) -> dict:
+def evaluate(model: MultiViewModel, xs: Sequence[Tensor], y: Tensor, chunk: int = 32768, predict=None) -> dict:
     """Fused and mono-modal (Shapley) accuracy and loss of ``model`` in eval mode.
 
     Every non-empty subset S of the views is evaluated with the muted views' inputs set to zero (after
@@ -36,6 +36,8 @@ def evaluate(model: MultiViewModel, xs: Sequence[Tensor], y: Tensor, chunk: int 
         xs: M tensors ``[N, d_m]``.
         y: ``[N]`` labels.
         chunk: at most this many rows (subsets x samples) per model call.
+        predict: a method's own prediction rule, ``predict(inputs) -> [B, C]`` (``Method.predict``), called once per
+            subset on the chunk's rows; None: the model.
 
     Returns:
         dict with ``acc``, ``loss`` (floats) and ``mono_acc``, ``mono_loss`` (lists of M floats).
@@ -56,7 +58,11 @@ def evaluate(model: MultiViewModel, xs: Sequence[Tensor], y: Tensor, chunk: int 
         yb = y[start : start + step]
         B = yb.shape[0]
         stacked = subset_batch_torch(part, masks, None)
-        subset_logits = model(*stacked).float().view(len(masks), B, -1)
+        if predict is None:
+            subset_logits = model(*stacked).float().view(len(masks), B, -1)
+        else:
+            subset_logits = torch.stack([predict([x[s * B : (s + 1) * B] for x in stacked]).float()
+                                         for s in range(len(masks))])
         psi = shapley_outputs_torch(subset_logits, W)
         fused = subset_logits[full]
         correct += (fused.argmax(-1) == yb).sum()

@@ -22,7 +22,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..methods import Method
+from ..methods import Method, owned_step
 from . import missing
 
 try:
@@ -75,10 +75,13 @@ class BalancedModel(nn.Module):
 
     def forward(self, inputs: List[Tensor], labels: Optional[Tensor] = None, **unused: Any):
         if labels is None or not self.training:
-            logits = self.method.head(self.method.encode(list(inputs)))
+            logits = self.method.predict(list(inputs))
             if labels is None:
                 return {"logits": logits}
             return {"loss": nn.functional.cross_entropy(logits, labels), "logits": logits}
+        if self.method.owns_step:
+            raise RuntimeError(f"{self.method.name} runs its own optimizer steps: train it with BalancedTrainer, whose "
+                               "training_step calls method.train_step")
         out = self.method.forward(list(inputs), labels, self.epoch)
         return {"loss": self.method.loss(out, labels), "logits": out.logits}
 
@@ -121,6 +124,17 @@ class BalancingCallback(TrainerCallback):
         self.modulates_before_clipping = False
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if self.method.owns_step:
+            if not self.modulates_before_clipping:
+                raise TypeError(f"trainer: {self.method.name} runs its own optimizer steps, expected "
+                                "agm_fast.integrations.hf.BalancedTrainer (its training_step calls method.train_step), "
+                                "got a Trainer with BalancingCallback")
+            owned_step.check_trainer(self.method, world_size=args.world_size,
+                                     accumulation=args.gradient_accumulation_steps, where="TrainingArguments")
+            if args.fp16:
+                raise ValueError(f"fp16: {self.method.name} steps the optimizer several times per batch and the "
+                                 "Trainer's own step then finds no gradient, which the fp16 grad scaler refuses; "
+                                 "expected bf16 or float32, got fp16=True")
         if model is not None:
             self.method.to(next(model.parameters()).device)
         self.method.set_accumulation(args.gradient_accumulation_steps)
@@ -159,8 +173,8 @@ class BalancingCallback(TrainerCallback):
         self.modulate(state.global_step)
 
     def modulate(self, step: int) -> None:
-        """Modulate the gradients of optimizer step ``step`` (once)."""
-        if self.modulated_step != step:
+        """Modulate the gradients of optimizer step ``step`` (once; not for a method that owns its step)."""
+        if self.modulated_step != step and not self.method.owns_step:
             self.coefficients.append(self.method.before_optimizer_step().detach())
             self.modulated_step = step
 
@@ -207,6 +221,25 @@ class BalancedTrainer(Trainer):
             folder = get_last_checkpoint(self.args.output_dir)
         self.balancing.resume_from = folder if isinstance(folder, str) else None
         return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """The Trainer's step; for a method that owns its step, the method's sub-steps (each clipped to
+        ``max_grad_norm``), after which every gradient is cleared so that the Trainer's own optimizer step changes
+        nothing (its scheduler still steps once per batch)."""
+        method = self.balancing.method
+        if not method.owns_step:
+            return super().training_step(model, inputs, num_items_in_batch)
+        model.train()
+        inputs = self._prepare_inputs(inputs)
+        norm = self.args.max_grad_norm
+        clip = (lambda params: self.accelerator.clip_grad_norm_(params, norm)) if norm and norm > 0 else None
+        steps = owned_step.SubSteps(self.optimizer, backward=self.accelerator.backward, clip=clip)
+        epoch = float(self.state.epoch or 0.0)
+        res = method.train_step(list(inputs["inputs"]), inputs["labels"], int(epoch), steps,
+                                progress=min(max(epoch - int(epoch), 0.0), 1.0))
+        owned_step.release(steps)
+        self.balancing.coefficients.append(res.coeffs)
+        return res.loss
 
     def create_optimizer(self, model=None):
         """The Trainer's optimizer over the model, plus the method's own parameter groups (CGGM's heads at their

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..fusion import per_modality_logits
-from ..methods import Method
+from ..methods import Method, owned_step
 from . import missing
 
 try:
@@ -78,6 +78,14 @@ class BalancingCallback(pl.Callback):
             )
 
     def on_fit_start(self, trainer, pl_module) -> None:
+        if self.method.owns_step:
+            # The method runs its own optimizer steps inside training_step (Lightning's manual optimisation).
+            if pl_module.automatic_optimization:
+                raise TypeError(f"pl_module: {self.method.name} runs its own optimizer steps, expected a "
+                                "LightningModule with automatic_optimization = False that calls method.train_step "
+                                "(BalancedModule does), got automatic optimisation")
+            owned_step.check_trainer(self.method, world_size=trainer.world_size,
+                                     accumulation=trainer.accumulate_grad_batches, where="Trainer")
         self.method.to(pl_module.device)
         # Each micro-batch of an accumulated step is modulated with its own coefficients.
         self.method.set_accumulation(trainer.accumulate_grad_batches)
@@ -113,6 +121,8 @@ class BalancingCallback(pl.Callback):
             self._kept = None
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if self.method.owns_step:  # a sub-step of the method's own step: BalancedModule records its coefficients
+            return
         self.coefficients.append(self.method.before_optimizer_step().detach())
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
@@ -156,11 +166,13 @@ class BalancedModule(pl.LightningModule):
         self.optimizer_kwargs = dict(optimizer_kwargs)
         self.callback = BalancingCallback(method)
         self._val: Optional[Dict[str, Tensor]] = None
+        # A method that owns its step takes its optimizer steps itself (Lightning's manual optimisation).
+        self.automatic_optimization = not method.owns_step
         self._last_metrics: Optional[Dict[str, List[float]]] = None
 
     def forward(self, *inputs: Tensor) -> Tensor:
-        """Inference: the fused logits ``[B, C]``."""
-        return self.method.head(self.method.encode(list(inputs)))
+        """Inference: the fused logits ``[B, C]`` (the method's prediction rule)."""
+        return self.method.predict(list(inputs))
 
     def configure_callbacks(self):
         return [self.callback]
@@ -172,16 +184,35 @@ class BalancedModule(pl.LightningModule):
 
     def training_step(self, batch, batch_idx: int) -> Tensor:
         inputs, labels = split_batch(batch)
+        if self.method.owns_step:
+            return self._owned_step(inputs, labels, batch_idx)
         out = self.method.forward(inputs, labels, self.current_epoch)
         loss = self.method.loss(out, labels)
         self.log("train_loss", loss.detach(), prog_bar=True, on_step=False, on_epoch=True, batch_size=labels.shape[0])
         return loss
+
+    def _owned_step(self, inputs: List[Tensor], labels: Tensor, batch_idx: int) -> None:
+        steps = owned_step.SubSteps(self.optimizers(), backward=self.manual_backward)
+        n = self.trainer.num_training_batches
+        progress = batch_idx / n if isinstance(n, int) and n > 0 else None
+        res = self.method.train_step(inputs, labels, self.current_epoch, steps, progress=progress)
+        self.callback.coefficients.append(res.coeffs)
+        self.log("train_loss", res.loss, prog_bar=True, on_step=False, on_epoch=True, batch_size=labels.shape[0])
+        return None
 
     def on_validation_epoch_start(self) -> None:
         self._val = None
 
     def validation_step(self, batch, batch_idx: int) -> None:
         inputs, labels = split_batch(batch)
+        if self.method.owns_step:
+            # Its own prediction rule; no per-modality metrics (no owned-step method follows them).
+            logits = self.method.predict(inputs)
+            sums = {"n": torch.tensor(float(labels.shape[0]), device=labels.device),
+                    "correct": (logits.argmax(-1) == labels).sum().float(),
+                    "loss": F.cross_entropy(logits.float(), labels, reduction="sum")}
+            self._val = sums if self._val is None else {k: self._val[k] + v for k, v in sums.items()}
+            return
         feats = self.method.encode(inputs)
         logits = self.method.head(feats)
         per = per_modality_logits(self.fusion, feats)
@@ -204,6 +235,8 @@ class BalancedModule(pl.LightningModule):
         totals = {k: self.trainer.strategy.reduce(v, reduce_op="sum") for k, v in self._val.items()}
         self.log("val_acc", totals["correct"] / n, sync_dist=False)
         self.log("val_loss", totals["loss"] / n, sync_dist=False)
+        if "modality_correct" not in totals:
+            return
         self._last_metrics = {
             "modality_accuracy": (totals["modality_correct"] / n).tolist(),
             "modality_loss": (totals["modality_loss"] / n).tolist(),
