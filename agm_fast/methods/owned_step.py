@@ -64,9 +64,11 @@ class SubSteps:
         """Every parameter the optimizer steps."""
         return [p for group in self.optimizer.param_groups for p in group["params"]]
 
-    def zero_grad(self) -> None:
-        """Set every gradient to None (a parameter that a sub-step does not reach is then not stepped)."""
-        self.optimizer.zero_grad(set_to_none=True)
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Set every gradient to None (a parameter that a sub-step does not reach is then not stepped), or, with
+        ``set_to_none=False``, fill the existing ones with zeros (the optimizer then steps them with momentum and
+        weight decay only)."""
+        self.optimizer.zero_grad(set_to_none=set_to_none)
 
     def backward(self, loss: Tensor) -> None:
         """Back-propagate ``loss``; under data parallelism, average the gradients over the ranks."""
@@ -85,10 +87,10 @@ class SubSteps:
         self.optimizer.step()
         self.steps += 1
 
-    def run(self, loss: Tensor, before_step: Optional[Callable[[], Any]] = None) -> None:
-        """One sub-step: zero the gradients, back-propagate ``loss``, ``before_step()`` (the method's change to the
-        gradients), clip, step."""
-        self.zero_grad()
+    def run(self, loss: Tensor, before_step: Optional[Callable[[], Any]] = None, *, set_to_none: bool = True) -> None:
+        """One sub-step: zero the gradients (:meth:`zero_grad`), back-propagate ``loss``, ``before_step()`` (the
+        method's change to the gradients), clip, step."""
+        self.zero_grad(set_to_none)
         self.backward(loss)
         if before_step is not None:
             before_step()
