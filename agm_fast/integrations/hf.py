@@ -191,7 +191,8 @@ class BalancingCallback(TrainerCallback):
 
 class BalancedTrainer(Trainer):
     """A ``Trainer`` that trains a :class:`BalancedModel` and modulates the gradients after AMP unscaling and before
-    gradient clipping.
+    gradient clipping; a method that owns its step (MLA) runs its sub-steps in :meth:`training_step`
+    (docs/owned-step.md).
 
     Args:
         method: the method; the model (a :class:`BalancedModel`) is built from it unless ``model`` is given.

@@ -145,7 +145,8 @@ class BalancedModule(pl.LightningModule):
     ``method.loss``; the :class:`BalancingCallback` it returns from ``configure_callbacks`` modulates the gradients.
     ``validation_step`` records the fused accuracy and, per modality, the accuracy and cross-entropy of the
     per-modality logits (:func:`agm_fast.fusion.per_modality_logits`), which ``modality_metrics`` hands to
-    ``method.end_epoch`` (MSLR and MSES follow them).
+    ``method.end_epoch`` (MSLR and MSES follow them). A method that owns its step (MLA) is trained with manual
+    optimisation through ``method.train_step`` and evaluated with ``method.predict`` (docs/owned-step.md).
 
     Args:
         method: the method (built on the encoders and fusion head this module trains).

@@ -245,3 +245,56 @@ def test_the_command_line_trains_and_evaluates_through_the_prediction_rule(tmp_p
                    str(tmp_path), "--no-plot", "--hidden", "16", "--feature-dim", "8"])
     assert rc == 0
     assert "test acc" in capsys.readouterr().out
+
+
+def _plain(M, data, epochs, **kwargs):
+    encoders, fusion = model(M)
+    method = methods.create("mla", encoders, fusion, **kwargs)
+    params = [p for e in encoders for p in e.parameters()] + list(fusion.parameters())
+    opt = torch.optim.SGD([{"params": params}] + method.param_groups(LR), lr=LR, momentum=0.9)
+    for epoch in range(epochs):
+        for i, (xs, y) in enumerate(data):
+            methods.training_step(method, xs, y, epoch, opt, progress=i / len(data))
+    return encoders, method
+
+
+def _dataset(M, n=3):
+    data = [batch(M, seed=s) for s in range(n)]
+    xs = [torch.cat([d[0][m] for d in data]) for m in range(M)]
+    return data, torch.utils.data.TensorDataset(*xs, torch.cat([d[1] for d in data]))
+
+
+def test_lightning_and_the_hf_trainer_train_it_as_the_plain_loop(tmp_path):
+    pl = pytest.importorskip("lightning.pytorch")
+    pytest.importorskip("transformers")
+    from transformers import TrainingArguments
+
+    from agm_fast.integrations.hf import BalancedTrainer, collate
+    from agm_fast.integrations.lightning import BalancedModule
+
+    data, dataset = _dataset(2)
+    want_encoders, want = _plain(2, data, 2, projection=True)
+
+    encoders, fusion = model(2)
+    method = methods.create("mla", encoders, fusion, projection=True)
+    module = BalancedModule(method, lr=LR, momentum=0.9)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=B, shuffle=False)
+    pl.Trainer(max_epochs=2, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+               enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0).fit(
+        module, loader, loader)
+    assert module.trainer.callback_metrics["val_acc"] >= 0
+    encoders_hf, fusion_hf = model(2)
+    method_hf = methods.create("mla", encoders_hf, fusion_hf, projection=True)
+    params = [p for e in encoders_hf for p in e.parameters()] + list(fusion_hf.parameters())
+    opt = torch.optim.SGD([{"params": params}] + method_hf.param_groups(LR), lr=LR, momentum=0.9)
+    args = TrainingArguments(output_dir=str(tmp_path), num_train_epochs=2, per_device_train_batch_size=B,
+                             learning_rate=LR, max_grad_norm=0.0, train_sampling_strategy="sequential", use_cpu=True,
+                             report_to=[], save_strategy="no", logging_strategy="no", disable_tqdm=True)
+    BalancedTrainer(method=method_hf, args=args, train_dataset=dataset, data_collator=collate,
+                    optimizers=(opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0))).train()
+    for got_encoders, got in ((encoders, method), (encoders_hf, method_hf)):
+        for e, w in zip(got_encoders, want_encoders):
+            for p, q in zip(e.parameters(), w.parameters()):
+                torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got.method_state()["projection"], want.method_state()["projection"], rtol=1e-5,
+                                   atol=1e-7)
