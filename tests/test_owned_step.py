@@ -310,7 +310,7 @@ def test_hf_refuses_accumulation_and_the_stock_trainer(tmp_path):
     from agm_fast.integrations.hf import BalancedModel, BalancingCallback
 
     parts, method = build()
-    with pytest.raises(ValueError, match="TrainingArguments: Alternate takes several optimizer steps per batch"):
+    with pytest.raises(ValueError, match="steps: Alternate cannot modulate micro-batches one by one"):
         _hf_train(method, parts, data(), tmp_path, gradient_accumulation_steps=2)
 
     def stock(method, **kwargs):
@@ -353,3 +353,14 @@ def test_sub_steps_average_gradients_over_the_ranks(tmp_path):
             torch.testing.assert_close(got[r]["parts"][key], value, rtol=1e-5, atol=1e-6)
         for key, value in method.heads.state_dict().items():
             torch.testing.assert_close(got[r]["heads"][key], value, rtol=1e-5, atol=1e-6)
+
+
+def test_a_ddp_wrapped_model_in_a_trainer_is_refused_with_the_reason():
+    from agm_fast.methods.owned_step import check_trainer
+
+    _, method = build()
+    with pytest.raises(NotImplementedError, match="Trainer: Alternate back-propagates several times per forward"):
+        check_trainer(method, world_size=2, where="Trainer")
+    check_trainer(method, world_size=1, where="Trainer")
+    parts = Parts()
+    check_trainer(methods.create("joint", list(parts.encoders), parts.fusion), world_size=2, where="Trainer")

@@ -129,8 +129,7 @@ class BalancingCallback(TrainerCallback):
                 raise TypeError(f"trainer: {self.method.name} runs its own optimizer steps, expected "
                                 "agm_fast.integrations.hf.BalancedTrainer (its training_step calls method.train_step), "
                                 "got a Trainer with BalancingCallback")
-            owned_step.check_trainer(self.method, world_size=args.world_size,
-                                     accumulation=args.gradient_accumulation_steps, where="TrainingArguments")
+            owned_step.check_trainer(self.method, world_size=args.world_size, where="TrainingArguments")
             if args.fp16:
                 raise ValueError(f"fp16: {self.method.name} steps the optimizer several times per batch and the "
                                  "Trainer's own step then finds no gradient, which the fp16 grad scaler refuses; "

@@ -84,8 +84,7 @@ class BalancingCallback(pl.Callback):
                 raise TypeError(f"pl_module: {self.method.name} runs its own optimizer steps, expected a "
                                 "LightningModule with automatic_optimization = False that calls method.train_step "
                                 "(BalancedModule does), got automatic optimisation")
-            owned_step.check_trainer(self.method, world_size=trainer.world_size,
-                                     accumulation=trainer.accumulate_grad_batches, where="Trainer")
+            owned_step.check_trainer(self.method, world_size=trainer.world_size, where="Trainer")
         self.method.to(pl_module.device)
         # Each micro-batch of an accumulated step is modulated with its own coefficients.
         self.method.set_accumulation(trainer.accumulate_grad_batches)

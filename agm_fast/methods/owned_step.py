@@ -123,15 +123,12 @@ def release(steps: SubSteps) -> None:
     steps.zero_grad()
 
 
-def check_trainer(method, *, world_size: int, accumulation: int, where: str) -> None:
-    """Refuse what an owned step cannot do in a trainer: gradient accumulation and a DDP-wrapped model."""
+def check_trainer(method, *, world_size: int, where: str) -> None:
+    """Refuse what an owned step cannot do in a trainer: a DDP-wrapped model. (Gradient accumulation is refused by
+    ``set_accumulation``: an owned-step method declares ``accumulation = "refused"``.)"""
     if not getattr(method, "owns_step", False):
         return
     name = method.name or type(method).__name__
-    if accumulation > 1:
-        raise ValueError(f"{where}: {name} takes several optimizer steps per batch, each on its own sub-step's "
-                         f"gradient, which summed micro-batches cannot give; expected 1 (no gradient accumulation), "
-                         f"got {accumulation}")
     if world_size > 1:
         raise NotImplementedError(
             f"{where}: {name} back-propagates several times per forward, which DDP's gradient hooks do not allow; "
