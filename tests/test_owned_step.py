@@ -364,3 +364,26 @@ def test_a_ddp_wrapped_model_in_a_trainer_is_refused_with_the_reason():
     check_trainer(method, world_size=1, where="Trainer")
     parts = Parts()
     check_trainer(methods.create("joint", list(parts.encoders), parts.fusion), world_size=2, where="Trainer")
+
+
+def test_a_lightning_checkpoint_of_an_owned_step_resumes_exactly(tmp_path):
+    pl = pytest.importorskip("lightning.pytorch")
+    from agm_fast.integrations.lightning import BalancedModule
+
+    batches = data()
+
+    def fit(module, epochs, ckpt=None):
+        trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                             enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+        trainer.fit(module, _loader(batches), ckpt_path=ckpt)
+        return trainer
+
+    straight_parts, method = build()
+    fit(BalancedModule(method, lr=LR, momentum=0.9), 2)
+    first_parts, method = build()
+    fit(BalancedModule(method, lr=LR, momentum=0.9), 1).save_checkpoint(tmp_path / "mid.ckpt")
+    resumed_parts, method = build(seed=5)
+    resumed = BalancedModule(method, lr=LR, momentum=0.9)
+    trainer = fit(resumed, 2, str(tmp_path / "mid.ckpt"))
+    assert trainer.global_step == 2 * len(batches) * M
+    assert_same(resumed_parts, straight_parts, rtol=0, atol=0)
