@@ -87,6 +87,20 @@ class SubSteps:
         self.optimizer.step()
         self.steps += 1
 
+    def reset_state(self, params: Sequence[Tensor]) -> None:
+        """Forget the optimizer's state (momentum buffers) of ``params``: a phase that the released code trains with
+        a fresh optimizer."""
+        opt = self.optimizer
+        while not hasattr(opt, "state") or not isinstance(getattr(opt, "state"), dict):
+            inner = getattr(opt, "_optimizer", None) or getattr(opt, "optimizer", None)
+            if inner is None or inner is opt:
+                break
+            opt = inner
+        state = getattr(opt, "state", None)
+        if isinstance(state, dict):
+            for p in params:
+                state.pop(p, None)
+
     def run(self, loss: Tensor, before_step: Optional[Callable[[], Any]] = None, *, set_to_none: bool = True) -> None:
         """One sub-step: zero the gradients (:meth:`zero_grad`), back-propagate ``loss``, ``before_step()`` (the
         method's change to the gradients), clip, step."""

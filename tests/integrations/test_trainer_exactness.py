@@ -39,8 +39,9 @@ CASES = {
     "inforeg": {},
     "mlb": {},
     "mmpareto": {},
-    # A method that owns its step (docs/owned-step.md) refuses it too.
+    # Methods that own their step (docs/owned-step.md) refuse it too.
     "mla": {},
+    "reconboost": {},
 }
 # Fixed validation metrics for the methods that follow them (MSLR, MSES), given at every epoch end.
 METRICS = {"modality_accuracy": [0.8, 0.3], "modality_loss": [0.5, 1.5]}
