@@ -222,3 +222,46 @@ def test_the_command_line_trains_it(tmp_path, capsys):
                    "2", "--out", str(tmp_path), "--no-plot", "--hidden", "16", "--feature-dim", "8"])
     assert rc == 0
     assert "test acc" in capsys.readouterr().out
+
+
+def test_lightning_and_the_hf_trainer_train_it_as_the_plain_loop(tmp_path):
+    # Momentum restarts per phase through each trainer's optimizer wrapper too.
+    pl = pytest.importorskip("lightning.pytorch")
+    pytest.importorskip("transformers")
+    from transformers import TrainingArguments
+
+    from agm_fast.integrations.hf import BalancedTrainer, collate
+    from agm_fast.integrations.lightning import BalancedModule
+
+    data = [batch(2, seed=s) for s in range(2)]
+    dataset = torch.utils.data.TensorDataset(*[torch.cat([d[0][m] for d in data]) for m in range(2)],
+                                             torch.cat([d[1] for d in data]))
+
+    def fresh():
+        encoders, fusion, head = model(2)
+        method = methods.create("reconboost", encoders, fusion, head=head, epochs_per_stage=1, correct_epochs=1)
+        params = [p for e in encoders for p in e.parameters()] + list(fusion.parameters())
+        opt = torch.optim.SGD([{"params": params}] + method.param_groups(LR), lr=LR, momentum=0.9)
+        return encoders, method, opt
+
+    want_encoders, want, opt = fresh()
+    for epoch in range(4):
+        for xs, y in data:
+            methods.training_step(want, xs, y, epoch, opt)
+
+    encoders, method, _ = fresh()
+    module = BalancedModule(method, lr=LR, momentum=0.9)
+    pl.Trainer(max_epochs=4, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+               enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0).fit(
+        module, torch.utils.data.DataLoader(dataset, batch_size=B, shuffle=False))
+    encoders_hf, method_hf, opt_hf = fresh()
+    args = TrainingArguments(output_dir=str(tmp_path), num_train_epochs=4, per_device_train_batch_size=B,
+                             learning_rate=LR, max_grad_norm=0.0, train_sampling_strategy="sequential", use_cpu=True,
+                             report_to=[], save_strategy="no", logging_strategy="no", disable_tqdm=True)
+    BalancedTrainer(method=method_hf, args=args, train_dataset=dataset, data_collator=collate,
+                    optimizers=(opt_hf, torch.optim.lr_scheduler.LambdaLR(opt_hf, lambda s: 1.0))).train()
+    for got_encoders, got in ((encoders, method), (encoders_hf, method_hf)):
+        for e, w in zip(got_encoders, want_encoders):
+            for p, q in zip(e.parameters(), w.parameters()):
+                torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got.rate, want.rate, rtol=1e-5, atol=1e-6)
