@@ -387,3 +387,24 @@ def test_a_lightning_checkpoint_of_an_owned_step_resumes_exactly(tmp_path):
     trainer = fit(resumed, 2, str(tmp_path / "mid.ckpt"))
     assert trainer.global_step == 2 * len(batches) * M
     assert_same(resumed_parts, straight_parts, rtol=0, atol=0)
+
+
+def test_the_methods_own_modules_follow_eval_mode_in_every_evaluation():
+    # A shared head with dropout: evaluation must put it in eval mode (it is the method's, not the model's).
+    pytest.importorskip("lightning.pytorch")
+    pytest.importorskip("transformers")
+    from agm_fast.integrations.hf import BalancedModel
+    from agm_fast.integrations.lightning import BalancedModule
+
+    parts = Parts()
+    head = nn.Sequential(nn.Dropout(0.5), nn.Linear(D, C))
+    method = methods.create("mla", list(parts.encoders), parts.fusion, head=head)
+    xs, y = data(1)[0]
+    first = evaluate(parts, xs, y, predict=method.predict, modules=method.modules())
+    assert head.training  # restored
+    assert evaluate(parts, xs, y, predict=method.predict, modules=method.modules()) == first
+    for wrapper in (BalancedModule(method, lr=LR), BalancedModel(method)):
+        wrapper.eval()
+        assert not head.training
+        wrapper.train()
+        assert head.training

@@ -24,7 +24,8 @@ TIME_COLUMNS = ("step_ms", "epoch_s")
 
 
 @torch.no_grad()
-def evaluate(model: MultiViewModel, xs: Sequence[Tensor], y: Tensor, chunk: int = 32768, predict=None) -> dict:
+def evaluate(model: MultiViewModel, xs: Sequence[Tensor], y: Tensor, chunk: int = 32768, predict=None,
+             modules: Sequence[nn.Module] = ()) -> dict:
     """Fused and mono-modal (Shapley) accuracy and loss of ``model`` in eval mode.
 
     Every non-empty subset S of the views is evaluated with the muted views' inputs set to zero (after
@@ -38,12 +39,16 @@ def evaluate(model: MultiViewModel, xs: Sequence[Tensor], y: Tensor, chunk: int 
         chunk: at most this many rows (subsets x samples) per model call.
         predict: a method's own prediction rule, ``predict(inputs) -> [B, C]`` (``Method.predict``), called once per
             subset on the chunk's rows; None: the model.
+        modules: the method's own modules that ``predict`` uses (put in eval mode too, then restored).
 
     Returns:
         dict with ``acc``, ``loss`` (floats) and ``mono_acc``, ``mono_loss`` (lists of M floats).
     """
     was_training = model.training
+    modes = [m.training for m in modules]
     model.eval()
+    for m in modules:
+        m.eval()
     M = len(xs)
     masks = subset_masks(M, "reference")
     full = masks.index(full_mask(M))
@@ -70,6 +75,8 @@ def evaluate(model: MultiViewModel, xs: Sequence[Tensor], y: Tensor, chunk: int 
         mono_correct += (psi.argmax(-1) == yb).sum(1)
         mono_loss += F.cross_entropy(psi.permute(1, 2, 0), yb.unsqueeze(1).expand(B, M), reduction="none").sum(0)
     model.train(was_training)
+    for m, mode in zip(modules, modes):
+        m.train(mode)
     n = y.shape[0]
     return {
         "acc": float(correct) / n,

@@ -272,6 +272,7 @@ def _train(
     metrics_path = os.path.join(args.out, "metrics.csv")
     # A method with its own prediction rule (MLA) is evaluated through it.
     predict = method.predict if method.owns_step else None
+    own = method.modules() if method.owns_step else []
     interactive = sys.stderr.isatty()
     for epoch in range(len(history), args.epochs):
         progress["epoch"] = epoch
@@ -300,7 +301,7 @@ def _train(
             torch.cuda.synchronize(device)
         elapsed = time.perf_counter() - t0
         bar.close()
-        val = evaluate(model, xs_val, y_val, predict=predict)
+        val = evaluate(model, xs_val, y_val, predict=predict, modules=own)
         if not math.isfinite(val["loss"]):
             _diverged(args, names, source, splits, config, history, epoch, "validation", val["loss"])
         method.end_epoch(epoch, {"modality_accuracy": val["mono_acc"], "modality_loss": val["mono_loss"]})
@@ -344,7 +345,8 @@ def _train(
 
     with _writing("metrics.csv", metrics_path):
         write_csv(metrics_path, names, history)
-    test = evaluate(model, [x.to(device) for x in test_s.xs], test_s.y.to(device), predict=predict)
+    test = evaluate(model, [x.to(device) for x in test_s.xs], test_s.y.to(device), predict=predict,
+                    modules=own)
     strengths, unimodal_acc, strength_note = competition_strength_of(model, splits, data.num_classes, args, device)
     step_ms = [row["step_ms"] for row in history]
     summary = _summary_base(args, names, source, splits, config, history)

@@ -68,7 +68,17 @@ class BalancedModel(nn.Module):
         # Trainer zeroes their gradients, moves them, and saves and restores them with the model's weights. The rest
         # of the method's state goes to STATE_FILE beside each checkpoint.
         self.method_parameters = nn.ParameterList([p for g in method.param_groups(1.0) for p in g["params"]])
+
         self.epoch = 0
+
+    def train(self, mode: bool = True):
+        # A method that owns its step predicts with its own modules (a shared head): they follow train / eval too.
+        super().train(mode)
+        method = getattr(self, "method", None)
+        if method is not None and method.owns_step:
+            for module in method.modules():
+                module.train(mode)
+        return self
 
     # The loss is a mean over the micro-batch: the Trainer scales it for gradient accumulation (and nothing else).
     accepts_loss_kwargs = False

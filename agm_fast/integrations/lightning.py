@@ -174,6 +174,15 @@ class BalancedModule(pl.LightningModule):
         """Inference: the fused logits ``[B, C]`` (the method's prediction rule)."""
         return self.method.predict(list(inputs))
 
+    def train(self, mode: bool = True):
+        # A method that owns its step predicts with its own modules (a shared head): they follow train / eval too.
+        super().train(mode)
+        method = getattr(self, "method", None)
+        if method is not None and method.owns_step:
+            for module in method.modules():
+                module.train(mode)
+        return self
+
     def configure_callbacks(self):
         return [self.callback]
 
