@@ -68,7 +68,6 @@ class BalancedModel(nn.Module):
         # Trainer zeroes their gradients, moves them, and saves and restores them with the model's weights. The rest
         # of the method's state goes to STATE_FILE beside each checkpoint.
         self.method_parameters = nn.ParameterList([p for g in method.param_groups(1.0) for p in g["params"]])
-
         self.epoch = 0
 
     def train(self, mode: bool = True):
