@@ -10,7 +10,7 @@ CLI, the Lightning module and the HF callback all use :func:`modality_metrics`, 
 
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -58,18 +58,24 @@ def _modules(encoders: Sequence[nn.Module], fusion: nn.Module) -> List[nn.Module
 
 
 @torch.no_grad()
-def modality_sums(encoders: Sequence[nn.Module], fusion: nn.Module, xs: Sequence[Tensor], y: Tensor) -> Tensor:
+def modality_sums(encoders: Sequence[nn.Module], fusion: nn.Module, xs: Sequence[Tensor], y: Tensor,
+                  predict: Optional[Callable[[List[Tensor]], Tensor]] = None) -> Tensor:
     """One batch's sums, in the modules' current modes: ``[correct, loss, count, correct_m (M), loss_m (M)]``
     (float32, on the labels' device; losses are sums of cross-entropies). Add them over batches (and ranks), then
-    :func:`metrics_from_sums`."""
+    :func:`metrics_from_sums`. ``predict(inputs) -> [B, C]``, when given, replaces ``fusion(*encoders(inputs))``
+    (a method's own prediction rule, e.g. MLA's); it is called once per subset."""
     M = len(encoders)
     masks = subset_masks(M, "reference")
     full = masks.index(full_mask(M))
     W = shapley_weights(M, masks, torch.float32).to(y.device)
     B = y.shape[0]
     stacked = subset_batch_torch(list(xs), masks, None)
-    feats = [enc(x) for enc, x in zip(encoders, stacked)]
-    subset_logits = fusion(*feats).float().view(len(masks), B, -1)
+    if predict is None:
+        feats = [enc(x) for enc, x in zip(encoders, stacked)]
+        subset_logits = fusion(*feats).float().view(len(masks), B, -1)
+    else:
+        subset_logits = torch.stack([predict([x[s * B : (s + 1) * B] for x in stacked]).float()
+                                     for s in range(len(masks))])
     psi = shapley_outputs_torch(subset_logits, W)
     fused = subset_logits[full]
     return torch.cat([
@@ -103,6 +109,8 @@ def modality_metrics(
     chunk: int = 32768,
     device: Optional[torch.device] = None,
     process_group=None,
+    predict: Optional[Callable[[List[Tensor]], Tensor]] = None,
+    modules: Sequence[nn.Module] = (),
 ) -> Dict[str, object]:
     """Fused and per-modality accuracy and cross-entropy of a model on a validation set, in eval mode.
 
@@ -116,6 +124,9 @@ def modality_metrics(
         process_group: with ``torch.distributed`` initialised, the sums and counts are reduced over this group
             (None: the default group), so every rank gets the metrics of the whole validation set (each rank passes
             its shard).
+        predict: a prediction rule ``inputs -> [B, C]`` in place of the fusion head (default: a method that owns
+            its step gives its :meth:`~agm_fast.methods.Method.predict`).
+        modules: further modules put in eval mode for the evaluation (default: such a method's own modules).
 
     Returns:
         ``{"accuracy", "loss", "modality_accuracy" (M floats), "modality_loss" (M floats), "count"}``. The modes of
@@ -124,19 +135,22 @@ def modality_metrics(
     from . import distributed
 
     encoders, fusion = _parts(model)
+    if predict is None and getattr(model, "owns_step", False):
+        predict, modules = model.predict, list(modules) or list(model.modules())
     M = len(encoders)
     if M < 2:
         raise ValueError(f"model: expected at least 2 encoders, got {M}")
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
         raise ValueError(f"chunk: expected an int >= 1, got {chunk!r}")
     subsets = (1 << M) - 1
-    modes = [(mod, mod.training) for root in _modules(encoders, fusion) for mod in root.modules()]
-    for root in _modules(encoders, fusion):
+    roots = _modules([*encoders, *modules], fusion)
+    modes = [(mod, mod.training) for root in roots for mod in root.modules()]
+    for root in roots:
         root.eval()
     sums: Optional[Tensor] = None
     try:
         for xs, y in _batches(data, M, chunk // subsets or 1, device):
-            part = modality_sums(encoders, fusion, xs, y)
+            part = modality_sums(encoders, fusion, xs, y, predict)
             sums = part if sums is None else sums + part
     finally:
         for mod, training in modes:

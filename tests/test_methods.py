@@ -241,3 +241,26 @@ def test_a_new_method_is_one_class_and_one_registry_entry():
         assert method.describe() == {"method": "halve", "window": [0, None], "factor": 0.5}
     finally:
         methods.unregister("halve")
+
+
+# A method that owns its step (docs/owned-step.md) runs its own sub-steps instead of the hooks above, so the hook-level
+# checks (the window's joint equivalence, before_optimizer_step's coefficients) say nothing about it; what it must do
+# instead: its step through the one loop, its prediction rule, and accumulation refused.
+OWNED = [n for n in NAMES if methods.get(n)[0].owns_step]
+
+
+@pytest.mark.parametrize("name", OWNED)
+def test_a_method_that_owns_its_step_predicts_and_refuses_accumulation(name):
+    torch.manual_seed(0)
+    parts = Parts()
+    method, opt = build(name, parts)
+    before = copy.deepcopy(parts.state_dict())
+    xs, y = data(1)[0]
+    res = methods.training_step(method, xs, y, 0, opt, progress=0.0)
+    assert isinstance(res, methods.StepResult) and not res.loss.requires_grad
+    assert any(not torch.equal(before[k], v) for k, v in parts.state_dict().items())
+    logits = method.predict(xs)
+    assert logits.shape == (B, C) and torch.isfinite(logits).all()
+    assert method.accumulation == "refused"
+    with pytest.raises(ValueError, match="steps: .* cannot modulate micro-batches"):
+        method.set_accumulation(2)

@@ -21,21 +21,26 @@ __all__ = ["TIME_COLUMNS", "columns", "competition_strength_of", "evaluate", "fo
 TIME_COLUMNS = ("step_ms", "epoch_s")
 
 
-def evaluate(model: MultiViewModel, xs: Sequence[Tensor], y: Tensor, chunk: int = 32768) -> dict:
+def evaluate(model: MultiViewModel, xs: Sequence[Tensor], y: Tensor, chunk: int = 32768, predict=None,
+             modules: Sequence[nn.Module] = ()) -> dict:
     """Fused and mono-modal (Shapley) accuracy and loss of ``model`` in eval mode: :func:`agm_fast.validation.
     modality_metrics` (every non-empty subset of the views with the muted views' inputs set to zero, after
-    standardisation the average training sample), whatever the method.
+    standardisation the average training sample), whatever the method; ``predict`` (a method's own prediction rule)
+    replaces the model's head, and ``modules`` are put in eval mode too.
 
     Args:
         model: the model.
         xs: M tensors ``[N, d_m]``.
         y: ``[N]`` labels.
         chunk: at most this many rows (subsets x samples) per model call.
+        predict: a method's own prediction rule, ``predict(inputs) -> [B, C]`` (``Method.predict``), called once per
+            subset on the chunk's rows; None: the model.
+        modules: the method's own modules that ``predict`` uses (put in eval mode too, then restored).
 
     Returns:
         dict with ``acc``, ``loss`` (floats) and ``mono_acc``, ``mono_loss`` (lists of M floats).
     """
-    r = modality_metrics(model, (list(xs), y), chunk=chunk)
+    r = modality_metrics(model, (list(xs), y), chunk=chunk, predict=predict, modules=modules)
     return {"acc": r["accuracy"], "loss": r["loss"], "mono_acc": r["modality_accuracy"],
             "mono_loss": r["modality_loss"]}
 

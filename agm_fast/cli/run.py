@@ -272,6 +272,9 @@ def _train(
         print(starts)
     metrics_path = os.path.join(args.out, "metrics.csv")
     uses_passes = type(method).epoch_passes is not methods.Method.epoch_passes
+    # A method with its own prediction rule (MLA) is evaluated through it.
+    predict = method.predict if method.owns_step else None
+    own = method.modules() if method.owns_step else []
     interactive = sys.stderr.isatty()
     for epoch in range(len(history), args.epochs):
         progress["epoch"] = epoch
@@ -287,7 +290,8 @@ def _train(
         t0 = time.perf_counter()
         for step, idx in enumerate(steps):
             idx = idx.to(device)
-            res = methods.training_step(method, [x[idx] for x in xs_train], y_train[idx], epoch, opt)
+            res = methods.training_step(method, [x[idx] for x in xs_train], y_train[idx], epoch, opt,
+                                        progress=step / len(steps))
             # One flag per step: a non-finite loss stops the run before a non-finite model is saved.
             if not bool(torch.isfinite(res.loss)):
                 _diverged(args, names, source, splits, config, history, epoch, f"step {step + 1}", res.loss)
@@ -300,7 +304,7 @@ def _train(
             torch.cuda.synchronize(device)
         elapsed = time.perf_counter() - t0
         bar.close()
-        val = evaluate(model, xs_val, y_val)
+        val = evaluate(model, xs_val, y_val, predict=predict, modules=own)
         if not math.isfinite(val["loss"]):
             _diverged(args, names, source, splits, config, history, epoch, "validation", val["loss"])
         method.end_epoch(epoch, {"modality_accuracy": val["mono_acc"], "modality_loss": val["mono_loss"]})
@@ -347,7 +351,8 @@ def _train(
 
     with _writing("metrics.csv", metrics_path):
         write_csv(metrics_path, names, history)
-    test = evaluate(model, [x.to(device) for x in test_s.xs], test_s.y.to(device))
+    test = evaluate(model, [x.to(device) for x in test_s.xs], test_s.y.to(device), predict=predict,
+                    modules=own)
     strengths, unimodal_acc, strength_note = competition_strength_of(model, splits, data.num_classes, args, device)
     step_ms = [row["step_ms"] for row in history]
     summary = _summary_base(args, names, source, splits, config, history)

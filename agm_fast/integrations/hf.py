@@ -23,7 +23,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..methods import Method
+from ..methods import Method, owned_step
 from ..methods.epoch_data import run_epoch_passes
 from ..validation import modality_metrics
 from . import missing
@@ -73,15 +73,27 @@ class BalancedModel(nn.Module):
         self.method_parameters = nn.ParameterList([p for g in method.param_groups(1.0) for p in g["params"]])
         self.epoch = 0
 
+    def train(self, mode: bool = True):
+        # A method that owns its step predicts with its own modules (a shared head): they follow train / eval too.
+        super().train(mode)
+        method = getattr(self, "method", None)
+        if method is not None and method.owns_step:
+            for module in method.modules():
+                module.train(mode)
+        return self
+
     # The loss is a mean over the micro-batch: the Trainer scales it for gradient accumulation (and nothing else).
     accepts_loss_kwargs = False
 
     def forward(self, inputs: List[Tensor], labels: Optional[Tensor] = None, **unused: Any):
         if labels is None or not self.training:
-            logits = self.method.head(self.method.encode(list(inputs)))
+            logits = self.method.predict(list(inputs))
             if labels is None:
                 return {"logits": logits}
             return {"loss": nn.functional.cross_entropy(logits, labels), "logits": logits}
+        if self.method.owns_step:
+            raise RuntimeError(f"{self.method.name} runs its own optimizer steps: train it with BalancedTrainer, whose "
+                               "training_step calls method.train_step")
         out = self.method.forward(list(inputs), labels, self.epoch)
         return {"loss": self.method.loss(out, labels), "logits": out.logits}
 
@@ -158,6 +170,16 @@ class BalancingCallback(TrainerCallback):
         return loader if loader is not None or self.eval_loader is None else self.eval_loader()
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if self.method.owns_step:
+            if not self.modulates_before_clipping:
+                raise TypeError(f"trainer: {self.method.name} runs its own optimizer steps, expected "
+                                "agm_fast.integrations.hf.BalancedTrainer (its training_step calls method.train_step), "
+                                "got a Trainer with BalancingCallback")
+            owned_step.check_trainer(self.method, world_size=args.world_size, where="TrainingArguments")
+            if args.fp16:
+                raise ValueError(f"fp16: {self.method.name} steps the optimizer several times per batch and the "
+                                 "Trainer's own step then finds no gradient, which the fp16 grad scaler refuses; "
+                                 "expected bf16 or float32, got fp16=True")
         if model is not None:
             self.method.to(next(model.parameters()).device)
         self.method.set_accumulation(args.gradient_accumulation_steps)
@@ -208,8 +230,8 @@ class BalancingCallback(TrainerCallback):
         self.modulate(state.global_step)
 
     def modulate(self, step: int) -> None:
-        """Modulate the gradients of optimizer step ``step`` (once)."""
-        if self.modulated_step != step:
+        """Modulate the gradients of optimizer step ``step`` (once; not for a method that owns its step)."""
+        if self.modulated_step != step and not self.method.owns_step:
             self.coefficients.append(self.method.before_optimizer_step().detach())
             self.modulated_step = step
 
@@ -244,7 +266,8 @@ class BalancingCallback(TrainerCallback):
 
 class BalancedTrainer(Trainer):
     """A ``Trainer`` that trains a :class:`BalancedModel` and modulates the gradients after AMP unscaling and before
-    gradient clipping.
+    gradient clipping; a method that owns its step (MLA) runs its sub-steps in :meth:`training_step`
+    (docs/owned-step.md).
 
     Args:
         method: the method; the model (a :class:`BalancedModel`) is built from it unless ``model`` is given.
@@ -286,6 +309,25 @@ class BalancedTrainer(Trainer):
         if "loss" in logs or "eval_loss" not in logs:
             logs = {**logs, **self.balancing.log_entries()}
         return super().log(logs, *args, **kwargs)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """The Trainer's step; for a method that owns its step, the method's sub-steps (each clipped to
+        ``max_grad_norm``), after which every gradient is cleared so that the Trainer's own optimizer step changes
+        nothing (its scheduler still steps once per batch)."""
+        method = self.balancing.method
+        if not method.owns_step:
+            return super().training_step(model, inputs, num_items_in_batch)
+        model.train()
+        inputs = self._prepare_inputs(inputs)
+        norm = self.args.max_grad_norm
+        clip = (lambda params: self.accelerator.clip_grad_norm_(params, norm)) if norm and norm > 0 else None
+        steps = owned_step.SubSteps(self.optimizer, backward=self.accelerator.backward, clip=clip)
+        epoch = float(self.state.epoch or 0.0)
+        res = method.train_step(list(inputs["inputs"]), inputs["labels"], int(epoch), steps,
+                                progress=min(max(epoch - int(epoch), 0.0), 1.0))
+        owned_step.release(steps)
+        self.balancing.coefficients.append(res.coeffs)
+        return res.loss
 
     def create_optimizer(self, model=None):
         """The Trainer's optimizer over the model, plus the method's own parameter groups (CGGM's heads at their

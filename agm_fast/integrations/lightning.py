@@ -23,7 +23,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from ..methods import Method
+from ..methods import Method, owned_step
 from ..methods.epoch_data import run_epoch_passes
 from ..validation import metrics_from_sums, modality_sums, split_batch
 from . import missing
@@ -72,6 +72,13 @@ class BalancingCallback(pl.Callback):
             )
 
     def on_fit_start(self, trainer, pl_module) -> None:
+        if self.method.owns_step:
+            # The method runs its own optimizer steps inside training_step (Lightning's manual optimisation).
+            if pl_module.automatic_optimization:
+                raise TypeError(f"pl_module: {self.method.name} runs its own optimizer steps, expected a "
+                                "LightningModule with automatic_optimization = False that calls method.train_step "
+                                "(BalancedModule does), got automatic optimisation")
+            owned_step.check_trainer(self.method, world_size=trainer.world_size, where="Trainer")
         self.method.to(pl_module.device)
         # Each micro-batch of an accumulated step is modulated with its own coefficients.
         self.method.set_accumulation(trainer.accumulate_grad_batches)
@@ -107,6 +114,8 @@ class BalancingCallback(pl.Callback):
             self._kept = None
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if self.method.owns_step:  # a sub-step of the method's own step: BalancedModule records its coefficients
+            return
         coeffs = self.method.before_optimizer_step().detach()
         self.coefficients.append(coeffs)
         # Through the trainer's loggers: each modality's coefficient, averaged over the epoch's steps.
@@ -158,6 +167,8 @@ class BalancedModule(pl.LightningModule):
     Shapley outputs (:mod:`agm_fast.validation`, the one definition the CLI uses too), logged as ``val_acc``,
     ``val_loss``, ``val_acc_<m>`` and ``val_loss_<m>``; ``modality_metrics`` hands them to ``method.end_epoch``
     (MSLR and MSES follow them). The callback logs each modality's coefficient as ``coeff_<m>`` (epoch mean).
+    A method that owns its step (MLA) is trained with manual optimisation through ``method.train_step`` and evaluated
+    with ``method.predict`` (docs/owned-step.md), the per-modality metrics too.
 
     Args:
         method: the method (built on the encoders and fusion head this module trains).
@@ -178,11 +189,22 @@ class BalancedModule(pl.LightningModule):
         self.optimizer_kwargs = dict(optimizer_kwargs)
         self.callback = BalancingCallback(method)
         self._val: Optional[Dict[str, Tensor]] = None
+        # A method that owns its step takes its optimizer steps itself (Lightning's manual optimisation).
+        self.automatic_optimization = not method.owns_step
         self._last_metrics: Optional[Dict[str, List[float]]] = None
 
     def forward(self, *inputs: Tensor) -> Tensor:
-        """Inference: the fused logits ``[B, C]``."""
-        return self.method.head(self.method.encode(list(inputs)))
+        """Inference: the fused logits ``[B, C]`` (the method's prediction rule)."""
+        return self.method.predict(list(inputs))
+
+    def train(self, mode: bool = True):
+        # A method that owns its step predicts with its own modules (a shared head): they follow train / eval too.
+        super().train(mode)
+        method = getattr(self, "method", None)
+        if method is not None and method.owns_step:
+            for module in method.modules():
+                module.train(mode)
+        return self
 
     def configure_callbacks(self):
         return [self.callback]
@@ -194,10 +216,21 @@ class BalancedModule(pl.LightningModule):
 
     def training_step(self, batch, batch_idx: int) -> Tensor:
         inputs, labels = split_batch(batch)
+        if self.method.owns_step:
+            return self._owned_step(inputs, labels, batch_idx)
         out = self.method.forward(inputs, labels, self.current_epoch)
         loss = self.method.loss(out, labels)
         self.log("train_loss", loss.detach(), prog_bar=True, on_step=False, on_epoch=True, batch_size=labels.shape[0])
         return loss
+
+    def _owned_step(self, inputs: List[Tensor], labels: Tensor, batch_idx: int) -> None:
+        steps = owned_step.SubSteps(self.optimizers(), backward=self.manual_backward)
+        n = self.trainer.num_training_batches
+        progress = batch_idx / n if isinstance(n, int) and n > 0 else None
+        res = self.method.train_step(inputs, labels, self.current_epoch, steps, progress=progress)
+        self.callback.coefficients.append(res.coeffs)
+        self.log("train_loss", res.loss, prog_bar=True, on_step=False, on_epoch=True, batch_size=labels.shape[0])
+        return None
 
     def on_validation_epoch_start(self) -> None:
         self._val = None
@@ -205,8 +238,9 @@ class BalancedModule(pl.LightningModule):
     def validation_step(self, batch, batch_idx: int) -> None:
         inputs, labels = split_batch(batch)
         # agm_fast's one definition of per-modality metrics (agm_fast.validation): Shapley outputs over the
-        # subsets with the muted inputs zero.
-        sums = modality_sums(list(self.method.encoders), self.fusion, inputs, labels)
+        # subsets with the muted inputs zero; a method that owns its step is evaluated with its prediction rule.
+        predict = self.method.predict if self.method.owns_step else None
+        sums = modality_sums(list(self.method.encoders), self.fusion, inputs, labels, predict)
         self._val = sums if self._val is None else self._val + sums
 
     def on_validation_epoch_end(self) -> None:

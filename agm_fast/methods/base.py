@@ -540,6 +540,37 @@ class Method:
         params = ", ".join(f"{k}={v!r}" for k, v in self.describe().items() if k != "method")
         return f"{type(self).__name__}({params})"
 
+    # ---- A method-owned step (agm_fast.methods.owned_step): the defaults change nothing. ----
+
+    #: Whether the method runs the forward, backward and optimizer steps of a batch itself (:meth:`train_step`).
+    owns_step: ClassVar[bool] = False
+
+    def train_step(self, inputs: Sequence[Tensor], target: Tensor, epoch: Optional[int], steps: Any, *,
+                   progress: Optional[float] = None) -> StepResult:
+        """The whole training step of one batch, for a method with ``owns_step = True``: its own sequence of forwards
+        and of sub-steps, each run by ``steps.run(loss, before_step)`` (:class:`agm_fast.methods.owned_step.SubSteps`).
+
+        Args:
+            inputs: M tensors ``[B, ...]``.
+            target: ``[B]`` targets.
+            epoch: the current epoch.
+            steps: the :class:`~agm_fast.methods.owned_step.SubSteps` of the trainer.
+            progress: the fraction of the epoch done before this batch, in [0, 1], or None when the trainer does not
+                know it.
+
+        Returns:
+            :class:`StepResult` (detached), as :func:`training_step` returns it.
+        """
+        raise NotImplementedError(f"{self.name or type(self).__name__} does not own its step (owns_step is False); "
+                                  "train it with agm_fast.methods.training_step")
+
+    def predict(self, inputs: Sequence[Tensor]) -> Tensor:
+        """The test-time logits ``[B, C]``: the fusion head on the encoders' features, unless the method has its own
+        rule (MLA's entropy-weighted unimodal outputs)."""
+        return self.head(self.encode(inputs))
+
+    # ---- End of the method-owned step. ----
+
 
 def training_step(
     method: Method,
@@ -547,6 +578,8 @@ def training_step(
     target: Tensor,
     epoch: Optional[int],
     optimizer: torch.optim.Optimizer,
+    *,
+    progress: Optional[float] = None,
 ) -> StepResult:
     """One training step of any method: forward, loss, backward, gradient modulation, optimizer step.
 
@@ -556,10 +589,15 @@ def training_step(
         target: ``[B]`` targets.
         epoch: the current epoch.
         optimizer: the optimizer of the model (and of :meth:`Method.param_groups`).
+        progress: the fraction of the epoch done before this batch (read only by a method that owns its step).
 
     Returns:
         :class:`StepResult`.
     """
+    if method.owns_step:  # the method runs its own sub-steps (agm_fast.methods.owned_step)
+        from . import owned_step
+
+        return owned_step.run(method, inputs, target, epoch, optimizer, progress=progress)
     out = method.forward(inputs, target, epoch)
     task = method.task_loss(out, target)
     term = method.loss_term(task, out)

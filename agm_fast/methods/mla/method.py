@@ -1,0 +1,167 @@
+"""MLA behind the method interface: a method that owns its step (one sub-step per modality) and its prediction rule."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Dict, List, Mapping, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ...fusion import output_layer
+from ..base import Method, StepResult
+from ..hparams import declare
+from .config import HPARAMS
+from .core import fuse, fusion_weights, owm_update
+
+__all__ = ["MLAMethod"]
+
+
+@declare(HPARAMS)
+class MLAMethod(Method):
+    """MLA (Zhang et al., CVPR 2024; docs/method-sections/mla.md) with the released training step.
+
+    Per batch, one forward of every encoder, then for each modality in turn one sub-step: the shared head on that
+    modality's features, its cross-entropy, backward, optimizer step (the head as the earlier sub-steps left it). At
+    test time (:meth:`predict`) the unimodal outputs of the shared head are fused with weights ``softmax_m(-e_m)``
+    from their entropies. The model's fusion head is not used (it gets no gradient). MLA has no window: it replaces
+    joint training altogether.
+
+    Args:
+        encoders, fusion, seed: as :class:`agm_fast.methods.Method` (``fusion`` only gives the number of classes and
+            the device of the default head); ``window`` must stay None.
+        task: ``"classification"`` (the fusion weighs classifier entropies).
+        head: the shared head, one module ``features -> [B, C]`` that every modality's features go through; default
+            ``nn.Linear(d, C)`` on the fusion output layer's device and dtype, which needs M equal feature sizes.
+            Its parameters are in :meth:`param_groups` and its weights in the method state.
+        feature_dims: the M feature sizes (default: ``fusion.dims``); needed only to build the default head.
+        **hparams: MLA's hyper-parameters (``agm_fast.methods.mla.config.HPARAMS``).
+
+    Example::
+
+        method = agm_fast.methods.create("mla", encoders=[enc_a, enc_v], fusion=head, entropy="sample")
+    """
+
+    owns_step = True
+    windowed = False
+    accumulation_refusal = "each sub-step steps the optimizer on its own modality's gradient"
+
+    def __init__(
+        self,
+        encoders,
+        fusion,
+        *,
+        window=None,
+        seed: int = 0,
+        task: str = "classification",
+        head: Optional[nn.Module] = None,
+        feature_dims: Optional[Sequence[int]] = None,
+    ) -> None:
+        if window is not None:
+            raise ValueError(f"window: MLA replaces joint training at every epoch and has no window, expected None, "
+                             f"got {window!r}")
+        super().__init__(encoders, fusion, window=None, seed=seed, task=task)
+        if self.task != "classification":
+            raise ValueError(f"task: MLA's test-time fusion weighs classifier entropies, expected 'classification', "
+                             f"got {task!r}")
+        if head is None:
+            dims = self.feature_dims(feature_dims)
+            if len(set(dims)) != 1:
+                raise ValueError(f"feature_dims: MLA's shared head reads every modality's features, expected M equal "
+                                 f"sizes (or a head= of your own), got {dims}")
+            w = output_layer(fusion).weight
+            head = nn.Linear(dims[0], w.shape[0], device=w.device, dtype=w.dtype)
+        elif not isinstance(head, nn.Module):
+            raise TypeError(f"head: expected an nn.Module (features -> [B, C]), got {type(head).__name__}")
+        if self.projection and not isinstance(head, nn.Linear):
+            raise ValueError(f"projection: projects the gradient of a head that reads the features directly, expected "
+                             f"an nn.Linear head, got {type(head).__name__}")
+        self.shared = head
+        self._P: Optional[Tensor] = None
+        self._substeps = 0
+        self._decisions: Dict[str, Tensor] = {}
+
+    def unimodal_logits(self, features: Sequence[Tensor]) -> List[Tensor]:
+        """The shared head on each modality's features."""
+        return [self.shared(h) for h in features]
+
+    def weights(self, logits: Sequence[Tensor]) -> Tensor:
+        """The fusion weights of M unimodal outputs (``[M]``, or ``[M, B]`` with ``entropy="sample"``)."""
+        return fusion_weights(logits, self.entropy)
+
+    def predict(self, inputs: Sequence[Tensor]) -> Tensor:
+        """The test-time logits ``[B, C]``: the unimodal outputs fused with their entropy weights."""
+        logits = self.unimodal_logits(self.encode(inputs))
+        return fuse(logits, self.weights(logits))
+
+    def _project(self, features: Tensor, progress: float) -> None:
+        grad = self.shared.weight.grad
+        if self._substeps == 0 or grad is None:  # the first sub-step of the run keeps its gradient
+            return
+        if self._P is None or self._P.device != grad.device:
+            d = grad.shape[1]
+            self._P = torch.eye(d, dtype=torch.float32, device=grad.device) if self._P is None else self._P.to(
+                grad.device)
+        self._P = owm_update(self._P, features, 0.1 ** (1.0 + progress))
+        grad.copy_(grad @ self._P.T.to(grad.dtype))
+
+    def train_step(self, inputs: Sequence[Tensor], target: Tensor, epoch: Optional[int], steps: Any, *,
+                   progress: Optional[float] = None) -> StepResult:
+        """One forward of the encoders, then one sub-step per modality (see the class). The result's ``loss`` is the
+        mean of the M unimodal losses, ``correct`` counts the test-time rule's hits on this batch's unimodal outputs
+        and ``coeffs`` are its weights (their batch mean with ``entropy="sample"``)."""
+        if self.projection and progress is None:
+            raise ValueError("progress: MLA's projection strength reads the fraction of the epoch done, expected a "
+                             "float in [0, 1], got None")
+        feats = self.encode(inputs)
+        logits, losses = [], []
+        for m, h in enumerate(feats):
+            z = self.shared(h)
+            loss = F.cross_entropy(z, target)
+            steps.run(loss, functools.partial(self._project, h, float(progress)) if self.projection else None,
+                      set_to_none=m == 0 or not self.zero_fill)
+            self._substeps += 1
+            logits.append(z.detach())
+            losses.append(loss.detach())
+        if self.zero_fill:  # the released loop deletes every gradient after the batch
+            steps.zero_grad()
+        z = torch.stack(logits)
+        w = self.weights(z)
+        fused = fuse(z, w)
+        coeffs = w if w.dim() == 1 else w.mean(1)
+        losses = torch.stack(losses)
+        self._decisions = {"weights": coeffs, "losses": losses}
+        return StepResult(
+            losses.mean(),
+            (fused.argmax(-1) == target).sum(),
+            torch.full((), float(target.shape[0]), device=target.device),
+            coeffs.to(torch.float32),
+        )
+
+    def decisions(self) -> Dict[str, Tensor]:
+        """``weights``: ``[M]`` the test-time rule's weights on the last batch's unimodal outputs (their batch mean
+        with ``entropy="sample"``); ``losses``: ``[M]`` the unimodal cross-entropies of the last step's sub-steps."""
+        return dict(self._decisions)
+
+    def modules(self) -> List[nn.Module]:
+        return [self.shared]
+
+    def to(self, device) -> "MLAMethod":
+        super().to(device)
+        if self._P is not None:
+            self._P = self._P.to(device)
+        return self
+
+    def param_groups(self, lr: float) -> List[Dict[str, Any]]:
+        """The shared head's parameters, at the main learning rate."""
+        return [{"params": [p for p in self.shared.parameters() if p.requires_grad]}]
+
+    def method_state(self) -> Dict[str, Any]:
+        return {"head": self.shared.state_dict(), "projection": self._P, "substeps": self._substeps}
+
+    def load_method_state(self, state: Mapping[str, Any]) -> None:
+        self.shared.load_state_dict(state["head"])
+        P = state["projection"]
+        self._P = None if P is None else P.detach().clone()
+        self._substeps = int(state["substeps"])
