@@ -1,4 +1,4 @@
-"""MLA's hyper-parameters, declared once (docs/method-sections/mla.md)."""
+"""MLA's hyper-parameters, declared once (docs/methods.md, section 16)."""
 
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ __all__ = ["MLAMethod"]
 
 @declare(HPARAMS)
 class MLAMethod(Method):
-    """MLA (Zhang et al., CVPR 2024; docs/method-sections/mla.md) with the released training step.
+    """MLA (Zhang et al., CVPR 2024; docs/methods.md, section 16) with the released training step.
 
     Per batch, one forward of every encoder, then for each modality in turn one sub-step: the shared head on that
     modality's features, its cross-entropy, backward, optimizer step (the head as the earlier sub-steps left it). At

@@ -1,4 +1,4 @@
-"""ReconBoost's hyper-parameters, declared once (docs/method-sections/reconboost.md)."""
+"""ReconBoost's hyper-parameters, declared once (docs/methods.md, section 17)."""
 
 from __future__ import annotations
 

@@ -22,7 +22,7 @@ HIDDEN = 256
 
 @declare(HPARAMS)
 class ReconBoostMethod(Method):
-    """ReconBoost (Hua et al., ICML 2024; docs/method-sections/reconboost.md) with the released schedule.
+    """ReconBoost (Hua et al., ICML 2024; docs/methods.md, section 17) with the released schedule.
 
     Training runs in stages of ``epochs_per_stage + correct_epochs`` epochs; stage s boosts modality ``s % M`` (its
     encoder and the shared head learn what the ensemble of the other trained modalities misses), then rectifies the

@@ -1,4 +1,4 @@
-"""MLA (docs/method-sections/mla.md): the fusion weights and the sub-steps derived by hand, at M = 2 and M = 3, the
+"""MLA (docs/methods.md, section 16): the fusion weights and the sub-steps derived by hand, at M = 2 and M = 3, the
 switches (entropy per sample, the projection, zero-filled gradients), state and errors."""
 
 import copy

@@ -1,4 +1,4 @@
-"""ReconBoost (docs/method-sections/reconboost.md): the schedule, the boosting and rectification steps and the
+"""ReconBoost (docs/methods.md, section 17): the schedule, the boosting and rectification steps and the
 gradient-assist switch derived by hand, the momentum restart per phase, the ensemble's prediction, M = 3, errors."""
 
 import copy
