@@ -332,18 +332,22 @@ class GatedFusion(nn.Module):
         return self.fc_out(torch.sigmoid(z[self.gate]) * gated)
 
     def split_head(self, *features: Tensor) -> HeadSplit:
-        """:class:`HeadSplit`: the projections ``h_m W_m^T`` side by side (concat), their biases, then gate and output
-        layer as the tail."""
+        """:class:`HeadSplit` (sum, width ``2 hidden``): the gate's projection ``h_g W_g^T`` in the first half, every
+        other modality's ``h_m W_m^T`` in the second, where they add up; the tail is the gate and the output layer."""
         features = _unpack(features)
         _check_features(features, self.dims)
-        pieces = [nn.functional.linear(h, fc.weight) for fc, h in zip(self.fcs, features)]
-        bias = torch.cat([fc.bias for fc in self.fcs])
+        pieces = []
+        for m, (fc, h) in enumerate(zip(self.fcs, features)):
+            p = nn.functional.linear(h, fc.weight)
+            pieces.append(torch.cat([p, torch.zeros_like(p)] if m == self.gate else [torch.zeros_like(p), p], dim=1))
+        others = [fc.bias for m, fc in enumerate(self.fcs) if m != self.gate]
+        bias = torch.cat([self.fcs[self.gate].bias, torch.stack(others).sum(0)])
         width = self.fc_out.in_features
 
         def tail(z: Tensor) -> Tensor:
-            return self._tail(torch.split(z, width, dim=1))
+            return self.fc_out(torch.sigmoid(z[:, :width]) * z[:, width:])
 
-        return HeadSplit(pieces, bias, tail, "concat")
+        return HeadSplit(pieces, bias, tail, "sum")
 
     def per_modality_logits(self, *features: Tensor) -> Tensor:
         """Zero-out logits ``[M, B, C]``: row m is the head run with every modality but m set to zero."""

@@ -24,6 +24,38 @@ def _exhaustive(masks: Sequence[int], M: int) -> Optional[int]:
     return None
 
 
+class _Doubling(torch.autograd.Function):
+    """Rows ``[first, 2^M - 1)`` of ``z [2^M, B, H]``: ``z[0] = z0`` and rows ``[2^m, 2^(m+1))`` = rows ``[0, 2^m)``
+    + ``D[m]``, written in place into one buffer; the backward walks the levels back, adding each upper half onto the
+    lower one."""
+
+    @staticmethod
+    def forward(ctx, z0: Tensor, first: int, *D: Tensor) -> Tensor:
+        M = len(D)
+        B, H = D[0].shape
+        z = D[0].new_empty((1 << M, B, H))
+        z[0] = z0
+        for m, d in enumerate(D):
+            torch.add(z[: 1 << m], d, out=z[1 << m : 2 << m])
+        ctx.M, ctx.first = M, first
+        return z[first : (1 << M) - 1]
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g: Tensor):
+        M, first = ctx.M, ctx.first
+        G = g.new_empty((1 << M,) + tuple(g.shape[1:]))
+        G[first : (1 << M) - 1] = g
+        G[:first].zero_()
+        G[-1].zero_()
+        dD = [None] * M
+        for m in reversed(range(M)):
+            upper = G[1 << m : 2 << m]
+            dD[m] = upper.sum(0)
+            G[: 1 << m] += upper
+        return (G[0], None, *dD)
+
+
 def full_preactivation(pieces: Sequence[Tensor], bias: Optional[Tensor], layout: str) -> Tensor:
     """``z`` of the full set ``[B, H]``."""
     if layout == "concat":
@@ -57,9 +89,6 @@ def subset_preactivations(
             z0 = z0 + q
         if bias is not None:
             z0 = z0 + bias.to(z0.dtype)
-        z = z0.unsqueeze(0).expand(1, B, z0.shape[1])
-        for m in range(M):
-            z = torch.cat([z, z + (P[m] - Q[m])])
-        return z[first : (1 << M) - 1]
+        return _Doubling.apply(z0.expand(B, z0.shape[1]), first, *[P[m] - Q[m] for m in range(M)])
     out = torch.einsum("km,mbh->kbh", sel, torch.stack(list(P))) + ((1 - sel) @ torch.cat(list(Q))).unsqueeze(1)
     return out if bias is None else out + bias.to(out.dtype)
