@@ -175,14 +175,15 @@ def mean_of_others(values: Tensor) -> Tensor:
 
 
 def check_modalities(num_modalities: int, shapley: str) -> int:
-    """M, checked: an int >= 2, and at most :data:`MAX_EXACT_MODALITIES` unless ``shapley="sampled"``."""
+    """M, checked: an int >= 2, and at most :data:`MAX_EXACT_MODALITIES` unless ``shapley`` is ``"sampled"`` or
+    ``"stratified"``."""
     if isinstance(num_modalities, bool) or not isinstance(num_modalities, int):
         raise TypeError(f"num_modalities: expected an int, got {type(num_modalities).__name__}")
     if num_modalities < 2:
         raise ValueError(f"num_modalities: AGM needs at least two modalities (M >= 2), got {num_modalities}")
-    if shapley != "sampled" and num_modalities > MAX_EXACT_MODALITIES:
+    if shapley not in ("sampled", "stratified") and num_modalities > MAX_EXACT_MODALITIES:
         raise ValueError(
             f"num_modalities: shapley={shapley!r} evaluates all 2^M subsets and supports M <= "
-            f"{MAX_EXACT_MODALITIES}, got M = {num_modalities}; use shapley='sampled'"
+            f"{MAX_EXACT_MODALITIES}, got M = {num_modalities}; use shapley='sampled' or 'stratified'"
         )
     return num_modalities

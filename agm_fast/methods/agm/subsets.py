@@ -16,7 +16,13 @@ from torch.utils.checkpoint import checkpoint
 from ..._backend import to_device
 from ..._seed import step_seed
 from ..._validate import check_seed
-from ...coalitions import check_modalities, sampled_shapley_weights, shapley_weights, subset_masks
+from ...coalitions import (
+    check_modalities,
+    sampled_shapley_weights,
+    shapley_weights,
+    stratified_shapley_weights,
+    subset_masks,
+)
 from ...fusion import has_head_split, head_split
 from ...ops.subset_batch import subset_batch_op
 from ..base import encode
@@ -150,7 +156,8 @@ class ShapleyBase(nn.Module):
                     self.register_buffer(f"baseline_{m}", b.detach().clone(), persistent=False)
             self._num_baselines = M
         self._step = 0
-        self._fixed = None if shapley == "sampled" else subset_masks(M, shapley)
+        self.rounds = hp["rounds"]
+        self._fixed = None if shapley in ("sampled", "stratified") else subset_masks(M, shapley)
         self._W_cache = {}
         self._sel_cache = {}
 
@@ -181,7 +188,10 @@ class ShapleyBase(nn.Module):
                 self._W_cache[device] = W
             return self._fixed, W
         gen = torch.Generator().manual_seed(step_seed(self.seed, self._step))
-        masks, W = sampled_shapley_weights(self.num_modalities, self.num_permutations, gen)
+        if self.shapley == "stratified":
+            masks, W, _ = stratified_shapley_weights(self.num_modalities, self.rounds, gen)
+        else:
+            masks, W = sampled_shapley_weights(self.num_modalities, self.num_permutations, gen)
         return masks, to_device(W.to(torch.float32), device)
 
     def _selection(self, masks: List[int], device: torch.device, dtype: torch.dtype) -> Tensor:

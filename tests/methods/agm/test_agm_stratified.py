@@ -61,7 +61,48 @@ def test_unbiased_within_its_standard_error_and_stated_variance(M, rounds):
     assert est.std(0).max() > 0  # the estimate is random, the test can fail
 
 
-def test_seeded_and_checked():
+def test_seeded_and_efficient():
     a = stratified_shapley_weights(5, 4, torch.Generator().manual_seed(3))
     b = stratified_shapley_weights(5, 4, torch.Generator().manual_seed(3))
     assert a[0] == b[0] and torch.equal(a[1], b[1])
+    # Every draw's estimates sum to f(A): the weights sum to 1 on the full set and to 0 elsewhere.
+    want = torch.zeros(len(a[0]), dtype=torch.float64)
+    want[-1] = 1.0
+    torch.testing.assert_close(a[1].sum(0), want, rtol=0, atol=1e-12)
+
+
+def test_agm_stratified_equals_the_sequential_strategy_on_its_subsets():
+    from torch import nn
+
+    import agm_fast
+
+    M, B, C = 6, 8, 3
+    torch.manual_seed(0)
+    encoders = [nn.Sequential(nn.Linear(4, 5), nn.Tanh()) for _ in range(M)]
+    fusion = agm_fast.MLPFusion([5] * M, C, hidden=7)
+    xs = [torch.randn(B, 4, dtype=torch.float64) for _ in range(M)]
+    y = torch.randint(0, C, (B,))
+
+    class Whole(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoders, self.fusion = nn.ModuleList(encoders), fusion
+
+        def forward(self, *x):
+            return self.fusion(*[e(v) for e, v in zip(self.encoders, x)])
+
+    whole = Whole().double()
+    out = []
+    for kw in ({"encoders": list(whole.encoders), "fusion": whole.fusion}, {"model": whole, "strategy": "sequential"}):
+        agm = agm_fast.AGM(num_modalities=M, shapley="stratified", rounds=3, seed=4, alpha=1.0, **kw)
+        assert len(agm._plan(torch.device("cpu"))[0]) < 2**M - 1
+        whole.zero_grad()
+        res = agm(*xs, target=y)
+        nn.functional.cross_entropy(res.logits, y).backward()
+        out.append([res.coeffs.clone()] + [p.grad.clone() for p in whole.parameters()])
+    for a, b in zip(*out):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="rounds"):
+        agm_fast.AGM(encoders=encoders, fusion=fusion, shapley="stratified", rounds=1)
+    with pytest.raises(ValueError, match="rounds: applies to shapley='stratified'"):
+        agm_fast.methods.create("agm", encoders, fusion, rounds=3)
