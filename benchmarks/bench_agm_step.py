@@ -39,8 +39,9 @@ zero sample adds 1/B).
 ``--sweep`` instead: the cost against M (2, 3, 4, 6, 8) of M MLP encoders (256 -> 256 -> 128, LayerNorm; invariant,
 or with Dropout 0.1), batch 64, 10 classes, under four heads (ConcatFusion, MLPFusion with 256 hidden, GatedFusion with
 128, and a 2-layer Transformer over the M modality tokens that declares its split): exact AGM (the default factorized
-strategy), sampled AGM (16 permutations) and, while it fits, the sequential strategy, each over joint training, timed
-interleaved, in the thread's CPU time. Exact AGM is checked against the sequential strategy up to M = 6 first.
+strategy), sampled AGM (16 permutations), stratified AGM (2 rounds) and, while it fits, the sequential strategy,
+each over joint training, timed interleaved, in the thread's CPU time. Exact AGM is checked against the sequential
+strategy up to M = 6 first.
 
 Run: ``python -m agm_fast.benchmarks.bench_agm_step [--device cuda] [--quick] [--threads N] [--markdown FILE]``.
 """
@@ -487,7 +488,8 @@ def run_sweep_case(M: int, head: str, dropout: float, rep: int, seq_max: int, qu
     labels = torch.randint(0, C, (B,), generator=gen)
     ce = nn.functional.cross_entropy
     steps, agms = {}, {}
-    kinds = {"joint": None, "exact": {}, "sampled": {"shapley": "sampled", "num_permutations": 16}}
+    kinds = {"joint": None, "exact": {}, "sampled": {"shapley": "sampled", "num_permutations": 16},
+             "stratified": {"shapley": "stratified", "rounds": 2}}
     if M <= seq_max:
         kinds["sequential"] = {"strategy": "sequential"}
     for kind, kw in kinds.items():
@@ -555,7 +557,7 @@ def _sweep_check(base: nn.Module, inputs: List[Tensor], labels: Tensor, M: int) 
 
 
 SWEEP_COLUMNS = ("M", "head", "encoders", "split", "joint_ms", "exact_x", "exact_range", "sampled_x", "sampled_range",
-                 "sequential_x", "sequential_range", "check")
+                 "stratified_x", "stratified_range", "sequential_x", "sequential_range", "check")
 
 
 def _sweep(args: argparse.Namespace, device: torch.device, machine: str) -> Outcome:

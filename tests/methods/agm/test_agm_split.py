@@ -203,3 +203,15 @@ def test_a_head_without_split_is_unchanged():
     encoders, fusion = [_encoder(0.0) for _ in range(2)], Plain()
     agm = agm_fast.AGM(encoders=copy.deepcopy(encoders), fusion=copy.deepcopy(fusion))
     assert not agm._split_head
+
+
+@pytest.mark.parametrize("head", ["mlp", "film"])
+def test_split_tail_chunks_follow_max_batch(head):
+    # max_batch = 2B: the masked subsets' tail runs two subsets per call, with the same values.
+    kw = {"strategy": "factorized"}
+    pairs, agm = _side_by_side(3, head, 0.1, torch.float64, dict(kw, max_batch=2 * B), kw)
+    assert agm._split_head and agm._chunk_spans(6, B) == [(0, 2), (2, 2), (4, 2)]
+    for (c_got, g_got), (c_want, g_want) in pairs:
+        assert _rel(c_got, c_want) < 1e-12
+        for a, b in zip(g_got, g_want):
+            assert _rel(a, b) < 1e-12
