@@ -10,12 +10,13 @@ A fusion head maps M per-modality feature tensors ``h_m [B, d_m]`` to logits ``[
   zero ("zero-out", the recommendation of the OGM-GE maintainers).
 
 :func:`per_modality_logits` picks the right rule for a head; the heads here also expose ``contributions`` (the
-additive decomposition used by AGM's factorized evaluation) where the head is additive.
+additive decomposition used by AGM's factorized evaluation) where the head is additive, and ``split_head`` (a first
+layer linear in each modality's features and the tail after it; :func:`head_split`) where the maths allows.
 """
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -32,7 +33,89 @@ __all__ = [
     "build_fusion",
     "output_layer",
     "per_modality_logits",
+    "HeadSplit",
+    "head_split",
+    "has_head_split",
 ]
+
+
+class HeadSplit(NamedTuple):
+    """A head cut after its first layer, which is linear in each modality's features (docs/methods.md, section 5).
+
+    ``head(*features) == tail(z)`` with ``z = bias + sum_m pieces[m]`` (``layout="sum"``, every piece ``[B, H]``) or
+    ``z = cat(pieces, 1) + bias`` (``layout="concat"``, piece m ``[B, H_m]``). ``pieces[m]`` depends on ``h_m`` alone
+    and linearly (no bias, no mode); ``tail`` maps ``[N, H] -> [N, C]`` row by row in eval mode.
+
+    Args:
+        pieces: M tensors, the partial products of the first layer.
+        bias: ``[H]`` or None.
+        tail: the rest of the head.
+        layout: ``"sum"`` or ``"concat"``.
+
+    Example:
+        >>> s = MLPFusion([4, 4], 3, hidden=8).split_head(torch.ones(2, 4), torch.ones(2, 4))
+        >>> s.tail(s.bias + s.pieces[0] + s.pieces[1]).shape
+        torch.Size([2, 3])
+    """
+
+    pieces: List[Tensor]
+    bias: Optional[Tensor]
+    tail: Callable[[Tensor], Tensor]
+    layout: str
+
+
+def _linear_pieces(weight: Tensor, features: Sequence[Tensor], dims: Sequence[int]) -> List[Tensor]:
+    return [nn.functional.linear(h, w) for h, w in zip(features, torch.split(weight, list(dims), dim=1))]
+
+
+def _is_split_sequential(fusion: nn.Module) -> bool:
+    return isinstance(fusion, nn.Sequential) and len(fusion) > 0 and isinstance(fusion[0], nn.Linear)
+
+
+def has_head_split(fusion: nn.Module) -> bool:
+    """Whether :func:`head_split` can cut ``fusion``: it has ``split_head``, or it is an ``nn.Sequential`` whose first
+    module is an ``nn.Linear`` (run on the concatenated features)."""
+    return callable(getattr(fusion, "split_head", None)) or _is_split_sequential(fusion)
+
+
+def head_split(fusion: nn.Module, features: Sequence[Tensor]) -> HeadSplit:
+    """The head's :class:`HeadSplit` on M features ``[N, d_m]``: its own ``split_head``, or for an ``nn.Sequential``
+    that starts with an ``nn.Linear`` over the concatenated features, that layer's column blocks and the rest."""
+    M = len(features)
+    if _is_split_sequential(fusion):
+        first = fusion[0]
+        dims = []
+        for m, f in enumerate(features):
+            if f.dim() != 2:
+                raise ValueError(
+                    f"encoders[{m}]: expected features [B, d_m] (an nn.Sequential fusion runs on their "
+                    f"concatenation), got shape {tuple(f.shape)}"
+                )
+            dims.append(f.shape[1])
+        if sum(dims) != first.in_features:
+            raise ValueError(
+                f"fusion: expected an nn.Sequential whose first nn.Linear has in_features={sum(dims)} (the features' "
+                f"dims {dims}), got in_features={first.in_features}"
+            )
+        return HeadSplit(_linear_pieces(first.weight, features, dims), first.bias, fusion[1:], "sum")
+    split = fusion.split_head(*features)
+    if not isinstance(split, HeadSplit):
+        raise TypeError(f"fusion.split_head: expected to return a HeadSplit, got {type(split).__name__}")
+    if len(split.pieces) != M:
+        raise ValueError(f"fusion.split_head: expected one piece per modality ({M}), got {len(split.pieces)} pieces")
+    if split.layout not in ("sum", "concat"):
+        raise ValueError(f"fusion.split_head: expected layout 'sum' or 'concat', got {split.layout!r}")
+    rows = features[0].shape[0]
+    for m, p in enumerate(split.pieces):
+        if not isinstance(p, Tensor) or p.dim() != 2 or p.shape[0] != rows:
+            got = tuple(p.shape) if isinstance(p, Tensor) else type(p).__name__
+            raise ValueError(f"fusion.split_head: expected piece {m} of shape [{rows}, H], got {got}")
+    if split.layout == "sum" and any(p.shape[1] != split.pieces[0].shape[1] for p in split.pieces):
+        raise ValueError(
+            "fusion.split_head: expected pieces of one width with layout 'sum', got widths "
+            f"{[p.shape[1] for p in split.pieces]}"
+        )
+    return split
 
 
 def _unpack(features: Sequence) -> Tuple[Tensor, ...]:
@@ -127,6 +210,11 @@ class ConcatFusion(nn.Module):
         parts = [h @ w.t() for h, w in zip(features, self._weight_slices())]
         return parts, self.fc.bias
 
+    def split_head(self, *features: Tensor) -> HeadSplit:
+        """The head as :class:`HeadSplit`: the whole head is its first layer, the tail is the identity."""
+        parts, bias = self.contributions(*features)
+        return HeadSplit(parts, bias, nn.Identity(), "sum")
+
     def per_modality_logits(self, *features: Tensor) -> Tensor:
         """OGM's per-modality logits ``[M, B, C]``: ``out_m = h_m W[:, slice_m]^T + b / M``."""
         parts, bias = self.contributions(*features)
@@ -193,6 +281,14 @@ class MLPFusion(nn.Module):
         _check_features(features, self.dims)
         return self.net(torch.cat(features, dim=1))
 
+    def split_head(self, *features: Tensor) -> HeadSplit:
+        """:class:`HeadSplit`: the hidden layer's column blocks ``h_m W1[:, slice_m]^T`` (summed), ReLU and the output
+        layer as the tail."""
+        features = _unpack(features)
+        _check_features(features, self.dims)
+        first = self.net[0]
+        return HeadSplit(_linear_pieces(first.weight, features, self.dims), first.bias, self.net[1:], "sum")
+
     def per_modality_logits(self, *features: Tensor) -> Tensor:
         """Zero-out logits ``[M, B, C]``: row m is the head run with every modality but m set to zero."""
         features = _unpack(features)
@@ -229,8 +325,29 @@ class GatedFusion(nn.Module):
         features = _unpack(features)
         _check_features(features, self.dims)
         z = [fc(h) for fc, h in zip(self.fcs, features)]
+        return self._tail(z)
+
+    def _tail(self, z: Sequence[Tensor]) -> Tensor:
         gated = torch.stack([z_m for m, z_m in enumerate(z) if m != self.gate]).sum(0)
         return self.fc_out(torch.sigmoid(z[self.gate]) * gated)
+
+    def split_head(self, *features: Tensor) -> HeadSplit:
+        """:class:`HeadSplit` (sum, width ``2 hidden``): the gate's projection ``h_g W_g^T`` in the first half, every
+        other modality's ``h_m W_m^T`` in the second, where they add up; the tail is the gate and the output layer."""
+        features = _unpack(features)
+        _check_features(features, self.dims)
+        pieces = []
+        for m, (fc, h) in enumerate(zip(self.fcs, features)):
+            p = nn.functional.linear(h, fc.weight)
+            pieces.append(torch.cat([p, torch.zeros_like(p)] if m == self.gate else [torch.zeros_like(p), p], dim=1))
+        others = [fc.bias for m, fc in enumerate(self.fcs) if m != self.gate]
+        bias = torch.cat([self.fcs[self.gate].bias, torch.stack(others).sum(0)])
+        width = self.fc_out.in_features
+
+        def tail(z: Tensor) -> Tensor:
+            return self.fc_out(torch.sigmoid(z[:, :width]) * z[:, width:])
+
+        return HeadSplit(pieces, bias, tail, "sum")
 
     def per_modality_logits(self, *features: Tensor) -> Tensor:
         """Zero-out logits ``[M, B, C]``: row m is the head run with every modality but m set to zero."""
@@ -267,12 +384,33 @@ class FiLMFusion(nn.Module):
         """Logits ``[B, C]`` from M features ``[B, d_m]``."""
         features = _unpack(features)
         _check_features(features, self.dims)
-        film = self.fc(features[self.condition])
+        return self._tail(self.fc(features[self.condition]), [features[m] for m in self._others])
+
+    def _tail(self, film: Tensor, others: Sequence[Tensor]) -> Tensor:
         sizes = [self.dims[m] for m in self._others]
         gammas = torch.split(film[:, : sum(sizes)], sizes, dim=1)
         betas = torch.split(film[:, sum(sizes) :], sizes, dim=1)
-        u = [g * features[m] + b for g, b, m in zip(gammas, betas, self._others)]
+        u = [g * h + b for g, b, h in zip(gammas, betas, others)]
         return self.fc_out(torch.cat(u, dim=1))
+
+    def split_head(self, *features: Tensor) -> HeadSplit:
+        """:class:`HeadSplit` (concat): the conditioning projection ``h_c W^T`` and the other modalities' features
+        themselves (the identity is linear); the tail applies gamma and beta, then the output layer. The tail keeps
+        ``fc_out``: it acts on products of two modalities' features, so it cannot be split."""
+        features = _unpack(features)
+        _check_features(features, self.dims)
+        pieces = [nn.functional.linear(h, self.fc.weight) if m == self.condition else h
+                  for m, h in enumerate(features)]
+        bias = torch.cat([self.fc.bias if m == self.condition else self.fc.bias.new_zeros(d)
+                          for m, d in enumerate(self.dims)])
+        widths = [p.shape[1] for p in pieces]
+        c = self.condition
+
+        def tail(z: Tensor) -> Tensor:
+            blocks = torch.split(z, widths, dim=1)
+            return self._tail(blocks[c], [blocks[m] for m in self._others])
+
+        return HeadSplit(pieces, bias, tail, "concat")
 
     def per_modality_logits(self, *features: Tensor) -> Tensor:
         """Zero-out logits ``[M, B, C]``: row m is the head run with every modality but m set to zero."""

@@ -36,6 +36,13 @@ weights and dropout seed) before it is timed; a provider that fails is not timed
 the encoder calls of one step and the samples they process in units of the batch size B (a muted encoder's single
 zero sample adds 1/B).
 
+``--sweep`` instead: the cost against M (2, 3, 4, 6, 8) of M MLP encoders (256 -> 256 -> 128, LayerNorm; invariant,
+or with Dropout 0.1), batch 64, 10 classes, under four heads (ConcatFusion, MLPFusion with 256 hidden, GatedFusion with
+128, and a 2-layer Transformer over the M modality tokens that declares its split): exact AGM (the default factorized
+strategy), sampled AGM (16 permutations), stratified AGM (2 rounds) and, while it fits, the sequential strategy,
+each over joint training, timed interleaved, in the thread's CPU time. Exact AGM is checked against the sequential
+strategy up to M = 6 first.
+
 Run: ``python -m agm_fast.benchmarks.bench_agm_step [--device cuda] [--quick] [--threads N] [--markdown FILE]``.
 """
 
@@ -44,6 +51,8 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import statistics
+import time
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
@@ -422,7 +431,165 @@ COLUMNS = ("provider", "median_ms", "p20_ms", "p80_ms", "speedup_vs_baseline", "
            "mem_vs_joint", "enc_calls", "enc_samples_xB", "reuse", "check")
 
 
+class TokenTransformerHead(nn.Module):
+    """Each modality's feature projected to one token (plus a learned position), a 2-layer Transformer encoder over
+    the M tokens (dropout 0.1), mean pool, a linear output; its split is the token projections side by side."""
+
+    def __init__(self, dims: Sequence[int], num_classes: int, width: int = 64) -> None:
+        super().__init__()
+        self.width = width
+        self.proj = nn.ModuleList(nn.Linear(d, width) for d in dims)
+        self.pos = nn.Parameter(torch.randn(len(dims), width) * 0.02)
+        layer = nn.TransformerEncoderLayer(width, 4, 2 * width, dropout=0.1, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.out = nn.Linear(width, num_classes)
+
+    def _tail(self, z: Tensor) -> Tensor:
+        tokens = z.view(z.shape[0], -1, self.width) + self.pos
+        return self.out(self.encoder(tokens).mean(dim=1))
+
+    def forward(self, *features: Tensor) -> Tensor:
+        return self._tail(torch.cat([p(h) for p, h in zip(self.proj, features)], dim=1))
+
+    def split_head(self, *features: Tensor) -> agm_fast.HeadSplit:
+        pieces = [nn.functional.linear(h, p.weight) for p, h in zip(self.proj, features)]
+        return agm_fast.HeadSplit(pieces, torch.cat([p.bias for p in self.proj]), self._tail, "concat")
+
+
+def mlp_encoder(dropout: float) -> nn.Module:
+    """256 -> 256 -> 128 with LayerNorm and GELU (and Dropout when ``dropout`` > 0)."""
+    layers = [nn.Linear(256, 256), nn.LayerNorm(256), nn.GELU()]
+    layers += [nn.Dropout(dropout)] if dropout else []
+    return nn.Sequential(*layers, nn.Linear(256, 128), nn.LayerNorm(128))
+
+
+SWEEP_MS = (2, 3, 4, 6, 8)
+SWEEP_HEADS = ("concat", "mlp", "gated", "tokens")
+
+
+def sweep_head(name: str, M: int, num_classes: int) -> nn.Module:
+    dims = [128] * M
+    if name == "concat":
+        return agm_fast.ConcatFusion(dims, num_classes)
+    if name == "mlp":
+        return agm_fast.MLPFusion(dims, num_classes, hidden=256)
+    if name == "gated":
+        return agm_fast.GatedFusion(dims, num_classes, hidden=128)
+    return TokenTransformerHead(dims, num_classes)
+
+
+def run_sweep_case(M: int, head: str, dropout: float, rep: int, seq_max: int, quick: bool) -> Dict[str, object]:
+    """One row of the sweep: ratios over joint (median and the p20-p80 range of the per-round ratios)."""
+    B, C = (8 if quick else 64), 10
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    base = JointModel([mlp_encoder(dropout) for _ in range(M)], sweep_head(head, M, C))
+    inputs = [torch.randn(B, 256, generator=gen) for _ in range(M)]
+    labels = torch.randint(0, C, (B,), generator=gen)
+    ce = nn.functional.cross_entropy
+    steps, agms = {}, {}
+    kinds = {"joint": None, "exact": {}, "sampled": {"shapley": "sampled", "num_permutations": 16},
+             "stratified": {"shapley": "stratified", "rounds": 2}}
+    if M <= seq_max:
+        kinds["sequential"] = {"strategy": "sequential"}
+    for kind, kw in kinds.items():
+        model = copy.deepcopy(base)
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+        if kw is None:
+            def step(model=model, opt=opt):
+                opt.zero_grad()
+                ce(model(*inputs), labels).backward()
+                opt.step()
+        else:
+            if kw.get("strategy") == "sequential":
+                agm = agm_fast.AGM(model, num_modalities=M, alpha=ALPHA, **kw)
+            else:
+                agm = agm_fast.AGM(encoders=list(model.encoders), fusion=model.fusion, alpha=ALPHA, **kw)
+            agms[kind] = (agm, model)
+
+            def step(agm=agm, opt=opt):
+                res = agm(*inputs, target=labels)
+                opt.zero_grad()
+                ce(res.logits, labels).backward()
+                opt.step()
+        steps[kind] = step
+    check = _sweep_check(base, inputs, labels, M)
+    samples: Dict[str, List[float]] = {k: [] for k in steps}
+    for fn in steps.values():
+        fn()
+        fn()
+    for _ in range(rep):
+        for k, fn in steps.items():
+            t0 = time.thread_time()
+            fn()
+            samples[k].append((time.thread_time() - t0) * 1e3)
+    row = {"M": M, "head": head, "encoders": "dropout" if dropout else "invariant", "B": B,
+           "joint_ms": statistics.median(samples["joint"]), "check": check,
+           "split": agms["exact"][0]._split_head, "closed_form": agms["exact"][0]._linear_head}
+    for k in steps:
+        if k == "joint":
+            continue
+        ratios = sorted(a / j for a, j in zip(samples[k], samples["joint"]))
+        row[f"{k}_x"] = statistics.median(samples[k]) / row["joint_ms"]
+        row[f"{k}_range"] = f"{ratios[len(ratios) // 5]:.2f}-{ratios[(4 * len(ratios)) // 5 - 1]:.2f}"
+    return row
+
+
+def _sweep_check(base: nn.Module, inputs: List[Tensor], labels: Tensor, M: int) -> str:
+    """Exact AGM (factorized) against the sequential strategy in float64: one step's coefficients and gradients, from
+    the same weights and dropout seed; the largest relative error (norm) over the coefficients and every gradient."""
+    if M > 6:
+        return "not checked (sequential too slow)"
+    out = []
+    inputs = [x.double() for x in inputs]
+    for strategy in ("factorized", "sequential"):
+        model = copy.deepcopy(base).double()
+        if strategy == "sequential":
+            agm = agm_fast.AGM(model, num_modalities=M, alpha=ALPHA, strategy=strategy)
+        else:
+            agm = agm_fast.AGM(encoders=list(model.encoders), fusion=model.fusion, alpha=ALPHA)
+        torch.manual_seed(1)
+        res = agm(*inputs, target=labels)
+        nn.functional.cross_entropy(res.logits, labels).backward()
+        out.append([res.coeffs] + [p.grad for p in model.parameters()])
+    err = max(float((a - b).norm() / b.norm().clamp_min(1e-30)) for a, b in zip(*out))
+    return f"rel err {err:.1e}"
+
+
+SWEEP_COLUMNS = ("M", "head", "encoders", "split", "joint_ms", "exact_x", "exact_range", "sampled_x", "sampled_range",
+                 "stratified_x", "stratified_range", "sequential_x", "sequential_range", "check")
+
+
+def _sweep(args: argparse.Namespace, device: torch.device, machine: str) -> Outcome:
+    rep = args.rep if args.rep is not None else (2 if args.quick else 7)
+    text = [machine, "", f"command: {args.command}", ""]
+    if hasattr(os, "getloadavg"):
+        text += [f"load average at start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores", ""]
+    text += [
+        "Times are the thread's CPU time (time.thread_time, 1 thread): on a shared machine it leaves out the time the "
+        "process waits for a core, which wall-clock time does not. x = provider median / joint median over the same "
+        "rounds (joint, exact, sampled and sequential take turns, one step each per round); range = 20th-80th "
+        "percentile of the per-round ratios. exact = the default "
+        "factorized strategy; split = the head's first layer runs once per modality (False: the concat head's closed "
+        "form). check = exact AGM against the sequential strategy, one step (largest relative error of the "
+        "coefficients and every gradient, float64).", ""]
+    rows = []
+    for M in args.ms:
+        for head in args.heads:
+            for dropout in (0.0, 0.1):
+                row = run_sweep_case(M, head, dropout, rep, args.seq_max, args.quick)
+                print(row, flush=True)
+                rows.append(row)
+    text.append(print_table(f"AGM step against joint, by M (B={rows[0]['B']})", rows, SWEEP_COLUMNS))
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write("\n".join(text))
+    return Outcome(records=rows, failed=False)
+
+
 def _bench(args: argparse.Namespace, device: torch.device, machine: str) -> Outcome:
+    if args.sweep:
+        return _sweep(args, device, machine)
     rep = args.rep if args.rep is not None else (3 if args.quick else 15)
     cases = args.cases or list(GPU_CASES if device.type == "cuda" else CPU_CASES)
     text = [machine, "", f"command: {args.command}", ""]
@@ -466,6 +633,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS)
     parser.add_argument("--rep", type=int, default=None, help="timed steps per provider (CPU; default 15, quick 3)")
     parser.add_argument("--markdown", default=None, help="also write the printed tables to this file")
+    parser.add_argument("--sweep", action="store_true", help="the cost-vs-M table (CPU) instead of the cases")
+    parser.add_argument("--ms", nargs="+", type=int, default=list(SWEEP_MS), help="sweep: the M values")
+    parser.add_argument("--heads", nargs="+", default=list(SWEEP_HEADS), choices=SWEEP_HEADS, help="sweep: heads")
+    parser.add_argument("--seq-max", type=int, default=4, help="sweep: time the sequential strategy up to this M")
     return bench_main("bench_agm_step", parser, argv, _bench)
 
 

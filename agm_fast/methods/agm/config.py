@@ -8,7 +8,7 @@ from ..hparams import HParam, HParams, boolean, choice, integer, number
 __all__ = ["STRATEGIES", "SHAPLEY", "MASKED_MODES", "MUTES", "COEFFICIENT_HPARAMS", "SUBSET_HPARAMS", "HPARAMS"]
 
 STRATEGIES = ("auto", "sequential", "batched", "factorized")
-SHAPLEY = ("reference", "exact", "sampled")
+SHAPLEY = ("reference", "exact", "sampled", "stratified")
 MASKED_MODES = ("eval", "train")
 MUTES = ("input", "feature")
 
@@ -26,10 +26,12 @@ SUBSET_HPARAMS = HParams(
            choices=STRATEGIES),
     HParam("masked_mode", "eval", "mode of the masked passes (eval: the reference)", choice(*MASKED_MODES),
            parse=str, choices=MASKED_MODES),
-    HParam("shapley", "reference", "mono-modal outputs psi (reference), exact phi, or permutation-sampled",
+    HParam("shapley", "reference", "mono-modal outputs psi (reference), exact phi, permutation-sampled or stratified",
            choice(*SHAPLEY), parse=str, choices=SHAPLEY),
     HParam("num_permutations", 16, "permutations per step with shapley='sampled'", integer(low=1), parse=int,
            flag="--permutations"),
+    HParam("rounds", 2, "rounds per step with shapley='stratified' (their spread gives the variance)",
+           integer(low=2), parse=int),
     HParam("mute", "input", "mute a modality by zeroing its input (the reference) or replacing its feature",
            choice(*MUTES), parse=str, choices=MUTES),
     HParam("max_batch", None, "the most rows one stacked masked pass may take (None: all)",

@@ -87,10 +87,12 @@ class GradMod(ShapleyBase):
             concatenated along dim 1).
         strategy: ``"auto"`` (default), ``"sequential"``, ``"batched"`` or ``"factorized"``.
         masked_mode: ``"eval"`` (default, the reference) or ``"train"`` (factorized only; a deviation).
-        shapley: ``"reference"`` (default), ``"exact"`` or ``"sampled"``.
+        shapley: ``"reference"`` (default), ``"exact"``, ``"sampled"`` or ``"stratified"`` (an estimate of psi that
+            evaluates each drawn subset once; :func:`agm_fast.coalitions.stratified_shapley_weights`).
         mute: ``"input"`` (default: zero inputs, the reference) or ``"feature"`` (factorized only).
         baselines: with ``mute="feature"``, M tensors ``[d_m]`` (``nn.Parameter`` s are learned); None: zeros.
         num_permutations: permutations per step for ``shapley="sampled"`` (default 16).
+        rounds: rounds per step for ``shapley="stratified"`` (default 2).
         seed: seed of the sampled permutations (drawn from ``(seed, step)``; the step counter is in state_dict).
         max_batch: upper bound on the rows of a stacked masked batch (subsets are chunked; at least one subset per
             call); None: all masked subsets in one call.
@@ -291,7 +293,7 @@ class AGM(ShapleyBase):
 
     Args:
         model, encoders, fusion, num_modalities, strategy, masked_mode, shapley, mute, baselines, num_permutations,
-            seed, max_batch, mode_invariant, checkpoint_masked: as :class:`GradMod`.
+            rounds, seed, max_batch, mode_invariant, checkpoint_masked: as :class:`GradMod`.
         alpha: modulation strength (default 1.0; published: AV-MNIST 2.5, CREMA-D 1.5, UR-Funny 4.0 / 6.0).
         cap: upper bound on ``rbar - r`` (default 10.0), or None.
         window: the modulation window (:class:`agm_fast.Window` or ``(start_epoch, end_epoch)``, inclusive), or None

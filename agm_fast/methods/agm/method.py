@@ -38,6 +38,8 @@ class AGMMethod(Method):
         super().__init__(encoders, fusion, window=window, seed=seed, task=task)
         if "num_permutations" in self.hparams_given and self.shapley != "sampled":
             raise ValueError(f"num_permutations: applies to shapley='sampled', got shapley={self.shapley!r}")
+        if "rounds" in self.hparams_given and self.shapley != "stratified":
+            raise ValueError(f"rounds: applies to shapley='stratified', got shapley={self.shapley!r}")
         self.agm = AGM(
             encoders=list(self.encoders), fusion=fusion, window=window, seed=seed, task=task, baselines=baselines,
             process_group=process_group, mode_invariant=mode_invariant, **self.hparams_values,

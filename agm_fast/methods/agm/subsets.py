@@ -16,10 +16,18 @@ from torch.utils.checkpoint import checkpoint
 from ..._backend import to_device
 from ..._seed import step_seed
 from ..._validate import check_seed
-from ...coalitions import check_modalities, sampled_shapley_weights, shapley_weights, subset_masks
+from ...coalitions import (
+    check_modalities,
+    sampled_shapley_weights,
+    shapley_weights,
+    stratified_shapley_weights,
+    subset_masks,
+)
+from ...fusion import has_head_split, head_split
 from ...ops.subset_batch import subset_batch_op
 from ..base import encode
 from .modes import ModeInvariance, uses_batch_statistics
+from .split import full_preactivation, subset_preactivations
 
 
 @contextlib.contextmanager
@@ -132,6 +140,7 @@ class ShapleyBase(nn.Module):
         self._linear_head = fusion is not None and (
             isinstance(fusion, nn.Linear) or callable(getattr(fusion, "contributions", None))
         )
+        self._split_head = fusion is not None and not self._linear_head and has_head_split(fusion)
         self._num_baselines = 0
         if baselines is not None:
             if len(baselines) != M:
@@ -147,7 +156,8 @@ class ShapleyBase(nn.Module):
                     self.register_buffer(f"baseline_{m}", b.detach().clone(), persistent=False)
             self._num_baselines = M
         self._step = 0
-        self._fixed = None if shapley == "sampled" else subset_masks(M, shapley)
+        self.rounds = hp["rounds"]
+        self._fixed = None if shapley in ("sampled", "stratified") else subset_masks(M, shapley)
         self._W_cache = {}
         self._sel_cache = {}
 
@@ -178,7 +188,10 @@ class ShapleyBase(nn.Module):
                 self._W_cache[device] = W
             return self._fixed, W
         gen = torch.Generator().manual_seed(step_seed(self.seed, self._step))
-        masks, W = sampled_shapley_weights(self.num_modalities, self.num_permutations, gen)
+        if self.shapley == "stratified":
+            masks, W, _ = stratified_shapley_weights(self.num_modalities, self.rounds, gen)
+        else:
+            masks, W = sampled_shapley_weights(self.num_modalities, self.num_permutations, gen)
         return masks, to_device(W.to(torch.float32), device)
 
     def _selection(self, masks: List[int], device: torch.device, dtype: torch.dtype) -> Tensor:
@@ -227,7 +240,7 @@ class ShapleyBase(nn.Module):
 
     def _call_fusion(self, features: Sequence[Tensor]) -> Tensor:
         fusion = self._parts[2]
-        if isinstance(fusion, nn.Linear):
+        if isinstance(fusion, nn.Linear) or (self._split_head and isinstance(fusion, nn.Sequential)):
             for m, f in enumerate(features):
                 if f.dim() != 2:
                     raise ValueError(
@@ -364,8 +377,10 @@ class ShapleyBase(nn.Module):
         if self._modes is not None and self.training:
             self._modes.watch()
         h = encode(encoders, xs)
-        full = self._check_out(self._call_fusion(h), B, None, "fusion")
-        C = full.shape[1]
+        full = C = None
+        if not self._split_head:
+            full = self._check_out(self._call_fusion(h), B, None, "fusion")
+            C = full.shape[1]
         masked = masks[:-1]
         present, absent = self._presence(masked)
         real: List[Optional[Tensor]] = [None] * M
@@ -401,6 +416,8 @@ class ShapleyBase(nn.Module):
         # is multiplied by zero, so any tensor of the right shape does.
         real = [r if r is not None else h[m] for m, r in enumerate(real)]
         muted = [z if z is not None else h[m][:1] for m, z in enumerate(muted)]
+        if self._split_head:
+            return self._split_evaluate(h, real, muted, masks, B)
         if self._linear_head:
             F_masked = self._closed_form(real, muted, masked, B, C)
         else:
@@ -414,6 +431,36 @@ class ShapleyBase(nn.Module):
                 rows.append(out.view(len(chunk), B, C))
             F_masked = torch.cat(rows)
         return torch.cat([F_masked, full.unsqueeze(0)])
+
+    def _split_evaluate(self, h: List[Tensor], real: List[Tensor], muted: List[Tensor], masks: List[int],
+                        B: int) -> Tensor:
+        """``F [S, B, C]`` through the head's split: the first layer once per modality on the full pass's features,
+        the real masked features where they differ and the muted sample; the tail once for the full pass (current
+        mode) and once per chunk of masked subsets (eval mode)."""
+        fusion = self._parts[2]
+        # Three calls (full pass, real masked features, muted sample) rather than one on stacked rows: real features
+        # equal to the full pass's then give bitwise the same pieces, reused or recomputed.
+        P_full, bias, tail, layout = head_split(fusion, h)
+        own_real = any(r is not f for r, f in zip(real, h))
+        P = head_split(fusion, real).pieces if own_real else P_full
+        Q = head_split(fusion, [z[:1] for z in muted]).pieces
+        masked = masks[:-1]
+        z_full = full_preactivation(P_full, bias, layout)
+        z_masked = subset_preactivations(P, Q, bias, layout, masked, self._selection(masked, P[0].device, P[0].dtype))
+        full = self._check_out(tail(z_full), B, None, "fusion (its split head's tail)")
+        C = full.shape[1]
+        out = []
+        H = z_masked.shape[-1]
+        for start, chunk in self._chunk_spans(len(masks) - 1, B):
+            what = f"fusion (its split head's tail on {chunk} masked subsets stacked along the batch)"
+            zc = z_masked[start : start + chunk].reshape(chunk * B, H)
+            res = self._check_out(self._eval_apply(lambda zs: tail(zs[0]), [fusion], [zc]), chunk * B, C, what)
+            out.append(res.view(chunk, B, C))
+        return torch.cat(out + [full.unsqueeze(0)])
+
+    def _chunk_spans(self, count: int, batch: int) -> List[Tuple[int, int]]:
+        k = count if self.max_batch is None else max(1, self.max_batch // batch)
+        return [(i, min(k, count - i)) for i in range(0, count, k)]
 
     def _contributions(self, features: List[Tensor], rows: int) -> Tuple[List[Tensor], Optional[Tensor]]:
         fusion = self._parts[2]
