@@ -215,6 +215,21 @@ class Method:
             raise ValueError(f"feature_dims: expected {self.num_modalities} sizes (one per encoder), got {len(dims)}")
         return [check_int(f"feature_dims[{m}]", d, low=1) for m, d in enumerate(dims)]
 
+    def check_shared_width(self, m: int, features: Tensor) -> Tensor:
+        """For a head that every modality's features go through (MLA, ReconBoost): ``features`` of modality m must
+        be as wide as the other modalities' (the first seen sets the width); returns them."""
+        width = int(features.shape[-1])
+        seen = getattr(self, "_shared_width", None)
+        if seen is None:
+            self._shared_width = width
+        elif width != seen:
+            raise ValueError(
+                f"encoders[{m}]: {self.name}'s shared head reads every modality's features, expected features of "
+                f"width {seen} (the other modalities'), got {width}; use encoders with equal feature sizes or pass a "
+                "head= that takes them"
+            )
+        return features
+
     def constant(self, values: Sequence[float], device: torch.device) -> Tensor:
         """``values`` as an ``[M]`` float32 tensor on ``device``, built once per new value (coefficients that change
         per epoch, not per step, so no step copies host data to the device)."""

@@ -15,18 +15,19 @@ EPOCH = 7  # past OPM's 6-epoch warm-up
 class UserHead(nn.Module):
     """What a user writes: no .dims, the features as positional arguments."""
 
-    def __init__(self):
+    def __init__(self, width=sum(DIMS)):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(sum(DIMS), H), nn.ReLU(), nn.Linear(H, C))
+        self.net = nn.Sequential(nn.Linear(width, H), nn.ReLU(), nn.Linear(H, C))
 
     def forward(self, *features):
         return self.net(torch.cat(features, dim=1))
 
 
-def parts(seed=0):
+def parts(seed=0, equal=False):
     torch.manual_seed(seed)
-    encoders = [nn.Sequential(nn.Linear(7, d), nn.ReLU()) for d in DIMS]
-    return encoders, UserHead()
+    dims = (6, 6, 6) if equal else DIMS
+    encoders = [nn.Sequential(nn.Linear(7, d), nn.ReLU()) for d in dims]
+    return encoders, UserHead(sum(dims))
 
 
 def batches(n=3):
@@ -44,16 +45,26 @@ def train(method, encoders, head, steps):
     return coeffs, before, params
 
 
+# MLA and ReconBoost put every modality's features through one shared head of their own: they need equal sizes.
+SHARED = ("mla", "reconboost")
+
+
 @pytest.mark.parametrize("name", methods.available())
 def test_every_method_runs_on_a_user_mlp_head_without_sizes(name):
     encoders, head = parts()
     method = methods.create(name, encoders, head)
+    if name in SHARED:
+        with pytest.raises(ValueError, match=r"encoders\[1\]: .* shared head reads every modality's features, "
+                                             r"expected features of width 6 \(the other modalities'\), got 4"):
+            method.predict(batches(1)[0][0])  # every modality through the shared head
+        encoders, head = parts(equal=True)
+        method = methods.create(name, encoders, head)
     coeffs, before, params = train(method, encoders, head, batches())
     for c in coeffs:
         assert c.shape == (M,) and c.dtype == torch.float32 and torch.isfinite(c).all()
     assert any(not torch.equal(a, p) for a, p in zip(before, params))
     state = method.state_dict()  # saved after the sizes were taken: a fresh method loads it
-    again = methods.create(name, *parts(1))
+    again = methods.create(name, *parts(1, equal=name in SHARED))
     again.load_state_dict(state)
 
 

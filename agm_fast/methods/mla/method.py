@@ -35,7 +35,8 @@ class MLAMethod(Method):
         head: the shared head, one module ``features -> [B, C]`` that every modality's features go through; default
             ``nn.Linear(d, C)`` on the fusion output layer's device and dtype, which needs M equal feature sizes.
             Its parameters are in :meth:`param_groups` and its weights in the method state.
-        feature_dims: the M feature sizes (default: ``fusion.dims``); needed only to build the default head.
+        feature_dims: the M feature sizes (default: ``fusion.dims``, else the first forward's); needed only to build
+            the default head.
         **hparams: MLA's hyper-parameters (``agm_fast.methods.mla.config.HPARAMS``).
 
     Example::
@@ -65,13 +66,16 @@ class MLAMethod(Method):
         if self.task != "classification":
             raise ValueError(f"task: MLA's test-time fusion weighs classifier entropies, expected 'classification', "
                              f"got {task!r}")
+        self._default_head = head is None
         if head is None:
-            dims = self.feature_dims(feature_dims)
-            if len(set(dims)) != 1:
+            dims = self.feature_dims(feature_dims, required=False)
+            if dims is not None and len(set(dims)) != 1:
                 raise ValueError(f"feature_dims: MLA's shared head reads every modality's features, expected M equal "
                                  f"sizes (or a head= of your own), got {dims}")
             w = output_layer(fusion).weight
-            head = nn.Linear(dims[0], w.shape[0], device=w.device, dtype=w.dtype)
+            kw = dict(device=w.device, dtype=w.dtype)
+            # Without the sizes, the head takes them from the first features (all modalities' must be equal).
+            head = nn.LazyLinear(w.shape[0], **kw) if dims is None else nn.Linear(dims[0], w.shape[0], **kw)
         elif not isinstance(head, nn.Module):
             raise TypeError(f"head: expected an nn.Module (features -> [B, C]), got {type(head).__name__}")
         if self.projection and not isinstance(head, nn.Linear):
@@ -84,6 +88,8 @@ class MLAMethod(Method):
 
     def unimodal_logits(self, features: Sequence[Tensor]) -> List[Tensor]:
         """The shared head on each modality's features."""
+        if self._default_head:
+            features = [self.check_shared_width(m, h) for m, h in enumerate(features)]
         return [self.shared(h) for h in features]
 
     def weights(self, logits: Sequence[Tensor]) -> Tensor:
@@ -115,6 +121,8 @@ class MLAMethod(Method):
             raise ValueError("progress: MLA's projection strength reads the fraction of the epoch done, expected a "
                              "float in [0, 1], got None")
         feats = self.encode(inputs)
+        if self._default_head:
+            feats = [self.check_shared_width(m, h) for m, h in enumerate(feats)]
         logits, losses = [], []
         for m, h in enumerate(feats):
             z = self.shared(h)

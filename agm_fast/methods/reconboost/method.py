@@ -36,7 +36,7 @@ class ReconBoostMethod(Method):
         task: ``"classification"``.
         head: the shared head (every modality's features go through it); default ``Linear(d, 256), ReLU,
             Linear(256, C)``, which needs M equal feature sizes.
-        feature_dims: the M feature sizes (default: ``fusion.dims``).
+        feature_dims: the M feature sizes (default: ``fusion.dims``, else the first forward's).
         **hparams: ReconBoost's hyper-parameters (``agm_fast.methods.reconboost.config.HPARAMS``).
 
     Example::
@@ -58,13 +58,16 @@ class ReconBoostMethod(Method):
             raise ValueError(f"task: ReconBoost's boosting loss reads class probabilities, expected 'classification', "
                              f"got {task!r}")
         w = output_layer(fusion).weight
+        self._default_head = head is None
         if head is None:
-            dims = self.feature_dims(feature_dims)
-            if len(set(dims)) != 1:
+            dims = self.feature_dims(feature_dims, required=False)
+            if dims is not None and len(set(dims)) != 1:
                 raise ValueError(f"feature_dims: ReconBoost's shared head reads every modality's features, expected M "
                                  f"equal sizes (or a head= of your own), got {dims}")
-            head = nn.Sequential(nn.Linear(dims[0], HIDDEN, device=w.device, dtype=w.dtype), nn.ReLU(),
-                                 nn.Linear(HIDDEN, w.shape[0], device=w.device, dtype=w.dtype))
+            kw = dict(device=w.device, dtype=w.dtype)
+            # Without the sizes, the head takes them from the first features (all modalities' must be equal).
+            first = nn.LazyLinear(HIDDEN, **kw) if dims is None else nn.Linear(dims[0], HIDDEN, **kw)
+            head = nn.Sequential(first, nn.ReLU(), nn.Linear(HIDDEN, w.shape[0], **kw))
         elif not isinstance(head, nn.Module):
             raise TypeError(f"head: expected an nn.Module (features -> [B, C]), got {type(head).__name__}")
         self.shared = head
@@ -83,7 +86,8 @@ class ReconBoostMethod(Method):
         return list(range(min(self.num_modalities, stage + (0 if boosting else 1))))
 
     def _out(self, m: int, x: Tensor) -> Tensor:
-        return self.shared(self.encoders[m](x))
+        h = self.encoders[m](x)
+        return self.shared(self.check_shared_width(m, h) if self._default_head else h)
 
     def _sum(self, members: Sequence[int], inputs: Sequence[Tensor]) -> Tensor:
         total = self._out(members[0], inputs[members[0]])
