@@ -72,7 +72,9 @@ def modality_sums(encoders: Sequence[nn.Module], fusion: nn.Module, xs: Sequence
     stacked = subset_batch_torch(list(xs), masks, None)
     if predict is None:
         feats = [enc(x) for enc, x in zip(encoders, stacked)]
-        subset_logits = fusion(*feats).float().view(len(masks), B, -1)
+        # As Method.head: an nn.Linear head reads the concatenated features.
+        logits = fusion(torch.cat(feats, dim=1)) if isinstance(fusion, nn.Linear) else fusion(*feats)
+        subset_logits = logits.float().view(len(masks), B, -1)
     else:
         subset_logits = torch.stack([predict([x[s * B : (s + 1) * B] for x in stacked]).float()
                                      for s in range(len(masks))])

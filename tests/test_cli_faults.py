@@ -69,14 +69,14 @@ def _poison_at(monkeypatch, epoch, step):
     real = run_mod.methods.training_step
     calls = {}
 
-    def step_fn(method, inputs, target, ep, optimizer):
+    def step_fn(method, inputs, target, ep, optimizer, **kwargs):
         calls[ep] = calls.get(ep, 0) + 1
         if ep == epoch and calls[ep] == step:
             with torch.no_grad():
                 for enc in method.encoders:
                     for p in enc.parameters():
                         p.fill_(float("inf"))
-        return real(method, inputs, target, ep, optimizer)
+        return real(method, inputs, target, ep, optimizer, **kwargs)
 
     monkeypatch.setattr(run_mod.methods, "training_step", step_fn)
 

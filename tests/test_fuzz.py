@@ -129,6 +129,7 @@ def test_method_steps_on_finite_inputs_give_finite_results(name, M, B, steps, se
     for epoch in range(steps):
         xs = [torch.randn(B, 3, generator=g) for _ in range(M)]
         y = torch.randint(0, 3, (B,), generator=g)
+        methods.run_epoch_passes(method, epoch, "start", [(xs, y)], [(xs, y)])  # PMR's prototypes
         res = methods.training_step(method, xs, y, epoch, opt)
         assert res.coeffs.shape == (M,) and res.coeffs.dtype == torch.float32
         assert finite(res.loss, res.coeffs), (name, kwargs, res)

@@ -43,6 +43,10 @@ CASES = {
     # Methods that own their step (docs/owned-step.md) refuse it too.
     "mla": {},
     "reconboost": {},
+    # Methods with epoch passes: PMR's prototypes from the first tenth of the training batches (the trainers run the
+    # passes over their own loaders, the reference below over the same micro-batches); relearning acts from epoch 20.
+    "pmr": {},
+    "relearning": {},
 }
 # Fixed validation metrics for the methods that follow them (MSLR, MSES), given at every epoch end.
 METRICS = {"modality_accuracy": [0.8, 0.3], "modality_loss": [0.5, 1.5]}
@@ -85,7 +89,9 @@ def reference(name, data, rows, micro, k, epochs=2, batchnorm=True, **options):
     model, method = build(name, dims, C, batchnorm=batchnorm, **options)
     opt = _optimizer(model, method)
     params = [p for g in opt.param_groups for p in g["params"]]
+    loader = [([x[s : s + micro] for x in xs], y[s : s + micro]) for s in range(0, rows, micro)]
     for epoch in range(epochs):
+        methods.run_epoch_passes(method, epoch, "start", loader, None)
         for start in range(0, rows, micro * k):
             total = [None] * len(params)
             for s in range(start, start + micro * k, micro):
@@ -102,6 +108,7 @@ def reference(name, data, rows, micro, k, epochs=2, batchnorm=True, **options):
             opt.step()
         if method.needs_epoch_metrics:
             method.end_epoch(epoch, METRICS)
+        methods.run_epoch_passes(method, epoch, "end", loader, None)
     return model, method
 
 
