@@ -10,7 +10,7 @@ CLI, the Lightning module and the HF callback all use :func:`modality_metrics`, 
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +28,7 @@ Batch = Union[Tuple, List, Dict]
 def split_batch(batch) -> Tuple[List[Tensor], Tensor]:
     """``(inputs, labels)`` from a ``(x_0, ..., x_{M-1}, y)`` tuple, an ``(inputs, y)`` pair whose first item is the
     list of M inputs, or an ``{"inputs": [...], "labels": y}`` dict."""
-    if isinstance(batch, dict):
+    if isinstance(batch, Mapping):
         if "inputs" not in batch or "labels" not in batch:
             raise KeyError(f"batch: expected the keys 'inputs' and 'labels', got {sorted(batch)}")
         return list(batch["inputs"]), batch["labels"]
@@ -36,7 +36,7 @@ def split_batch(batch) -> Tuple[List[Tensor], Tensor]:
         return list(batch[0]), batch[1]
     if not isinstance(batch, (list, tuple)) or len(batch) < 3:
         raise TypeError("batch: expected (x_0, ..., x_{M-1}, y) with M >= 2, ([x_0, ...], y), or a dict with 'inputs' "
-                        "and 'labels'")
+                        f"and 'labels', got {type(batch).__name__}")
     return list(batch[:-1]), batch[-1]
 
 

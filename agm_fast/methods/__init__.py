@@ -20,10 +20,11 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from .base import TASKS, Method, StepOutput, StepResult, encode, training_step
+from .base import TASKS, Method, StepOutput, StepResult, encode
 from .epoch_data import EpochPass, PassBatch, run_epoch_passes
 from .hparams import HParam, HParams, declare
 from .registry import Registered, available, create, get, register, unregister
+from .step import training_step
 
 __all__ = [
     "Method",

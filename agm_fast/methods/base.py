@@ -31,7 +31,7 @@ from .._validate import check_choice, check_int, check_seed
 from ..window import Window, WindowLike
 from .hparams import HParams
 
-__all__ = ["Method", "StepOutput", "StepResult", "training_step", "encode", "TASKS"]
+__all__ = ["Method", "StepOutput", "StepResult", "encode", "TASKS"]
 
 # The version of the layout of Method.state_dict().
 STATE_FORMAT = 1
@@ -586,50 +586,3 @@ class Method:
 
     # ---- End of the method-owned step. ----
 
-
-def training_step(
-    method: Method,
-    inputs: Sequence[Tensor],
-    target: Tensor,
-    epoch: Optional[int],
-    optimizer: torch.optim.Optimizer,
-    *,
-    progress: Optional[float] = None,
-) -> StepResult:
-    """One training step of any method: forward, loss, backward, gradient modulation, optimizer step.
-
-    Args:
-        method: the method.
-        inputs: M tensors ``[B, ...]``.
-        target: ``[B]`` targets.
-        epoch: the current epoch.
-        optimizer: the optimizer of the model (and of :meth:`Method.param_groups`).
-        progress: the fraction of the epoch done before this batch (read only by a method that owns its step).
-
-    Returns:
-        :class:`StepResult`.
-    """
-    if method.owns_step:  # the method runs its own sub-steps (agm_fast.methods.owned_step)
-        from . import owned_step
-
-        return owned_step.run(method, inputs, target, epoch, optimizer, progress=progress)
-    out = method.forward(inputs, target, epoch)
-    task = method.task_loss(out, target)
-    term = method.loss_term(task, out)
-    method.prepare_backward(out, target)
-    loss = task if term is None else task + term
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    coeffs = method.before_optimizer_step(out, target)
-    optimizer.step()
-    logits = out.logits.detach()
-    # Regression has no "correct": its count stays 0.
-    hits = logits.argmax(-1) == target if method.task == "classification" else torch.zeros_like(logits[:, 0]).bool()
-    if out.sample_weight is None:
-        # A fill kernel, not a host-to-device copy: nothing waits for the device.
-        rows = torch.full((), float(target.shape[0]), device=target.device)
-        correct = hits.sum()
-    else:
-        rows = out.sample_weight.sum()
-        correct = (hits & (out.sample_weight > 0)).sum()
-    return StepResult(task.detach(), correct, rows, coeffs.detach().to(torch.float32))

@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Callable, Dict, Iterable, List, Mapping, NamedTuple, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 
 from .. import distributed
+from ..validation import split_batch
 
 __all__ = ["EpochPass", "PassBatch", "PassReport", "SPLITS", "WHEN", "run_epoch_passes", "split_pass_batch"]
 
@@ -96,19 +97,8 @@ def check_pass(request: Any, name: str = "request") -> EpochPass:
     return request
 
 
-def split_pass_batch(batch: Any) -> Tuple[List[Tensor], Tensor]:
-    """``(inputs, target)`` from ``(x_0, ..., x_{M-1}, y)``, ``([x_0, ..., x_{M-1}], y)`` or
-    ``{"inputs": [...], "labels": y}``."""
-    if isinstance(batch, Mapping):
-        if "inputs" not in batch or "labels" not in batch:
-            raise KeyError(f"batch: expected the keys 'inputs' and 'labels', got {sorted(batch)}")
-        return list(batch["inputs"]), batch["labels"]
-    if isinstance(batch, (list, tuple)) and len(batch) == 2 and isinstance(batch[0], (list, tuple)):
-        return list(batch[0]), batch[1]
-    if not isinstance(batch, (list, tuple)) or len(batch) < 3:
-        raise TypeError("batch: expected (x_0, ..., x_{M-1}, y) with M >= 2, ([x_0, ...], y), or a dict with "
-                        f"'inputs' and 'labels', got {type(batch).__name__}")
-    return list(batch[:-1]), batch[-1]
+# One reader of batch layouts for the passes, the validation metrics and the trainers.
+split_pass_batch = split_batch
 
 
 def _loader(loader: LoaderLike, split: str, method, epoch: int, when: str) -> Iterable:
