@@ -167,7 +167,8 @@ def check_class_labels(labels: Tensor, batch: int, num_classes: int, device: tor
     if torch.compiler.is_compiling() or labels.numel() == 0:
         return
     if labels.device.type == "cpu" or os.environ.get("AGM_FAST_DEBUG", "0") == "1":
-        low, high = int(labels.min()), int(labels.max())
+        low, high = torch.aminmax(labels)
+        low, high = int(low), int(high)
         if low < 0 or high >= num_classes:
             raise ValueError(f"{name}: expected class indices in [0, {num_classes}), got values in [{low}, {high}]")
 

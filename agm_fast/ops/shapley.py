@@ -201,6 +201,11 @@ def shapley_scores_op(
     regression: bool,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """See :func:`shapley_scores_torch`. Returns ``(psi, scores, running_new, count_new, coeffs)``."""
+    return scores_impl(F, W, labels, running, count, prev_coeffs, alpha, cap, in_window, hold_last, regression)
+
+
+def scores_impl(F, W, labels, running, count, prev_coeffs, alpha, cap, in_window, hold_last, regression):
+    """The body of :func:`shapley_scores_op` (Triton on CUDA, the torch functions elsewhere)."""
     if _backend.select(F.device) == "triton":
         from agm_fast.kernels import shapley as k
 
@@ -229,11 +234,16 @@ def _(F, W, labels, running, count, prev_coeffs, alpha, cap, in_window, hold_las
 @torch.library.custom_op("agm_fast::shapley_bwd", mutates_args=())
 def shapley_bwd_op(dpsi: Tensor, W: Tensor, dtype_like: Tensor) -> Tensor:
     """Backward of the Shapley combination: ``dF[s] = sum_m W[m, s] dpsi[m]``, in ``dtype_like``'s dtype."""
+    return scores_bwd_impl(dpsi, W, dtype_like.dtype)
+
+
+def scores_bwd_impl(dpsi: Tensor, W: Tensor, dtype: torch.dtype) -> Tensor:
+    """The body of :func:`shapley_bwd_op`."""
     if _backend.select(dpsi.device) == "triton":
         from agm_fast.kernels import shapley as k
 
-        return k.shapley_bwd(dpsi, W, dtype_like.dtype)
-    return torch.einsum("ms,mbc->sbc", W.to(torch.float32), dpsi.to(torch.float32)).to(dtype_like.dtype)
+        return k.shapley_bwd(dpsi, W, dtype)
+    return torch.einsum("ms,mbc->sbc", W.to(torch.float32), dpsi.to(torch.float32)).to(dtype)
 
 
 @shapley_bwd_op.register_fake
@@ -272,6 +282,11 @@ def _(F, W, coeffs, full_index):
 @torch.library.custom_op("agm_fast::shapley_combine_bwd", mutates_args=())
 def shapley_combine_bwd_op(g: Tensor, W: Tensor, coeffs: Tensor) -> Tensor:
     """``dF [S, B, C] = (coeffs @ W)[s] * g``, computed in float32 and returned in g's dtype."""
+    return combine_bwd_impl(g, W, coeffs)
+
+
+def combine_bwd_impl(g: Tensor, W: Tensor, coeffs: Tensor) -> Tensor:
+    """The body of :func:`shapley_combine_bwd_op`."""
     if _backend.select(g.device) == "triton":
         from agm_fast.kernels import shapley as k
 

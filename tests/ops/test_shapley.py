@@ -359,3 +359,28 @@ def test_functional_validation():
         functional.shapley_combine(F, W, prev[:2], 6)
     psi, scores, *_ = call()
     torch.testing.assert_close(scores, shapley_scores_torch(F, W, labels, running, count, prev, 1.5, 10.0, True)[1])
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("regression,in_window,hold_last", [(False, True, False), (False, False, True),
+                                                           (True, True, False)])
+def test_eager_functions_equal_the_custom_ops_bitwise(backend, regression, in_window, hold_last, monkeypatch):
+    # AGM's eager path (agm_fast.ops.shapley_eager) runs the custom ops' own bodies through autograd Functions.
+    from agm_fast.ops import shapley_eager
+
+    monkeypatch.setenv("AGM_FAST_BACKEND", backend)
+    B, C, M = 7, 10, 3
+    F, W, labels, running, count, prev = _inputs(B, C, M, F32)
+    if regression:
+        labels = torch.randn(B, C, device=DEVICE)
+    dpsi, dout = torch.randn(M, B, C, device=DEVICE), torch.randn(B, C, device=DEVICE)
+    results = []
+    for scores, combine in ((shapley_scores_op, shapley_combine_op), (shapley_eager.scores, shapley_eager.combine)):
+        Fg = F.clone().requires_grad_(True)
+        outs = scores(Fg, W, labels, running, count, prev, 1.5, 0.5, in_window, hold_last, regression)
+        combined = combine(Fg, W, outs[4], F.shape[0] - 1)
+        (dF,) = torch.autograd.grad([outs[0], combined], Fg, [dpsi, dout])
+        assert scores is shapley_scores_op or not any(o.requires_grad for o in outs[1:])
+        results.append([o.detach() for o in outs] + [combined.detach(), dF])
+    for got, want in zip(*results):
+        assert got.shape == want.shape and torch.equal(got, want)

@@ -125,3 +125,29 @@ def test_compiled_agm_forward_equals_eager(strategy):
         torch.testing.assert_close(b_c, a_c)
     for a, b in zip(results[0][1], results[1][1]):
         torch.testing.assert_close(b, a)
+
+
+@pytest.mark.parametrize("head", ["concat", "mlp"])
+def test_a_compiled_agm_step_compiles_once(head):
+    # The step counter of the sampled estimators is left alone by the exact variants and the encoders' batch-norm scan
+    # is made at construction: a compiled step that read or filled either would recompile at every step (and fall
+    # back to eager after torch's recompile limit). One eager step decides the encoders' reuse, then one compile.
+    torch.manual_seed(0)
+    encoders = [nn.Sequential(nn.Linear(4, 8), nn.ReLU()) for _ in range(2)]
+    fusion = agm_fast.ConcatFusion([8, 8], 3) if head == "concat" else agm_fast.MLPFusion([8, 8], 3, hidden=6)
+    agm = agm_fast.AGM(encoders=encoders, fusion=fusion, alpha=1.0)
+
+    def forward_loss(a, b, target):
+        res = agm(a, b, target=target)
+        return nn.functional.cross_entropy(res.logits, target), res.coeffs
+
+    compiled = torch.compile(forward_loss, fullgraph=True, backend="aot_eager")
+    gen = torch.Generator().manual_seed(1)
+    batches = [([torch.randn(5, 4, generator=gen) for _ in range(2)], torch.randint(0, 3, (5,), generator=gen))
+               for _ in range(5)]
+    forward_loss(*batches[0][0], batches[0][1])[0].backward()
+    compiled(*batches[1][0], batches[1][1])[0].backward()
+    with torch.compiler.set_stance("fail_on_recompile"):
+        for xs, y in batches[2:]:
+            compiled(*xs, y)[0].backward()
+    assert float(agm.coefficients.count) == 5

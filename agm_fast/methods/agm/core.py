@@ -18,7 +18,8 @@ from torch import Tensor, nn
 from ... import distributed
 from ..._validate import check_choice, check_target
 from ...coalitions import check_modalities
-from ...ops.shapley import agm_coefficients_torch, shapley_combine_op, shapley_outputs_torch, shapley_scores_op
+from ...ops import shapley_eager
+from ...ops.shapley import agm_coefficients_torch, shapley_outputs_torch
 from ...window import Window, WindowLike
 from ..hparams import declare
 from .config import COEFFICIENT_HPARAMS, HPARAMS, SUBSET_HPARAMS
@@ -159,8 +160,7 @@ class GradMod(ShapleyBase):
         xs = self._check_inputs(inputs)
         masks, W = self._plan(xs[0].device)
         F = self._evaluate(xs, masks)
-        if self.training:
-            self._step += 1
+        self._count_step()
         psi = shapley_outputs_torch(F, W.to(F.device))
         scaled = [_ScaleGrad.apply(psi[m], self._scales, m) for m in range(self.num_modalities)]
         total = torch.stack(scaled).sum(0)
@@ -225,7 +225,7 @@ class AGMCoefficients(nn.Module):
         """Run the fused op on subset logits ``F [S, B, C]``; returns ``(psi [M, B, C], scores [M], coeffs [M])``."""
         if self.running.device != F.device:
             self.to(F.device)
-        psi, scores, running_new, count_new, coeffs = shapley_scores_op(
+        psi, scores, running_new, count_new, coeffs = shapley_eager.scores(
             F, W, labels, self.running, self.count, self.last_coeffs, self.alpha, self.cap, in_window,
             self.hold_last, self.task == "regression",
         )
@@ -353,7 +353,6 @@ class AGM(ShapleyBase):
         C = F.shape[2]
         check_target(target, B, C, task, F.device)
         psi, scores, coeffs = self.coefficients._update(F, W, target, in_window)
-        logits = shapley_combine_op(F, W, coeffs, F.shape[0] - 1)
-        if self.training:
-            self._step += 1
+        logits = shapley_eager.combine(F, W, coeffs, F.shape[0] - 1)
+        self._count_step()
         return AGMResult(logits, psi, scores, coeffs)

@@ -23,7 +23,7 @@ from torch import nn
 
 from ..._validate import describe
 
-__all__ = ["ModeInvariance", "mode_dependence", "uses_batch_statistics"]
+__all__ = ["ModeInvariance", "fixed_mode", "mode_dependence", "still_fixed", "uses_batch_statistics"]
 
 # timm's stochastic-depth and dropout modules, found by name so that timm need not be imported.
 _TIMM_DROPS = {"DropPath": "drop_prob", "DropBlock2d": "drop_prob", "PatchDropout": "prob"}
@@ -105,6 +105,31 @@ def mode_dependence(module: nn.Module) -> Optional[str]:
         if reason is not None:
             return reason
     return None
+
+
+# torch.nn modules that take another code path in eval mode even without dropout (the native "fast path" kernels).
+_EVAL_FAST_PATH = ("MultiheadAttention", "TransformerEncoderLayer", "TransformerDecoderLayer", "TransformerEncoder",
+                   "TransformerDecoder", "Transformer")
+
+
+def fixed_mode(module: nn.Module) -> Optional[List[Tuple[str, nn.Module, str]]]:
+    """Whether ``module`` computes the same in train and eval mode by construction, so that switching it to eval mode
+    for the masked passes can be skipped: every submodule is one of torch's own (or agm_fast's) modules with no
+    mode-dependent behaviour, and its own forward does not read ``self.training``. Returns the dropout-like modules to
+    watch (a probability raised above 0 later makes the module mode-dependent: :func:`still_fixed`), or None when the
+    module may depend on the mode (then the switch always runs)."""
+    for name, sub in module.named_modules():
+        cls = type(sub)
+        if not (cls.__module__.startswith("torch.nn") or cls.__module__.startswith("agm_fast.")):
+            return None
+        if cls.__name__ in _EVAL_FAST_PATH or _why(name, sub) is not None:
+            return None
+    return _dropouts(module)
+
+
+def still_fixed(watch: List[Tuple[str, nn.Module, str]]) -> bool:
+    """True while every watched dropout-like module of :func:`fixed_mode` keeps probability 0."""
+    return all(not float(getattr(sub, attr, 0.0) or 0.0) for _, sub, attr in watch)
 
 
 class ModeInvariance:

@@ -26,7 +26,7 @@ from ...coalitions import (
 from ...fusion import has_head_split, head_split
 from ...ops.subset_batch import subset_batch_op
 from ..base import encode
-from .modes import ModeInvariance, uses_batch_statistics
+from .modes import ModeInvariance, fixed_mode, still_fixed, uses_batch_statistics
 from .split import full_preactivation, subset_preactivations
 
 
@@ -120,6 +120,10 @@ class ShapleyBase(nn.Module):
             )
         uses_modes = strategy == "factorized" and masked_mode == "eval"
         self._modes = ModeInvariance(list(encoders), mode_invariant) if uses_modes else None
+        # Decided once here, not in the step: a cache filled inside a compiled step would make it recompile.
+        self._batch_stats = [uses_batch_statistics(e) for e in encoders] if encoders is not None else []
+        # A fusion made of torch's own mode-independent modules needs no switch to eval mode (None: it may need one).
+        self._fusion_watch = fixed_mode(fusion) if fusion is not None else None
 
         self.num_modalities = M
         self.strategy = strategy
@@ -171,6 +175,13 @@ class ShapleyBase(nn.Module):
         self._step = int(state["step"])
         if self._modes is not None and "modes" in state:
             self._modes.load(state["modes"])
+
+    def _count_step(self) -> None:
+        """Advance the step counter the sampled estimators draw their subsets from (training mode only). The exact
+        variants do not read it, and leave it alone: a counter read and written in every step would make
+        ``torch.compile`` specialise on its value and recompile at every step."""
+        if self.training and self._fixed is None:
+            self._step += 1
 
     def _roots(self) -> List[nn.Module]:
         model, encoders, fusion = self._parts
@@ -304,6 +315,11 @@ class ShapleyBase(nn.Module):
             return checkpoint(run, *inputs, use_reentrant=False)
         return run(*inputs)
 
+    def _fusion_roots(self) -> List[nn.Module]:
+        """The fusion, to be put in eval mode for the masked passes; none when it computes the same in both modes."""
+        watch = self._fusion_watch
+        return [] if watch is not None and still_fixed(watch) else [self._parts[2]]
+
     def _eval_call(self, module: nn.Module, x: Tensor) -> Tensor:
         """``module(x)`` in eval mode, as :meth:`_eval_apply`."""
         return self._eval_apply(lambda xs: module(xs[0]), [module], [x])
@@ -315,7 +331,7 @@ class ShapleyBase(nn.Module):
         :class:`agm_fast._modes.ModeInvariance`) or ran in eval mode already; otherwise an eval-mode pass.
         """
         encoder = self._parts[1][m]
-        batch_stats = uses_batch_statistics(encoder)
+        batch_stats = self._batch_stats[m]
         # An encoder that normalises over the batch in eval mode sees the reference's zero batch of B rows (whose rows
         # are all equal); any other encoder computes each row alone, so one zero row stands for all of them.
         zero = x.new_zeros(((x.shape[0] if batch_stats else 1),) + tuple(x.shape[1:]))
@@ -344,7 +360,9 @@ class ShapleyBase(nn.Module):
         elif need_real:
             real = self._eval_call(encoder, x)
         if need_zero:
-            muted = self._eval_call(encoder, zero)[:1]
+            # An encoder that computes the same in both modes (or is in eval mode already) runs the zero sample as it
+            # is: the switch to eval mode would change nothing but cost a walk over its modules.
+            muted = self._eval_apply(lambda xs: encoder(xs[0]), [] if reuse else [encoder], [zero])[:1]
         return real, muted
 
     def describe(self) -> dict:
@@ -392,7 +410,7 @@ class ShapleyBase(nn.Module):
                 with _eval_mode(encoders):
                     for m in range(M):
                         if (absent >> m) & 1:
-                            rows = xs[m].shape[0] if uses_batch_statistics(encoders[m]) else 1
+                            rows = xs[m].shape[0] if self._batch_stats[m] else 1
                             muted[m] = encoders[m](xs[m].new_zeros((rows,) + tuple(xs[m].shape[1:])))[:1]
         else:
             for m in range(M):
@@ -427,7 +445,8 @@ class ShapleyBase(nn.Module):
             for chunk in self._chunks(masked, B):
                 feats = [subset_batch_op(real[m], mute_vals[m], chunk, m) for m in range(M)]
                 what = f"fusion (on {len(chunk)} masked subsets stacked along the batch)"
-                out = self._check_out(self._eval_apply(self._call_fusion, [fusion], feats), len(chunk) * B, C, what)
+                out = self._eval_apply(self._call_fusion, self._fusion_roots(), feats)
+                out = self._check_out(out, len(chunk) * B, C, what)
                 rows.append(out.view(len(chunk), B, C))
             F_masked = torch.cat(rows)
         return torch.cat([F_masked, full.unsqueeze(0)])
@@ -454,7 +473,8 @@ class ShapleyBase(nn.Module):
         for start, chunk in self._chunk_spans(len(masks) - 1, B):
             what = f"fusion (its split head's tail on {chunk} masked subsets stacked along the batch)"
             zc = z_masked[start : start + chunk].reshape(chunk * B, H)
-            res = self._check_out(self._eval_apply(lambda zs: tail(zs[0]), [fusion], [zc]), chunk * B, C, what)
+            res = self._eval_apply(lambda zs: tail(zs[0]), self._fusion_roots(), [zc])
+            res = self._check_out(res, chunk * B, C, what)
             out.append(res.view(chunk, B, C))
         return torch.cat(out + [full.unsqueeze(0)])
 
@@ -499,7 +519,7 @@ class ShapleyBase(nn.Module):
 
     def _closed_form(self, real: List[Tensor], muted: List[Tensor], masked: List[int], B: int, C: int) -> Tensor:
         """``f(S) = bias + sum_m (piece_m(real) if m in S else piece_m(muted))`` for every masked S: ``[k, B, C]``."""
-        with _eval_mode([self._parts[2]]):
+        with _eval_mode(self._fusion_roots()):
             P, bias = self._contributions(real, B)
             Q, _ = self._contributions(muted, 1)
         for m, p in enumerate(P):

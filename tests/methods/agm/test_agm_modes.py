@@ -271,3 +271,73 @@ def test_checkpointing_the_masked_passes_changes_no_number(strategy):
             assert torch.equal(x, y)
     for x, y in zip(ga, gb):
         assert torch.equal(x, y)
+
+
+class RecordsMode(nn.Module):
+    """A fusion of the user's own: its mode is not judged by construction, so the masked passes switch it to eval."""
+
+    def __init__(self, M):
+        super().__init__()
+        self.fc = nn.Linear(D * M, C)
+        self.modes = []
+
+    def forward(self, *features):
+        self.modes.append(_in_training(self))
+        return self.fc(torch.cat(features, dim=1))
+
+
+def test_the_fusion_skips_the_eval_switch_only_when_it_is_mode_independent_by_construction():
+    from agm_fast.methods.agm.modes import fixed_mode
+
+    assert fixed_mode(agm_fast.MLPFusion([D, D], C, hidden=16)) == []
+    assert fixed_mode(nn.Sequential(nn.Linear(2 * D, 4), nn.ReLU(), nn.Dropout(0.0), nn.Linear(4, C))) is not None
+    assert fixed_mode(nn.Sequential(nn.Linear(2 * D, 4), nn.Dropout(0.3))) is None
+    # Eval mode takes torch's native fast path here, even without dropout.
+    assert fixed_mode(nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0)) is None
+    assert fixed_mode(RecordsMode(2)) is None
+
+    torch.manual_seed(0)
+    (xs, y), = _batches(2, steps=1)
+    user = RecordsMode(2)
+    agm = agm_fast.AGM(encoders=[invariant(), invariant()], fusion=user, strategy="factorized")
+    agm(*xs, target=y)
+    assert user.modes == [True, False] and user.training
+
+    # A dropout raised after construction makes the fusion mode-dependent from the next step on.
+    head = nn.Sequential(nn.Linear(2 * D, 16), nn.ReLU(), nn.Dropout(0.0), nn.Linear(16, C))
+    agm = agm_fast.AGM(encoders=[invariant(), invariant()], fusion=head)
+    assert agm._fusion_roots() == []
+    head[2].p = 0.5
+    assert agm._fusion_roots() == [head]
+    seen = []
+    head[2].register_forward_pre_hook(lambda mod, args: seen.append(mod.training))
+    agm(*xs, target=y)
+    assert seen == [True, False]
+
+
+@pytest.mark.parametrize("head", ["concat", "mlp", "sequential"])
+def test_mode_independent_parts_give_the_eval_mode_passes_numbers(head):
+    # The zero sample of a reused encoder and the masked passes of a mode-independent fusion run without the switch
+    # to eval mode: bitwise the numbers of the switched passes (mode_invariant=False and a fusion marked dependent).
+    torch.manual_seed(0)
+    M = 3
+    encoders = [invariant() for _ in range(M)]
+    fusion = (nn.Sequential(nn.Linear(D * M, 16), nn.ReLU(), nn.Linear(16, C)) if head == "sequential"
+              else _fusion(head, M))
+    batches = _batches(M)
+    runs = []
+    for switched in (False, True):
+        whole = Whole(copy.deepcopy(encoders), copy.deepcopy(fusion))
+        agm = agm_fast.AGM(encoders=list(whole.encoders), fusion=whole.fusion, alpha=1.0, mode_invariant=True)
+        if switched:
+            agm._fusion_watch = None
+            agm._eval_apply_orig = agm._eval_apply
+            agm._eval_apply = lambda fn, mods, inputs, a=agm, w=whole: a._eval_apply_orig(
+                fn, list(mods) or list(w.encoders), inputs)
+        runs.append(_run(agm, list(whole.parameters()), batches))
+    (outs_a, grads_a), (outs_b, grads_b) = runs
+    for step_a, step_b in zip(outs_a, outs_b):
+        for a, b in zip(step_a, step_b):
+            assert torch.equal(a, b)
+    for a, b in zip(grads_a, grads_b):
+        assert torch.equal(a, b)
