@@ -56,7 +56,9 @@ def shapley_outputs_torch(F: Tensor, W: Tensor) -> Tensor:
     Returns:
         ``[M, B, C]`` in F's dtype.
     """
-    return torch.einsum("ms,sbc->mbc", W.to(torch.float32), F.to(torch.float32)).to(F.dtype)
+    S, B, C = F.shape
+    # One matrix product on [S, B*C] (what the einsum lowers to, without its permutes and views).
+    return (W.to(torch.float32) @ F.to(torch.float32).reshape(S, B * C)).reshape(-1, B, C).to(F.dtype)
 
 
 def agm_scores_torch(psi: Tensor, labels: Tensor, task: str = "classification") -> Tensor:
@@ -205,11 +207,18 @@ def shapley_scores_op(
 
 
 def scores_impl(F, W, labels, running, count, prev_coeffs, alpha, cap, in_window, hold_last, regression):
-    """The body of :func:`shapley_scores_op` (Triton on CUDA, the torch functions elsewhere)."""
-    if _backend.select(F.device) == "triton":
+    """The body of :func:`shapley_scores_op`: Triton on CUDA, the extension's C++ kernel on CPU (float32 and float64
+    logits), the torch functions otherwise."""
+    on_cpu = F.device.type == "cpu"
+    backend = _backend.select(F.device, ("torch", "triton", "ext") if on_cpu else ("torch", "triton"))
+    if backend == "triton":
         from agm_fast.kernels import shapley as k
 
         return k.shapley_scores_fwd(
+            F, W, labels, running, count, prev_coeffs, alpha, cap, in_window, hold_last, regression
+        )
+    if backend == "ext" and F.dtype in (torch.float32, torch.float64):
+        return torch.ops.agm_fast._shapley_scores_impl(
             F, W, labels, running, count, prev_coeffs, alpha, cap, in_window, hold_last, regression
         )
     psi, scores, running_new, count_new, coeffs = shapley_scores_torch(
@@ -243,7 +252,8 @@ def scores_bwd_impl(dpsi: Tensor, W: Tensor, dtype: torch.dtype) -> Tensor:
         from agm_fast.kernels import shapley as k
 
         return k.shapley_bwd(dpsi, W, dtype)
-    return torch.einsum("ms,mbc->sbc", W.to(torch.float32), dpsi.to(torch.float32)).to(dtype)
+    M, B, C = dpsi.shape
+    return (W.to(torch.float32).t() @ dpsi.to(torch.float32).reshape(M, B * C)).reshape(-1, B, C).to(dtype)
 
 
 @shapley_bwd_op.register_fake

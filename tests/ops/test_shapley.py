@@ -384,3 +384,47 @@ def test_eager_functions_equal_the_custom_ops_bitwise(backend, regression, in_wi
         results.append([o.detach() for o in outs] + [combined.detach(), dF])
     for got, want in zip(*results):
         assert got.shape == want.shape and torch.equal(got, want)
+
+
+EXT_CASES = [(1, 1, 2, F32, True, None), (7, 10, 3, F32, True, 0.5), (64, 101, 5, F32, False, 10.0),
+             (5, 3, 8, F32, True, 10.0), (7, 10, 3, torch.float64, True, 10.0)]
+
+
+@pytest.mark.skipif(not __import__("agm_fast._backend")._backend.has_ext(), reason="needs the compiled extension")
+@pytest.mark.parametrize("regression", [False, True])
+@pytest.mark.parametrize("in_window,hold_last", [(True, False), (False, False), (False, True)])
+@pytest.mark.parametrize("case", EXT_CASES, ids=[f"B{c[0]}-C{c[1]}-M{c[2]}-{c[3]}-{c[5]}" for c in EXT_CASES])
+def test_cpu_kernel_matches_the_torch_path(case, regression, in_window, hold_last):
+    # The extension's CPU kernel (agm_fast::_shapley_scores_impl) against shapley_scores_torch: psi is the same float32
+    # matrix product (bitwise); the scores and what follows from them agree to float32 rounding (other sum orders).
+    B, C, M, dtype, count_is_0d, cap = case
+    F, W, labels, running, count, prev = _inputs(B, C, M, dtype, () if count_is_0d else (1,), device="cpu")
+    if regression:
+        labels = torch.randn(B, C) if B % 2 else torch.randn(B)
+    args = (F, W, labels, running, count, prev, 1.5, cap, in_window, hold_last, regression)
+    got = torch.ops.agm_fast._shapley_scores_impl(*args)
+    want = shapley_scores_torch(*args[:-1], "regression" if regression else "classification")
+    assert torch.equal(got[0], want[0]) and got[0].dtype == dtype
+    for g, w in zip(got[1:], want[1:]):
+        assert g.shape == w.shape and g.dtype == torch.float32
+        torch.testing.assert_close(g, w, rtol=2e-6, atol=1e-6)
+    # A non-finite logit: a non-finite score, NaN coefficients, the running state unchanged.
+    F[1, 0, 0] = float("inf") if regression else float("-inf")
+    got = torch.ops.agm_fast._shapley_scores_impl(*((F,) + args[1:]))
+    want = shapley_scores_torch(F, *args[1:-1], "regression" if regression else "classification")
+    for g, w in zip(got[1:], want[1:]):
+        torch.testing.assert_close(g, w, rtol=2e-6, atol=1e-6, equal_nan=True)
+    assert not torch.isfinite(got[1]).all() and torch.isnan(got[4]).all()
+    assert torch.equal(got[2], running) and torch.equal(got[3], count)
+
+
+@pytest.mark.skipif(not __import__("agm_fast._backend")._backend.has_ext(), reason="needs the compiled extension")
+def test_cpu_kernel_is_what_the_op_runs_on_cpu(monkeypatch):
+    F, W, labels, running, count, prev = _inputs(7, 10, 3, F32, device="cpu")
+    args = (F, W, labels, running, count, prev, 1.5, 10.0, True, False, False)
+    monkeypatch.delenv("AGM_FAST_BACKEND", raising=False)
+    default = shapley_scores_op(*args)
+    assert all(torch.equal(a, b) for a, b in zip(default, torch.ops.agm_fast._shapley_scores_impl(*args)))
+    monkeypatch.setenv("AGM_FAST_BACKEND", "torch")
+    forced = shapley_scores_op(*args)
+    assert all(torch.equal(a, b) for a, b in zip(forced, shapley_scores_torch(*args[:-1])))

@@ -90,5 +90,7 @@ def subset_preactivations(
         if bias is not None:
             z0 = z0 + bias.to(z0.dtype)
         return _Doubling.apply(z0.expand(B, z0.shape[1]), first, *[P[m] - Q[m] for m in range(M)])
-    out = torch.einsum("km,mbh->kbh", sel, torch.stack(list(P))) + ((1 - sel) @ torch.cat(list(Q))).unsqueeze(1)
+    H = P[0].shape[1]
+    stacked = torch.stack(list(P)).reshape(M, B * H)
+    out = (sel @ stacked).reshape(sel.shape[0], B, H) + ((1 - sel) @ torch.cat(list(Q))).unsqueeze(1)
     return out if bias is None else out + bias.to(out.dtype)

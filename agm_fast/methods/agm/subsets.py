@@ -528,7 +528,7 @@ class ShapleyBase(nn.Module):
         P = torch.stack(P)
         Q = torch.cat(Q)
         sel = self._selection(masked, P.device, P.dtype)
-        out = torch.einsum("km,mbc->kbc", sel, P) + ((1 - sel) @ Q).unsqueeze(1)
+        out = (sel @ P.reshape(P.shape[0], -1)).reshape(sel.shape[0], B, C) + ((1 - sel) @ Q).unsqueeze(1)
         if bias is not None:
             out = out + bias.to(out.dtype)
         return out
