@@ -394,16 +394,16 @@ class ShapleyBase(nn.Module):
         B = xs[0].shape[0]
         if self._modes is not None and self.training:
             self._modes.watch()
-        h = encode(encoders, xs)
+        masked = masks[:-1]
+        present, absent = self._presence(masked)
+        zero_input = self.mute == "input"
+        h, stacked_zero = self._encode_full(xs, absent if zero_input and self.masked_mode == "eval" else 0)
         full = C = None
         if not self._split_head:
             full = self._check_out(self._call_fusion(h), B, None, "fusion")
             C = full.shape[1]
-        masked = masks[:-1]
-        present, absent = self._presence(masked)
         real: List[Optional[Tensor]] = [None] * M
         muted: List[Optional[Tensor]] = [None] * M
-        zero_input = self.mute == "input"
         if self.masked_mode == "train":
             real = list(h)
             if zero_input:
@@ -414,6 +414,9 @@ class ShapleyBase(nn.Module):
                             muted[m] = encoders[m](xs[m].new_zeros((rows,) + tuple(xs[m].shape[1:])))[:1]
         else:
             for m in range(M):
+                if stacked_zero[m] is not None:
+                    real[m], muted[m] = h[m], stacked_zero[m]
+                    continue
                 real[m], muted[m] = self._masked_features(m, xs[m], h[m], (present >> m) & 1,
                                                           zero_input and (absent >> m) & 1)
         if not zero_input:
@@ -450,6 +453,36 @@ class ShapleyBase(nn.Module):
                 rows.append(out.view(len(chunk), B, C))
             F_masked = torch.cat(rows)
         return torch.cat([F_masked, full.unsqueeze(0)])
+
+    def _encode_full(self, xs: List[Tensor], zero_for: int) -> Tuple[List[Tensor], List[Optional[Tensor]]]:
+        """The full pass's features, and the muted (zero-input) features ``[1, ...]`` of the encoders in the bitmask
+        ``zero_for`` that can compute them in the same call: an encoder that reuses its full pass for the masked
+        subsets (it computes the same in both modes) and computes each row alone runs on its batch with one zero row
+        appended, so the zero sample costs no pass of its own, forward or backward."""
+        encoders = self._parts[1]
+        B = xs[0].shape[0]
+        stack = [
+            bool((zero_for >> m) & 1) and not self._batch_stats[m] and not self.checkpoint_masked
+            and (not enc.training or self._modes.reuse(m) is True)
+            for m, enc in enumerate(encoders)
+        ]
+        inputs = [torch.cat([x, x.new_zeros((1,) + tuple(x.shape[1:]))]) if stack[m] else x for m, x in enumerate(xs)]
+        out = encode(encoders, inputs)
+        h: List[Tensor] = []
+        zero: List[Optional[Tensor]] = []
+        for m, o in enumerate(out):
+            if not stack[m]:
+                h.append(o)
+                zero.append(None)
+                continue
+            if o.dim() == 0 or o.shape[0] != B + 1:
+                raise ValueError(
+                    f"encoders[{m}]: expected features [B, ...] with one row per input row ({B + 1} for the batch "
+                    f"and the zero sample), got shape {tuple(o.shape)}"
+                )
+            h.append(o[:B])
+            zero.append(o[B:])
+        return h, zero
 
     def _split_evaluate(self, h: List[Tensor], real: List[Tensor], muted: List[Tensor], masks: List[int],
                         B: int) -> Tensor:

@@ -175,9 +175,10 @@ def test_reuse_equals_the_eval_mode_passes_and_the_sequential_reference(M, kind,
         torch.testing.assert_close(a, s, rtol=1e-4, atol=1e-6)
 
 
-def test_reused_features_are_bitwise_the_eval_pass_features():
-    # At the same parameters, the subset outputs with reuse are bitwise those of the eval-mode passes: the first
-    # call runs them (the check), the second reuses the full pass.
+def test_reused_features_are_the_eval_pass_features():
+    # At the same parameters, the subset outputs with reuse are those of the eval-mode passes: the first call runs
+    # them (the check), the second reuses the full pass and computes the zero sample in the same call as the batch
+    # (one more row in each matrix product: float rounding, not always bitwise).
     torch.manual_seed(0)
     encoders, fusion = SETS["invariant"](3), _fusion("mlp", 3)
     (xs, y), = _batches(3, steps=1)
@@ -185,8 +186,31 @@ def test_reused_features_are_bitwise_the_eval_pass_features():
     masks = agm._plan(xs[0].device)[0]
     checked = agm._evaluate(xs, masks)
     assert all(e["reuses_full_pass"] for e in agm.describe()["encoders"])
+    calls = []
+    for enc in encoders:
+        enc.register_forward_pre_hook(lambda mod, args: calls.append(args[0].shape[0]))
     reused = agm._evaluate(xs, masks)
-    assert torch.equal(checked, reused)
+    assert calls == [B + 1] * 3
+    torch.testing.assert_close(reused, checked, rtol=1e-6, atol=1e-7)
+    with torch.no_grad():
+        for enc, x in zip(encoders, xs):
+            torch.testing.assert_close(enc(torch.cat([x, torch.zeros(1, D_IN)]))[:B], enc(x), rtol=1e-6, atol=1e-7)
+
+
+def test_an_encoder_that_drops_rows_is_named():
+    class FirstRows(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(D_IN, D)
+
+        def forward(self, x):
+            return self.fc(x[:B])
+
+    (xs, y), = _batches(2, steps=1)
+    agm = agm_fast.AGM(encoders=[invariant(), FirstRows()], fusion=_fusion("concat", 2))
+    agm(*xs, target=y)  # the first step checks the modes with the batch alone
+    with pytest.raises(ValueError, match=r"encoders\[1\]: expected features \[B, \.\.\.\] with one row per input row"):
+        agm(*xs, target=y)
 
 
 def test_a_custom_encoder_that_hides_its_mode_falls_back_after_the_first_step():
