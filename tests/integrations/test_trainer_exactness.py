@@ -248,6 +248,74 @@ def test_hf_ddp_accumulation_scales_the_loss_once(k, names, data, tmp_path):
                                        msg=lambda m, n=n, name=name: f"{name}, {n}: {m}")
 
 
+# Methods that own their step under DDP (two gloo ranks), in both trainers: the sub-steps run outside DDP's reducer and
+# SubSteps averages their gradients over DDP's group. Options and epochs as hf_ddp.py and lightning_ddp.py build them:
+# MLA's projection reads the global batch's mean features; ReconBoost boosts, rectifies and boosts again (from stage 1
+# on with its gradient-assist term).
+OWNED = {"mla": ({"projection": True}, 2), "reconboost": ({"epochs_per_stage": 1, "correct_epochs": 1}, 3)}
+
+
+def owned_reference(name, data, rows=64, batch=32):
+    """One process on the global batches: agm_fast.methods.training_step with SGD, progress = batch index / batches
+    (what both trainers pass)."""
+    xs, y, dims, C = data
+    options, epochs = OWNED[name]
+    model, method = build(name, dims, C, batchnorm=False, **options)
+    opt = _optimizer(model, method)
+    starts = range(0, rows, batch)
+    for epoch in range(epochs):
+        for i, s in enumerate(starts):
+            methods.training_step(method, [x[s : s + batch] for x in xs], y[s : s + batch], epoch, opt,
+                                  progress=i / len(starts))
+    return model, method
+
+
+def _assert_same_state(got, want, where):
+    if isinstance(want, dict):
+        assert set(got) == set(want), where
+        for key in want:
+            _assert_same_state(got[key], want[key], f"{where}.{key}")
+    elif isinstance(want, torch.Tensor):
+        torch.testing.assert_close(got, want, rtol=1.3e-6, atol=1e-5, msg=lambda m: f"{where}: {m}")
+    else:
+        assert got == want, where
+
+
+def _check_owned_ranks(data, out, names, steps):
+    for name in names:
+        a, b = (torch.load(out / f"{name}-rank{r}.pt", weights_only=True) for r in (0, 1))
+        assert a["world_size"] == b["world_size"] == 2 and a["steps"] == steps[name], name
+        want, method = owned_reference(name, data)
+        for n, p in want.named_parameters():
+            assert torch.equal(a["model"][n], b["model"][n]), f"{name}: {n} differs between the ranks"
+            torch.testing.assert_close(a["model"][n], p.detach(), rtol=1.3e-6, atol=1e-5,
+                                       msg=lambda m, n=n, name=name: f"{name}, {n}: {m}")
+        state = method.method_state()
+        for r, got in enumerate((a, b)):
+            _assert_same_state(got["method"], state, f"{name} rank {r} method state")
+
+
+def test_hf_ddp_trains_methods_that_own_their_step_as_one_process(data, tmp_path):
+    _hf()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+           str(HERE / "hf_ddp.py"), str(tmp_path), "1", *OWNED]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    # The Trainer counts one step per batch: 2 batches of 2 * 16 rows per epoch.
+    _check_owned_ranks(data, tmp_path, OWNED, {name: 2 * epochs for name, (_, epochs) in OWNED.items()})
+
+
+def test_lightning_ddp_trains_methods_that_own_their_step_as_one_process(data, tmp_path):
+    _lightning()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, str(HERE / "lightning_ddp.py"), "owned", str(tmp_path), *OWNED]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    # Lightning counts every optimizer step: MLA takes one per modality and batch, ReconBoost one per batch.
+    _check_owned_ranks(data, tmp_path, OWNED, {"mla": 2 * 2 * 2, "reconboost": 2 * 3})
+
+
 def test_hf_ddp_refuses_ogm_ge_accumulation(tmp_path):
     _hf()
     script = HERE / "hf_ddp.py"

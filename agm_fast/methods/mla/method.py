@@ -101,7 +101,7 @@ class MLAMethod(Method):
         logits = self.unimodal_logits(self.encode(inputs))
         return fuse(logits, self.weights(logits))
 
-    def _project(self, features: Tensor, progress: float) -> None:
+    def _project(self, features: Tensor, progress: float, steps: Any) -> None:
         grad = self.shared.weight.grad
         if self._substeps == 0 or grad is None:  # the first sub-step of the run keeps its gradient
             return
@@ -109,7 +109,9 @@ class MLAMethod(Method):
             d = grad.shape[1]
             self._P = torch.eye(d, dtype=torch.float32, device=grad.device) if self._P is None else self._P.to(
                 grad.device)
-        self._P = owm_update(self._P, features, 0.1 ** (1.0 + progress))
+        # r: the mean features of the global batch (over the ranks under data parallelism), as one row.
+        r = steps.batch_mean(features)[None]
+        self._P = owm_update(self._P, r, 0.1 ** (1.0 + progress))
         grad.copy_(grad @ self._P.T.to(grad.dtype))
 
     def train_step(self, inputs: Sequence[Tensor], target: Tensor, epoch: Optional[int], steps: Any, *,
@@ -127,7 +129,7 @@ class MLAMethod(Method):
         for m, h in enumerate(feats):
             z = self.shared(h)
             loss = F.cross_entropy(z, target)
-            steps.run(loss, functools.partial(self._project, h, float(progress)) if self.projection else None,
+            steps.run(loss, functools.partial(self._project, h, float(progress), steps) if self.projection else None,
                       set_to_none=m == 0 or not self.zero_fill)
             self._substeps += 1
             logits.append(z.detach())
