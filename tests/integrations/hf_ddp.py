@@ -55,6 +55,7 @@ def main(out: str, k: int, names) -> None:
                 "steps": trainer.state.global_step,
                 "model": {n: p.detach().clone() for n, p in model.named_parameters()},
                 "method": method.method_state(),
+                "coeffs": torch.stack(trainer.balancing.coefficients).cpu(),
             },
             os.path.join(out, f"{name}-rank{args.process_index}.pt"),
         )

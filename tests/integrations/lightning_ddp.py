@@ -80,6 +80,7 @@ def owned(out: str, names) -> None:
                 "steps": trainer.global_step,
                 "model": {k: v.detach().clone() for k, v in model.named_parameters()},
                 "method": method.method_state(),
+                "coeffs": torch.stack(module.callback.coefficients).cpu(),
             },
             os.path.join(out, f"{name}-rank{trainer.global_rank}.pt"),
         )

@@ -257,17 +257,18 @@ OWNED = {"mla": ({"projection": True}, 2), "reconboost": ({"epochs_per_stage": 1
 
 def owned_reference(name, data, rows=64, batch=32):
     """One process on the global batches: agm_fast.methods.training_step with SGD, progress = batch index / batches
-    (what both trainers pass)."""
+    (what both trainers pass). Returns the model, the method and each step's coefficients."""
     xs, y, dims, C = data
     options, epochs = OWNED[name]
     model, method = build(name, dims, C, batchnorm=False, **options)
     opt = _optimizer(model, method)
     starts = range(0, rows, batch)
+    coeffs = []
     for epoch in range(epochs):
         for i, s in enumerate(starts):
-            methods.training_step(method, [x[s : s + batch] for x in xs], y[s : s + batch], epoch, opt,
-                                  progress=i / len(starts))
-    return model, method
+            coeffs.append(methods.training_step(method, [x[s : s + batch] for x in xs], y[s : s + batch], epoch, opt,
+                                                progress=i / len(starts)).coeffs)
+    return model, method, torch.stack(coeffs)
 
 
 def _assert_same_state(got, want, where):
@@ -285,7 +286,11 @@ def _check_owned_ranks(data, out, names, steps):
     for name in names:
         a, b = (torch.load(out / f"{name}-rank{r}.pt", weights_only=True) for r in (0, 1))
         assert a["world_size"] == b["world_size"] == 2 and a["steps"] == steps[name], name
-        want, method = owned_reference(name, data)
+        want, method, coeffs = owned_reference(name, data)
+        # The coefficients (MLA: the test-time weights of each global batch) agree between the ranks and with it.
+        for r, got in enumerate((a, b)):
+            torch.testing.assert_close(got["coeffs"], coeffs, rtol=1.3e-6, atol=1e-5,
+                                       msg=lambda m, r=r, name=name: f"{name}, rank {r} coefficients: {m}")
         for n, p in want.named_parameters():
             assert torch.equal(a["model"][n], b["model"][n]), f"{name}: {n} differs between the ranks"
             torch.testing.assert_close(a["model"][n], p.detach(), rtol=1.3e-6, atol=1e-5,

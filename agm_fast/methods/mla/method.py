@@ -9,11 +9,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ... import distributed
 from ...fusion import output_layer
 from ..base import Method, StepResult
 from ..hparams import declare
 from .config import HPARAMS
-from .core import fuse, fusion_weights, owm_update
+from .core import fuse, fusion_weights, global_fusion_weights, owm_update
 
 __all__ = ["MLAMethod"]
 
@@ -118,7 +119,8 @@ class MLAMethod(Method):
                    progress: Optional[float] = None) -> StepResult:
         """One forward of the encoders, then one sub-step per modality (see the class). The result's ``loss`` is the
         mean of the M unimodal losses, ``correct`` counts the test-time rule's hits on this batch's unimodal outputs
-        and ``coeffs`` are its weights (their batch mean with ``entropy="sample"``)."""
+        and ``coeffs`` are its weights (their batch mean with ``entropy="sample"``). Under ``steps.process_group``
+        the weights are the global batch's; the losses and hits are this rank's rows'."""
         if self.projection and progress is None:
             raise ValueError("progress: MLA's projection strength reads the fraction of the epoch done, expected a "
                              "float in [0, 1], got None")
@@ -137,9 +139,11 @@ class MLAMethod(Method):
         if self.zero_fill:  # the released loop deletes every gradient after the batch
             steps.zero_grad()
         z = torch.stack(logits)
-        w = self.weights(z)
+        # Under data parallelism the weights are the global batch's (every rank's rows), as one process computes them.
+        group = steps.process_group
+        w = global_fusion_weights(z, self.entropy, group)
         fused = fuse(z, w)
-        coeffs = w if w.dim() == 1 else w.mean(1)
+        coeffs = w if w.dim() == 1 else (steps.batch_mean(w.T) if distributed.is_active(group) else w.mean(1))
         losses = torch.stack(losses)
         self._decisions = {"weights": coeffs, "losses": losses}
         return StepResult(
