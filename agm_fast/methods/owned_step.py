@@ -91,8 +91,7 @@ class SubSteps:
         local = x.detach().float().mean(0)
         if not distributed.is_active(self.process_group):
             return local
-        rows = x.shape[0] if self.rows is None else self.rows
-        return distributed.global_mean_scores(local.reshape(-1), rows, self.process_group).view_as(local)
+        return distributed.global_mean_scores(local.reshape(-1), x.shape[0], self.process_group).view_as(local)
 
     def step(self) -> None:
         """Clip (when the trainer clips) and take one optimizer step."""
