@@ -141,16 +141,18 @@ def _hf_args(out, micro, k, epochs=2, **kwargs):
     return TrainingArguments(**{**defaults, **kwargs})
 
 
-def hf_train(name, data, out, rows, micro=MICRO, k=STEPS, resume=None, seed=0, options=None, **kwargs):
+def hf_train(name, data, out, rows, micro=MICRO, k=STEPS, resume=None, seed=0, options=None, val=False, **kwargs):
     from agm_fast.integrations.hf import BalancedTrainer, collate
 
     xs, y, dims, C = data
     model, method = build(name, dims, C, seed=seed, **(options or {}))
     opt = _optimizer(model, method)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    # val: the next rows as the eval dataset (for the epoch passes over validation data).
+    held_out = TensorDataset(*[x[rows : 2 * rows] for x in xs], y[rows : 2 * rows]) if val else None
     trainer = BalancedTrainer(
         method=method, metrics=_metrics if method.needs_epoch_metrics else None, args=_hf_args(out, micro, k, **kwargs),
-        train_dataset=TensorDataset(*[x[:rows] for x in xs], y[:rows]), data_collator=collate,
+        train_dataset=TensorDataset(*[x[:rows] for x in xs], y[:rows]), eval_dataset=held_out, data_collator=collate,
         optimizers=(opt, sched),
     )
     trainer.train(resume_from_checkpoint=resume)
@@ -172,6 +174,47 @@ def test_hf_accumulation_equals_each_micro_batch_modulated_alone(name, data, tmp
     assert_same_parameters(got, want)
 
 
+# Epoch passes with accumulation: relearning's pass reads every row of the data and it changes no step's gradient, so
+# k micro-batches of B rows are one batch of k B rows (docs/training-at-scale.md). PMR's prototype term is each
+# micro-batch's own (the accumulation tests above); its pass reads the first tenth of the batches, which depends on B.
+# Relearning re-initialises its encoders after epoch 1, from passes over the training and the validation data (the
+# next rows), by the gap between their purities; no BatchNorm, which would normalise B rows, not k B.
+RELEARN_NOW = {"reinit_epoch": 1, "kmeans_restarts": 2, "batchnorm": False}
+
+
+@pytest.fixture(scope="module")
+def mixed():
+    """64 rows of every class (the split is sorted by class): 32 to train on, the next 32 to validate on."""
+    full = load_mfeat(["fac", "zer"])
+    train, _, _ = split_and_standardize(full, 0)
+    xs = [x[::18][:64] for x in train.xs]
+    return xs, train.y[::18][:64], [x.shape[1] for x in xs], full.num_classes
+
+
+@pytest.mark.parametrize("trainer", ["hf", "lightning"])
+def test_accumulated_micro_batches_with_an_epoch_pass_are_one_batch_of_k_times_the_rows(trainer, mixed, tmp_path):
+    data, rows = mixed, MICRO * STEPS * 2
+    if trainer == "hf":
+        _hf()
+        got, t = hf_train("relearning", data, tmp_path / "k", rows, options=RELEARN_NOW, val=True)
+        assert t.balancing.method.reinits == 1 and t.state.global_step == 4
+        want, _ = hf_train("relearning", data, tmp_path / "one", rows, micro=MICRO * STEPS, k=1, options=RELEARN_NOW,
+                           val=True)
+    else:
+        _lightning()
+        xs, y, dims, C = data
+        dataset = TensorDataset(*[x[:rows] for x in xs], y[:rows])
+        held_out = TensorDataset(*[x[rows : 2 * rows] for x in xs], y[rows : 2 * rows])
+        got, method = build("relearning", dims, C, **RELEARN_NOW)
+        fitted = _fit(_module(method), DataLoader(dataset, batch_size=MICRO), accumulate_grad_batches=STEPS,
+                      val_dataloaders=DataLoader(held_out, batch_size=MICRO))
+        assert method.reinits == 1 and fitted.global_step == 4
+        want, once = build("relearning", dims, C, **RELEARN_NOW)
+        _fit(_module(once), DataLoader(dataset, batch_size=MICRO * STEPS),
+             val_dataloaders=DataLoader(held_out, batch_size=MICRO))
+    assert_same_parameters(got, want)
+
+
 # Lightning
 
 
@@ -190,12 +233,12 @@ def _module(method):
     return Module(method, lr=LR, momentum=MOMENTUM)
 
 
-def _fit(module, loader, epochs=2, ckpt_path=None, **kwargs):
+def _fit(module, loader, epochs=2, ckpt_path=None, val_dataloaders=None, **kwargs):
     pl = _lightning()
     kwargs = {"enable_checkpointing": False, **kwargs}
     trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
                          enable_model_summary=False, num_sanity_val_steps=0, **kwargs)
-    trainer.fit(module, loader, ckpt_path=ckpt_path)
+    trainer.fit(module, loader, val_dataloaders, ckpt_path=ckpt_path)
     return trainer
 
 
