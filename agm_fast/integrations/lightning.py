@@ -225,8 +225,9 @@ class BalancedModule(pl.LightningModule):
         return loss
 
     def _owned_step(self, inputs: List[Tensor], labels: Tensor, batch_idx: int) -> None:
-        # Under DDP this runs inside DDP's forward: its reducer is kept out (as no_sync does, for the whole forward,
-        # so that DDP never prepares a backward) and SubSteps averages each sub-step's gradients over DDP's group.
+        # Under DDP this runs inside DDP's forward, where manual_backward would arm DDP's reducer: the flag is cleared
+        # for the rest of the forward (as no_sync does; Lightning sets it again after the forward) and SubSteps
+        # averages each sub-step's gradients over DDP's group instead.
         wrapped = self.trainer.strategy.model
         group = owned_step.data_parallel_group(wrapped)
         if group is not None:
