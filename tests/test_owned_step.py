@@ -323,17 +323,35 @@ def test_hf_refuses_accumulation_and_the_stock_trainer(tmp_path):
 # Data parallelism in the plain loop: each sub-step's gradients averaged over the ranks.
 
 
+# MLA with its projection (the global batch's mean features) and each entropy (the global batch's weights).
+MLA_CASES = [{"projection": True}, {"projection": True, "entropy": "sample"}]
+
+
+def _mla(options):
+    parts, _ = build()
+    method = methods.create("mla", list(parts.encoders), parts.fusion, **options)
+    return parts, method, torch.optim.SGD([{"params": list(parts.parameters())}] + method.param_groups(LR), lr=LR,
+                                          momentum=0.9)
+
+
 def _rank(rank, world, path, out):
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=world)
     try:
+        part = slice(0, 3) if rank == 0 else slice(3, B)  # unequal local batches: 3 and 5 rows
         parts, method = build()
         steps = SubSteps(optimizer(parts, method))
         for xs, y in data(2):
-            half = slice(rank * B // 2, (rank + 1) * B // 2)
-            methods.training_step(method, [x[half] for x in xs], y[half], 0, steps)
-        torch.save({"parts": parts.state_dict(), "heads": method.heads.state_dict()}, f"{out}/rank{rank}.pt")
+            methods.training_step(method, [x[part] for x in xs], y[part], 0, steps)
+        saved = {"parts": parts.state_dict(), "heads": method.heads.state_dict()}
+        for i, options in enumerate(MLA_CASES):
+            parts, method, opt = _mla(options)
+            coeffs = [methods.training_step(method, [x[part] for x in xs], y[part], 0, opt, progress=j / 2).coeffs
+                      for j, (xs, y) in enumerate(data(2))]
+            saved[f"mla{i}"] = {"parts": parts.state_dict(), "head": method.shared.state_dict(),
+                                "projection": method.method_state()["projection"], "coeffs": torch.stack(coeffs)}
+        torch.save(saved, f"{out}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -343,7 +361,8 @@ def test_sub_steps_average_gradients_over_the_ranks(tmp_path):
 
     mp.spawn(_rank, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
     got = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
-    # Two ranks on half a batch each step as one process on the whole batch (equal halves: the mean of the means).
+    # Two ranks on 3 and 5 rows of each batch step as one process on the whole batch: the gradients are averaged
+    # weighted by rows (the plain mean of the two ranks' means would not be the whole batch's).
     parts, method = build()
     opt = optimizer(parts, method)
     for xs, y in data(2):
@@ -353,17 +372,43 @@ def test_sub_steps_average_gradients_over_the_ranks(tmp_path):
             torch.testing.assert_close(got[r]["parts"][key], value, rtol=1e-5, atol=1e-6)
         for key, value in method.heads.state_dict().items():
             torch.testing.assert_close(got[r]["heads"][key], value, rtol=1e-5, atol=1e-6)
+    # MLA: its projection reads the whole batch's mean features and its weights are the whole batch's.
+    for i, options in enumerate(MLA_CASES):
+        parts, method, opt = _mla(options)
+        coeffs = torch.stack([methods.training_step(method, xs, y, 0, opt, progress=j / 2).coeffs
+                              for j, (xs, y) in enumerate(data(2))])
+        want = {"parts": parts.state_dict(), "head": method.shared.state_dict(),
+                "projection": {"P": method.method_state()["projection"]}, "coeffs": {"c": coeffs}}
+        for r in range(2):
+            mine = got[r][f"mla{i}"]
+            mine = {**mine, "projection": {"P": mine["projection"]}, "coeffs": {"c": mine["coeffs"]}}
+            for part, values in want.items():
+                for key, value in values.items():
+                    torch.testing.assert_close(mine[part][key], value, rtol=1e-5, atol=1e-6,
+                                               msg=lambda m, r=r, i=i, part=part, key=key: f"{options}, rank {r}, "
+                                               f"{part}.{key}: {m}")
 
 
-def test_a_ddp_wrapped_model_in_a_trainer_is_refused_with_the_reason():
-    from agm_fast.methods.owned_step import check_trainer
+def test_a_sharding_wrapper_in_a_trainer_is_refused_with_the_reason_and_ddp_is_not(tmp_path):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
 
-    _, method = build()
-    with pytest.raises(NotImplementedError, match="Trainer: Alternate back-propagates several times per forward"):
-        check_trainer(method, world_size=2, where="Trainer")
-    check_trainer(method, world_size=1, where="Trainer")
-    parts = Parts()
+    from agm_fast.methods.owned_step import check_trainer, data_parallel_group
+
+    parts, method = build()
+    # Anything but DDP over several processes (here a bare module standing for an FSDP or DeepSpeed wrapper).
+    with pytest.raises(NotImplementedError, match="Trainer: Alternate runs its sub-steps on the encoders and its "
+                       "shared head directly, outside the wrapper's forward.* got Parts over world size 2"):
+        check_trainer(method, world_size=2, where="Trainer", model=parts)
+    check_trainer(method, world_size=1, where="Trainer", model=parts)
     check_trainer(methods.create("joint", list(parts.encoders), parts.fusion), world_size=2, where="Trainer")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        ddp = DistributedDataParallel(parts)
+        assert data_parallel_group(ddp) is ddp.process_group and data_parallel_group(parts) is None
+        check_trainer(method, world_size=2, where="Trainer", model=ddp)
+    finally:
+        dist.destroy_process_group()
 
 
 def test_a_lightning_checkpoint_of_an_owned_step_resumes_exactly(tmp_path):

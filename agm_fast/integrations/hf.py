@@ -175,7 +175,6 @@ class BalancingCallback(TrainerCallback):
                 raise TypeError(f"trainer: {self.method.name} runs its own optimizer steps, expected "
                                 "agm_fast.integrations.hf.BalancedTrainer (its training_step calls method.train_step), "
                                 "got a Trainer with BalancingCallback")
-            owned_step.check_trainer(self.method, world_size=args.world_size, where="TrainingArguments")
             if args.fp16:
                 raise ValueError(f"fp16: {self.method.name} steps the optimizer several times per batch and the "
                                  "Trainer's own step then finds no gradient, which the fp16 grad scaler refuses; "
@@ -317,14 +316,18 @@ class BalancedTrainer(Trainer):
         method = self.balancing.method
         if not method.owns_step:
             return super().training_step(model, inputs, num_items_in_batch)
+        # Under DDP the sub-steps run the method's modules, not DDP's forward, so DDP's reducer never expects a
+        # backward; SubSteps averages each sub-step's gradients over DDP's group instead.
+        owned_step.check_trainer(method, world_size=self.args.world_size, where="BalancedTrainer", model=model)
         model.train()
         inputs = self._prepare_inputs(inputs)
         norm = self.args.max_grad_norm
         clip = (lambda params: self.accelerator.clip_grad_norm_(params, norm)) if norm and norm > 0 else None
-        steps = owned_step.SubSteps(self.optimizer, backward=self.accelerator.backward, clip=clip)
+        steps = owned_step.SubSteps(self.optimizer, backward=self.accelerator.backward, clip=clip,
+                                    process_group=owned_step.data_parallel_group(model))
         epoch = float(self.state.epoch or 0.0)
-        res = method.train_step(list(inputs["inputs"]), inputs["labels"], int(epoch), steps,
-                                progress=min(max(epoch - int(epoch), 0.0), 1.0))
+        res = owned_step.run(method, list(inputs["inputs"]), inputs["labels"], int(epoch), steps,
+                             progress=min(max(epoch - int(epoch), 0.0), 1.0))
         owned_step.release(steps)
         self.balancing.coefficients.append(res.coeffs)
         return res.loss

@@ -78,7 +78,8 @@ class BalancingCallback(pl.Callback):
                 raise TypeError(f"pl_module: {self.method.name} runs its own optimizer steps, expected a "
                                 "LightningModule with automatic_optimization = False that calls method.train_step "
                                 "(BalancedModule does), got automatic optimisation")
-            owned_step.check_trainer(self.method, world_size=trainer.world_size, where="Trainer")
+            owned_step.check_trainer(self.method, world_size=trainer.world_size, where="Trainer",
+                                     model=trainer.strategy.model)
         self.method.to(pl_module.device)
         # Each micro-batch of an accumulated step is modulated with its own coefficients.
         self.method.set_accumulation(trainer.accumulate_grad_batches)
@@ -224,10 +225,17 @@ class BalancedModule(pl.LightningModule):
         return loss
 
     def _owned_step(self, inputs: List[Tensor], labels: Tensor, batch_idx: int) -> None:
-        steps = owned_step.SubSteps(self.optimizers(), backward=self.manual_backward)
+        # Under DDP this runs inside DDP's forward, where manual_backward would arm DDP's reducer: the flag is cleared
+        # for the rest of the forward (as no_sync does; Lightning sets it again after the forward) and SubSteps
+        # averages each sub-step's gradients over DDP's group instead.
+        wrapped = self.trainer.strategy.model
+        group = owned_step.data_parallel_group(wrapped)
+        if group is not None:
+            wrapped.require_backward_grad_sync = False
+        steps = owned_step.SubSteps(self.optimizers(), backward=self.manual_backward, process_group=group)
         n = self.trainer.num_training_batches
         progress = batch_idx / n if isinstance(n, int) and n > 0 else None
-        res = self.method.train_step(inputs, labels, self.current_epoch, steps, progress=progress)
+        res = owned_step.run(self.method, inputs, labels, self.current_epoch, steps, progress=progress)
         self.callback.coefficients.append(res.coeffs)
         self.log("train_loss", res.loss, prog_bar=True, on_step=False, on_epoch=True, batch_size=labels.shape[0])
         return None

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from .. import distributed
 
-__all__ = ["SubSteps", "check_trainer", "release", "run"]
+__all__ = ["SubSteps", "check_trainer", "data_parallel_group", "release", "run"]
 
 
 class SubSteps:
@@ -31,12 +31,15 @@ class SubSteps:
             Trainer: ``accelerator.backward``).
         clip: ``clip(parameters)`` run on each sub-step's gradients before its optimizer step (the trainer's
             clipping), or None.
-        process_group: data parallelism without DDP's hooks (the plain loop on ranks that each hold the model): each
-            sub-step's gradients are averaged over this group (None: no averaging unless ``torch.distributed`` is
-            initialised, then the default group).
+        process_group: data parallelism without DDP's hooks (the plain loop on ranks that each hold the model, and
+            the trainers under DDP, whose reducer stays out of an owned step): each sub-step's gradients are averaged
+            over this group (None: no averaging unless ``torch.distributed`` is initialised, then the default group).
 
     Attributes:
         steps: the optimizer steps taken so far.
+        rows: this rank's rows in the batch being trained (:func:`run` sets it from the target): under a process
+            group the gradients are averaged weighted by rows, the gradient of the global batch's mean loss, exact for
+            unequal local batches (None: the plain mean over the ranks).
 
     Example::
 
@@ -59,6 +62,7 @@ class SubSteps:
         self.clip = clip
         self.process_group = process_group
         self.steps = 0
+        self.rows: Optional[int] = None
 
     def parameters(self) -> List[Tensor]:
         """Every parameter the optimizer steps."""
@@ -71,14 +75,23 @@ class SubSteps:
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
     def backward(self, loss: Tensor) -> None:
-        """Back-propagate ``loss``; under data parallelism, average the gradients over the ranks."""
+        """Back-propagate ``loss``; under data parallelism, average the gradients over the ranks (weighted by
+        :attr:`rows` when it is set)."""
         if self._backward is None:
             loss.backward()
         else:
             self._backward(loss)
         if distributed.is_active(self.process_group):
             distributed.mean_over_ranks_([p.grad for p in self.parameters() if p.grad is not None],
-                                         self.process_group)
+                                         self.process_group, count=self.rows)
+
+    def batch_mean(self, x: Tensor) -> Tensor:
+        """The float32 mean over the rows of the global batch of a per-row tensor ``x`` ``[B, ...]``: over the
+        ranks, weighted by rows, under a process group (one small all-reduce); ``x``'s own row mean otherwise."""
+        local = x.detach().float().mean(0)
+        if not distributed.is_active(self.process_group):
+            return local
+        return distributed.global_mean_scores(local.reshape(-1), x.shape[0], self.process_group).view_as(local)
 
     def step(self) -> None:
         """Clip (when the trainer clips) and take one optimizer step."""
@@ -124,6 +137,7 @@ def run(method, inputs: Sequence[Tensor], target: Tensor, epoch: Optional[int], 
     if progress is not None and not 0.0 <= float(progress) <= 1.0:
         raise ValueError(f"progress: expected the fraction of the epoch done, in [0, 1], got {progress!r}")
     steps = optimizer if isinstance(optimizer, SubSteps) else SubSteps(optimizer)
+    steps.rows = int(target.shape[0]) if isinstance(target, Tensor) and target.dim() > 0 else None
     result = method.train_step(list(inputs), target, epoch, steps, progress=progress)
     if not isinstance(result, StepResult):
         raise TypeError(f"{method.name or type(method).__name__}.train_step: expected a StepResult, got "
@@ -137,16 +151,32 @@ def release(steps: SubSteps) -> None:
     steps.zero_grad()
 
 
-def check_trainer(method, *, world_size: int, where: str) -> None:
-    """Refuse what an owned step cannot do in a trainer: a DDP-wrapped model. (Gradient accumulation is refused by
-    ``set_accumulation``: an owned-step method declares ``accumulation = "refused"``.)"""
-    if not getattr(method, "owns_step", False):
+def data_parallel_group(model: Any) -> Any:
+    """The process group of a DDP-wrapped ``model`` (None for any other model): a trainer passes it to
+    :class:`SubSteps`, which averages each sub-step's gradients itself."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return model.process_group if isinstance(model, DistributedDataParallel) else None
+
+
+def check_trainer(method, *, world_size: int, where: str, model: Any = None) -> None:
+    """Refuse what an owned step cannot do in a trainer: a model wrapped for data parallelism by anything but DDP
+    (FSDP, DeepSpeed). Under DDP the sub-steps run outside DDP's reducer and :class:`SubSteps` averages their
+    gradients over the DDP group (docs/owned-step.md). (Gradient accumulation is refused by ``set_accumulation``: an
+    owned-step method declares ``accumulation = "refused"``.)
+
+    Args:
+        world_size: the trainer's number of processes.
+        where: the argument or object named in the error.
+        model: the trainer's wrapped model (Lightning's ``trainer.strategy.model``, the HF Trainer's
+            ``model_wrapped``).
+    """
+    if not getattr(method, "owns_step", False) or world_size <= 1 or data_parallel_group(model) is not None:
         return
     name = method.name or type(method).__name__
-    if world_size > 1:
-        raise NotImplementedError(
-            f"{where}: {name} back-propagates several times per forward, which DDP's gradient hooks do not allow; "
-            f"train on one device, or use agm_fast.methods.training_step with SubSteps(process_group=...) on ranks "
-            f"that each hold the model, got world size {world_size}"
-        )
-
+    raise NotImplementedError(
+        f"{where}: {name} runs its sub-steps on the encoders and its shared head directly, outside the wrapper's "
+        f"forward, so a wrapper that shards the parameters (FSDP, DeepSpeed) never gathers them nor reduces their "
+        f"gradients; expected a DDP-wrapped model (its gradients are averaged by SubSteps) or one device, got "
+        f"{type(model).__name__} over world size {world_size}"
+    )

@@ -1,6 +1,8 @@
 """The HF Trainer on two CPU processes (gloo) with gradient accumulation; each rank saves its parameters (run by
 tests/integrations/test_trainer_exactness.py: ``torchrun --nproc_per_node=2 tests/integrations/hf_ddp.py OUT K
-METHOD...``). Each rank trains on 16 rows per micro-batch, so one optimizer step sees 2 * 16 * K rows."""
+METHOD...``). Each rank trains on 16 rows per micro-batch, so one optimizer step sees 2 * 16 * K rows. MLA and
+ReconBoost (K = 1) own their step: their sub-steps run outside DDP's reducer, and each rank saves the method state too.
+"""
 
 import os
 import sys
@@ -16,7 +18,11 @@ from agm_fast.models import MultiViewModel
 
 LR, MOMENTUM, LOCAL = 0.05, 0.9, 16
 # As CASES in test_trainer_exactness.py (GDL: HF_DDP_OPTIONS there, a clip that binds).
-OPTIONS = {"agm": {"alpha": 1.5}, "ogm": {"alpha": 0.8}, "ogm_ge": {"alpha": 0.8}, "gdl": {"clip_grad_norm": 0.5}}
+OPTIONS = {"agm": {"alpha": 1.5}, "ogm": {"alpha": 0.8}, "ogm_ge": {"alpha": 0.8}, "gdl": {"clip_grad_norm": 0.5},
+           # As OWNED in test_trainer_exactness.py: MLA's projection reads the global batch's features; ReconBoost
+           # boosts, rectifies and boosts again (with its gradient-assist term) in three epochs.
+           "mla": {"projection": True}, "reconboost": {"epochs_per_stage": 1, "correct_epochs": 1}}
+EPOCHS = {"reconboost": 3}
 
 
 def main(out: str, k: int, names) -> None:
@@ -27,7 +33,7 @@ def main(out: str, k: int, names) -> None:
     xs, y = [x[:rows] for x in train.xs], train.y[:rows]
     for name in names:
         args = TrainingArguments(
-            output_dir=os.path.join(out, name), num_train_epochs=2, per_device_train_batch_size=LOCAL,
+            output_dir=os.path.join(out, name), num_train_epochs=EPOCHS.get(name, 2), per_device_train_batch_size=LOCAL,
             gradient_accumulation_steps=k, learning_rate=LR, max_grad_norm=0.0, train_sampling_strategy="sequential",
             use_cpu=True, ddp_backend="gloo", report_to=[], seed=0, save_strategy="no", logging_strategy="no",
             disable_tqdm=True,
@@ -48,6 +54,8 @@ def main(out: str, k: int, names) -> None:
                 "world_size": args.world_size,
                 "steps": trainer.state.global_step,
                 "model": {n: p.detach().clone() for n, p in model.named_parameters()},
+                "method": method.method_state(),
+                "coeffs": torch.stack(trainer.balancing.coefficients).cpu(),
             },
             os.path.join(out, f"{name}-rank{args.process_index}.pt"),
         )

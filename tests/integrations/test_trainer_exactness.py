@@ -141,16 +141,18 @@ def _hf_args(out, micro, k, epochs=2, **kwargs):
     return TrainingArguments(**{**defaults, **kwargs})
 
 
-def hf_train(name, data, out, rows, micro=MICRO, k=STEPS, resume=None, seed=0, options=None, **kwargs):
+def hf_train(name, data, out, rows, micro=MICRO, k=STEPS, resume=None, seed=0, options=None, val=False, **kwargs):
     from agm_fast.integrations.hf import BalancedTrainer, collate
 
     xs, y, dims, C = data
     model, method = build(name, dims, C, seed=seed, **(options or {}))
     opt = _optimizer(model, method)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    # val: the next rows as the eval dataset (for the epoch passes over validation data).
+    held_out = TensorDataset(*[x[rows : 2 * rows] for x in xs], y[rows : 2 * rows]) if val else None
     trainer = BalancedTrainer(
         method=method, metrics=_metrics if method.needs_epoch_metrics else None, args=_hf_args(out, micro, k, **kwargs),
-        train_dataset=TensorDataset(*[x[:rows] for x in xs], y[:rows]), data_collator=collate,
+        train_dataset=TensorDataset(*[x[:rows] for x in xs], y[:rows]), eval_dataset=held_out, data_collator=collate,
         optimizers=(opt, sched),
     )
     trainer.train(resume_from_checkpoint=resume)
@@ -172,6 +174,47 @@ def test_hf_accumulation_equals_each_micro_batch_modulated_alone(name, data, tmp
     assert_same_parameters(got, want)
 
 
+# Epoch passes with accumulation: relearning's pass reads every row of the data and it changes no step's gradient, so
+# k micro-batches of B rows are one batch of k B rows (docs/training-at-scale.md). PMR's prototype term is each
+# micro-batch's own (the accumulation tests above); its pass reads the first tenth of the batches, which depends on B.
+# Relearning re-initialises its encoders after epoch 1, from passes over the training and the validation data (the
+# next rows), by the gap between their purities; no BatchNorm, which would normalise B rows, not k B.
+RELEARN_NOW = {"reinit_epoch": 1, "kmeans_restarts": 2, "batchnorm": False}
+
+
+@pytest.fixture(scope="module")
+def mixed():
+    """64 rows of every class (the split is sorted by class): 32 to train on, the next 32 to validate on."""
+    full = load_mfeat(["fac", "zer"])
+    train, _, _ = split_and_standardize(full, 0)
+    xs = [x[::18][:64] for x in train.xs]
+    return xs, train.y[::18][:64], [x.shape[1] for x in xs], full.num_classes
+
+
+@pytest.mark.parametrize("trainer", ["hf", "lightning"])
+def test_accumulated_micro_batches_with_an_epoch_pass_are_one_batch_of_k_times_the_rows(trainer, mixed, tmp_path):
+    data, rows = mixed, MICRO * STEPS * 2
+    if trainer == "hf":
+        _hf()
+        got, t = hf_train("relearning", data, tmp_path / "k", rows, options=RELEARN_NOW, val=True)
+        assert t.balancing.method.reinits == 1 and t.state.global_step == 4
+        want, _ = hf_train("relearning", data, tmp_path / "one", rows, micro=MICRO * STEPS, k=1, options=RELEARN_NOW,
+                           val=True)
+    else:
+        _lightning()
+        xs, y, dims, C = data
+        dataset = TensorDataset(*[x[:rows] for x in xs], y[:rows])
+        held_out = TensorDataset(*[x[rows : 2 * rows] for x in xs], y[rows : 2 * rows])
+        got, method = build("relearning", dims, C, **RELEARN_NOW)
+        fitted = _fit(_module(method), DataLoader(dataset, batch_size=MICRO), accumulate_grad_batches=STEPS,
+                      val_dataloaders=DataLoader(held_out, batch_size=MICRO))
+        assert method.reinits == 1 and fitted.global_step == 4
+        want, once = build("relearning", dims, C, **RELEARN_NOW)
+        _fit(_module(once), DataLoader(dataset, batch_size=MICRO * STEPS),
+             val_dataloaders=DataLoader(held_out, batch_size=MICRO))
+    assert_same_parameters(got, want)
+
+
 # Lightning
 
 
@@ -190,12 +233,12 @@ def _module(method):
     return Module(method, lr=LR, momentum=MOMENTUM)
 
 
-def _fit(module, loader, epochs=2, ckpt_path=None, **kwargs):
+def _fit(module, loader, epochs=2, ckpt_path=None, val_dataloaders=None, **kwargs):
     pl = _lightning()
     kwargs = {"enable_checkpointing": False, **kwargs}
     trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
                          enable_model_summary=False, num_sanity_val_steps=0, **kwargs)
-    trainer.fit(module, loader, ckpt_path=ckpt_path)
+    trainer.fit(module, loader, val_dataloaders, ckpt_path=ckpt_path)
     return trainer
 
 
@@ -246,6 +289,79 @@ def test_hf_ddp_accumulation_scales_the_loss_once(k, names, data, tmp_path):
             assert torch.equal(a["model"][n], b["model"][n]), f"{name}: {n} differs between the ranks"
             torch.testing.assert_close(a["model"][n], p.detach(), rtol=1.3e-6, atol=1e-5,
                                        msg=lambda m, n=n, name=name: f"{name}, {n}: {m}")
+
+
+# Methods that own their step under DDP (two gloo ranks), in both trainers: the sub-steps run outside DDP's reducer and
+# SubSteps averages their gradients over DDP's group. Options and epochs as hf_ddp.py and lightning_ddp.py build them:
+# MLA's projection reads the global batch's mean features; ReconBoost boosts, rectifies and boosts again (from stage 1
+# on with its gradient-assist term).
+OWNED = {"mla": ({"projection": True}, 2), "reconboost": ({"epochs_per_stage": 1, "correct_epochs": 1}, 3)}
+
+
+def owned_reference(name, data, rows=64, batch=32):
+    """One process on the global batches: agm_fast.methods.training_step with SGD, progress = batch index / batches
+    (what both trainers pass). Returns the model, the method and each step's coefficients."""
+    xs, y, dims, C = data
+    options, epochs = OWNED[name]
+    model, method = build(name, dims, C, batchnorm=False, **options)
+    opt = _optimizer(model, method)
+    starts = range(0, rows, batch)
+    coeffs = []
+    for epoch in range(epochs):
+        for i, s in enumerate(starts):
+            coeffs.append(methods.training_step(method, [x[s : s + batch] for x in xs], y[s : s + batch], epoch, opt,
+                                                progress=i / len(starts)).coeffs)
+    return model, method, torch.stack(coeffs)
+
+
+def _assert_same_state(got, want, where):
+    if isinstance(want, dict):
+        assert set(got) == set(want), where
+        for key in want:
+            _assert_same_state(got[key], want[key], f"{where}.{key}")
+    elif isinstance(want, torch.Tensor):
+        torch.testing.assert_close(got, want, rtol=1.3e-6, atol=1e-5, msg=lambda m: f"{where}: {m}")
+    else:
+        assert got == want, where
+
+
+def _check_owned_ranks(data, out, names, steps):
+    for name in names:
+        a, b = (torch.load(out / f"{name}-rank{r}.pt", weights_only=True) for r in (0, 1))
+        assert a["world_size"] == b["world_size"] == 2 and a["steps"] == steps[name], name
+        want, method, coeffs = owned_reference(name, data)
+        # The coefficients (MLA: the test-time weights of each global batch) agree between the ranks and with it.
+        for r, got in enumerate((a, b)):
+            torch.testing.assert_close(got["coeffs"], coeffs, rtol=1.3e-6, atol=1e-5,
+                                       msg=lambda m, r=r, name=name: f"{name}, rank {r} coefficients: {m}")
+        for n, p in want.named_parameters():
+            assert torch.equal(a["model"][n], b["model"][n]), f"{name}: {n} differs between the ranks"
+            torch.testing.assert_close(a["model"][n], p.detach(), rtol=1.3e-6, atol=1e-5,
+                                       msg=lambda m, n=n, name=name: f"{name}, {n}: {m}")
+        state = method.method_state()
+        for r, got in enumerate((a, b)):
+            _assert_same_state(got["method"], state, f"{name} rank {r} method state")
+
+
+def test_hf_ddp_trains_methods_that_own_their_step_as_one_process(data, tmp_path):
+    _hf()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+           str(HERE / "hf_ddp.py"), str(tmp_path), "1", *OWNED]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    # The Trainer counts one step per batch: 2 batches of 2 * 16 rows per epoch.
+    _check_owned_ranks(data, tmp_path, OWNED, {name: 2 * epochs for name, (_, epochs) in OWNED.items()})
+
+
+def test_lightning_ddp_trains_methods_that_own_their_step_as_one_process(data, tmp_path):
+    _lightning()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, str(HERE / "lightning_ddp.py"), "owned", str(tmp_path), *OWNED]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    # Lightning counts every optimizer step: MLA takes one per modality and batch, ReconBoost one per batch.
+    _check_owned_ranks(data, tmp_path, OWNED, {"mla": 2 * 2 * 2, "reconboost": 2 * 3})
 
 
 def test_hf_ddp_refuses_ogm_ge_accumulation(tmp_path):

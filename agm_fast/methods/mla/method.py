@@ -9,11 +9,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ... import distributed
 from ...fusion import output_layer
 from ..base import Method, StepResult
 from ..hparams import declare
 from .config import HPARAMS
-from .core import fuse, fusion_weights, owm_update
+from .core import fuse, fusion_weights, global_fusion_weights, owm_update
 
 __all__ = ["MLAMethod"]
 
@@ -101,7 +102,7 @@ class MLAMethod(Method):
         logits = self.unimodal_logits(self.encode(inputs))
         return fuse(logits, self.weights(logits))
 
-    def _project(self, features: Tensor, progress: float) -> None:
+    def _project(self, features: Tensor, progress: float, steps: Any) -> None:
         grad = self.shared.weight.grad
         if self._substeps == 0 or grad is None:  # the first sub-step of the run keeps its gradient
             return
@@ -109,14 +110,17 @@ class MLAMethod(Method):
             d = grad.shape[1]
             self._P = torch.eye(d, dtype=torch.float32, device=grad.device) if self._P is None else self._P.to(
                 grad.device)
-        self._P = owm_update(self._P, features, 0.1 ** (1.0 + progress))
+        # r: the mean features of the global batch (over the ranks under data parallelism), as one row.
+        r = steps.batch_mean(features)[None]
+        self._P = owm_update(self._P, r, 0.1 ** (1.0 + progress))
         grad.copy_(grad @ self._P.T.to(grad.dtype))
 
     def train_step(self, inputs: Sequence[Tensor], target: Tensor, epoch: Optional[int], steps: Any, *,
                    progress: Optional[float] = None) -> StepResult:
         """One forward of the encoders, then one sub-step per modality (see the class). The result's ``loss`` is the
         mean of the M unimodal losses, ``correct`` counts the test-time rule's hits on this batch's unimodal outputs
-        and ``coeffs`` are its weights (their batch mean with ``entropy="sample"``)."""
+        and ``coeffs`` are its weights (their batch mean with ``entropy="sample"``). Under ``steps.process_group``
+        the weights are the global batch's; the losses and hits are this rank's rows'."""
         if self.projection and progress is None:
             raise ValueError("progress: MLA's projection strength reads the fraction of the epoch done, expected a "
                              "float in [0, 1], got None")
@@ -127,7 +131,7 @@ class MLAMethod(Method):
         for m, h in enumerate(feats):
             z = self.shared(h)
             loss = F.cross_entropy(z, target)
-            steps.run(loss, functools.partial(self._project, h, float(progress)) if self.projection else None,
+            steps.run(loss, functools.partial(self._project, h, float(progress), steps) if self.projection else None,
                       set_to_none=m == 0 or not self.zero_fill)
             self._substeps += 1
             logits.append(z.detach())
@@ -135,9 +139,11 @@ class MLAMethod(Method):
         if self.zero_fill:  # the released loop deletes every gradient after the batch
             steps.zero_grad()
         z = torch.stack(logits)
-        w = self.weights(z)
+        # Under data parallelism the weights are the global batch's (every rank's rows), as one process computes them.
+        group = steps.process_group
+        w = global_fusion_weights(z, self.entropy, group)
         fused = fuse(z, w)
-        coeffs = w if w.dim() == 1 else w.mean(1)
+        coeffs = w if w.dim() == 1 else (steps.batch_mean(w.T) if distributed.is_active(group) else w.mean(1))
         losses = torch.stack(losses)
         self._decisions = {"weights": coeffs, "losses": losses}
         return StepResult(
