@@ -397,7 +397,7 @@ class ShapleyBase(nn.Module):
         masked = masks[:-1]
         present, absent = self._presence(masked)
         zero_input = self.mute == "input"
-        h, stacked_zero = self._encode_full(xs, absent if zero_input and self.masked_mode == "eval" else 0)
+        h, stacked_zero, stacked = self._encode_full(xs, absent if zero_input and self.masked_mode == "eval" else 0)
         full = C = None
         if not self._split_head:
             full = self._check_out(self._call_fusion(h), B, None, "fusion")
@@ -438,7 +438,7 @@ class ShapleyBase(nn.Module):
         real = [r if r is not None else h[m] for m, r in enumerate(real)]
         muted = [z if z is not None else h[m][:1] for m, z in enumerate(muted)]
         if self._split_head:
-            return self._split_evaluate(h, real, muted, masks, B)
+            return self._split_evaluate(h, real, muted, masks, B, stacked)
         if self._linear_head:
             F_masked = self._closed_form(real, muted, masked, B, C)
         else:
@@ -454,11 +454,16 @@ class ShapleyBase(nn.Module):
             F_masked = torch.cat(rows)
         return torch.cat([F_masked, full.unsqueeze(0)])
 
-    def _encode_full(self, xs: List[Tensor], zero_for: int) -> Tuple[List[Tensor], List[Optional[Tensor]]]:
+    def _encode_full(self, xs: List[Tensor], zero_for: int):
         """The full pass's features, and the muted (zero-input) features ``[1, ...]`` of the encoders in the bitmask
         ``zero_for`` that can compute them in the same call: an encoder that reuses its full pass for the masked
         subsets (it computes the same in both modes) and computes each row alone runs on its batch with one zero row
-        appended, so the zero sample costs no pass of its own, forward or backward."""
+        appended, so the zero sample costs no pass of its own, forward or backward.
+
+        Returns:
+            ``(h, zero, stacked)``: M features ``[B, ...]``, M zero-sample features ``[1, ...]`` or None, and M
+            outputs ``[B + 1, ...]`` of the stacked calls or None.
+        """
         encoders = self._parts[1]
         B = xs[0].shape[0]
         stack = [
@@ -474,6 +479,7 @@ class ShapleyBase(nn.Module):
             if not stack[m]:
                 h.append(o)
                 zero.append(None)
+                out[m] = None
                 continue
             if o.dim() == 0 or o.shape[0] != B + 1:
                 raise ValueError(
@@ -482,20 +488,26 @@ class ShapleyBase(nn.Module):
                 )
             h.append(o[:B])
             zero.append(o[B:])
-        return h, zero
+        return h, zero, out
 
     def _split_evaluate(self, h: List[Tensor], real: List[Tensor], muted: List[Tensor], masks: List[int],
-                        B: int) -> Tensor:
+                        B: int, stacked: List[Optional[Tensor]]) -> Tensor:
         """``F [S, B, C]`` through the head's split: the first layer once per modality on the full pass's features,
         the real masked features where they differ and the muted sample; the tail once for the full pass (current
         mode) and once per chunk of masked subsets (eval mode)."""
         fusion = self._parts[2]
-        # Three calls (full pass, real masked features, muted sample) rather than one on stacked rows: real features
-        # equal to the full pass's then give bitwise the same pieces, reused or recomputed.
-        P_full, bias, tail, layout = head_split(fusion, h)
         own_real = any(r is not f for r, f in zip(real, h))
-        P = head_split(fusion, real).pieces if own_real else P_full
-        Q = head_split(fusion, [z[:1] for z in muted]).pieces
+        if not own_real and all(o is not None for o in stacked):
+            # Every encoder ran its batch and its zero sample in one call: one call of the first layer on those rows.
+            pieces, bias, tail, layout = head_split(fusion, stacked)
+            P_full = P = [p[:B] for p in pieces]
+            Q = [p[B:] for p in pieces]
+        else:
+            # Three calls (full pass, real masked features, muted sample): real features equal to the full pass's
+            # then give bitwise the same pieces, reused or recomputed.
+            P_full, bias, tail, layout = head_split(fusion, h)
+            P = head_split(fusion, real).pieces if own_real else P_full
+            Q = head_split(fusion, [z[:1] for z in muted]).pieces
         masked = masks[:-1]
         z_full = full_preactivation(P_full, bias, layout)
         z_masked = subset_preactivations(P, Q, bias, layout, masked, self._selection(masked, P[0].device, P[0].dtype))
