@@ -511,6 +511,12 @@ class ShapleyBase(nn.Module):
         masked = masks[:-1]
         z_full = full_preactivation(P_full, bias, layout)
         z_masked = subset_preactivations(P, Q, bias, layout, masked, self._selection(masked, P[0].device, P[0].dtype))
+        S = len(masks)
+        if not self._fusion_roots() and (self.max_batch is None or self.max_batch >= S * B):
+            # A fusion that computes the same in both modes: its tail runs once, on every subset's rows.
+            H = z_full.shape[-1]
+            z_all = torch.cat([z_masked.reshape(-1, H), z_full.reshape(B, H)])
+            return self._check_out(tail(z_all), S * B, None, "fusion (its split head's tail)").view(S, B, -1)
         full = self._check_out(tail(z_full), B, None, "fusion (its split head's tail)")
         C = full.shape[1]
         out = []

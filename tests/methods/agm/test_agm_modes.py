@@ -342,7 +342,8 @@ def test_the_fusion_skips_the_eval_switch_only_when_it_is_mode_independent_by_co
 @pytest.mark.parametrize("head", ["concat", "mlp", "sequential"])
 def test_mode_independent_parts_give_the_eval_mode_passes_numbers(head):
     # The zero sample of a reused encoder and the masked passes of a mode-independent fusion run without the switch
-    # to eval mode: bitwise the numbers of the switched passes (mode_invariant=False and a fusion marked dependent).
+    # to eval mode (the split tail then in one call on every subset's rows): the numbers of the switched passes, to
+    # float rounding (the matrix products run over other numbers of rows).
     torch.manual_seed(0)
     M = 3
     encoders = [invariant() for _ in range(M)]
@@ -362,6 +363,6 @@ def test_mode_independent_parts_give_the_eval_mode_passes_numbers(head):
     (outs_a, grads_a), (outs_b, grads_b) = runs
     for step_a, step_b in zip(outs_a, outs_b):
         for a, b in zip(step_a, step_b):
-            assert torch.equal(a, b)
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
     for a, b in zip(grads_a, grads_b):
-        assert torch.equal(a, b)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)

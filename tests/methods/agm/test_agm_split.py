@@ -133,20 +133,31 @@ def test_split_head_with_feature_baselines(head):
             assert _rel(a, b) < 1e-8
 
 
-def test_split_head_runs_the_first_layer_never_and_the_tail_twice():
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_split_head_runs_the_first_layer_never_and_the_tail_once_or_twice(dropout):
     torch.manual_seed(0)
     M = 4
     encoders = [_encoder(0.0) for _ in range(M)]
-    fusion = agm_fast.MLPFusion([D] * M, C, hidden=16)
-    calls = {"first": [], "last": []}
-    fusion.net[0].register_forward_hook(lambda mod, a, o: calls["first"].append(a[0].shape[0]))
-    fusion.net[2].register_forward_hook(lambda mod, a, o: calls["last"].append(a[0].shape[0]))
+    fusion = nn.Sequential(nn.Linear(D * M, 16), nn.ReLU(), nn.Dropout(dropout), nn.Linear(16, C))
+    calls = {"first": [], "last": [], "modes": []}
+    fusion[0].register_forward_hook(lambda mod, a, o: calls["first"].append(a[0].shape[0]))
+    last = fusion[-1]
+
+    def record(mod, args, out):
+        calls["last"].append(args[0].shape[0])
+        calls["modes"].append(mod.training)
+
+    last.register_forward_hook(record)
     agm = agm_fast.AGM(encoders=encoders, fusion=fusion)
     xs = [torch.randn(B, D_IN) for _ in range(M)]
     agm(*xs, target=torch.randint(0, C, (B,)))
-    # The partial products use the layer's weight directly; the tail runs on the full pass, then on the 14 masked
-    # non-empty subsets stacked along the batch.
-    assert calls == {"first": [], "last": [B, (2**M - 2) * B]}
+    # The partial products use the layer's weight directly. A head that computes the same in both modes runs its tail
+    # once on all 15 subsets' rows; with dropout, on the full pass (train mode), then on the 14 masked non-empty
+    # subsets stacked along the batch (eval mode).
+    if dropout:
+        assert calls == {"first": [], "last": [B, (2**M - 2) * B], "modes": [True, False]}
+    else:
+        assert calls == {"first": [], "last": [(2**M - 1) * B], "modes": [True]}
 
 
 @pytest.mark.parametrize("head", SPLIT_HEADS)

@@ -145,8 +145,8 @@ def test_linear_head_closed_form_runs_no_subset_head_pass(head):
 
 
 def test_mode_invariant_encoders_run_once_on_the_batch_in_eval_masked_mode():
-    # Without BatchNorm or dropout the eval-mode pass equals the full pass: after the first step's check, only the
-    # zero sample runs again.
+    # Without BatchNorm or dropout the eval-mode pass equals the full pass: after the first step's check, each encoder
+    # runs once, on its batch with the zero sample appended.
     M, B = 3, 5
     xs, y = make_batch(M, B=B)
     model = make_model(M, "mlp", bn=False, dropout=0.0)
@@ -154,7 +154,7 @@ def test_mode_invariant_encoders_run_once_on_the_batch_in_eval_masked_mode():
     agm(*xs, target=y)
     enc_calls = [_count_calls(e) for e in model.encoders]
     agm(*xs, target=y)
-    assert enc_calls == [[B, 1]] * M
+    assert enc_calls == [[B + 1]] * M
 
 
 def test_masked_mode_train_equals_eval_without_mode_dependent_layers():
