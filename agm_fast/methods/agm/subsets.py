@@ -509,14 +509,21 @@ class ShapleyBase(nn.Module):
             P = head_split(fusion, real).pieces if own_real else P_full
             Q = head_split(fusion, [z[:1] for z in muted]).pieces
         masked = masks[:-1]
-        z_full = full_preactivation(P_full, bias, layout)
-        z_masked = subset_preactivations(P, Q, bias, layout, masked, self._selection(masked, P[0].device, P[0].dtype))
         S = len(masks)
         if not self._fusion_roots() and (self.max_batch is None or self.max_batch >= S * B):
-            # A fusion that computes the same in both modes: its tail runs once, on every subset's rows.
-            H = z_full.shape[-1]
-            z_all = torch.cat([z_masked.reshape(-1, H), z_full.reshape(B, H)])
-            return self._check_out(tail(z_all), S * B, None, "fusion (its split head's tail)").view(S, B, -1)
+            # A fusion that computes the same in both modes: every subset's pre-activation in one table (the full
+            # set's too, from the same pieces when the masked features are the full pass's), its tail once on all rows.
+            if P_full is P:
+                z_all = subset_preactivations(P, Q, bias, layout, masks, self._selection(masks, P[0].device,
+                                                                                         P[0].dtype))
+            else:
+                z_masked = subset_preactivations(P, Q, bias, layout, masked, self._selection(masked, P[0].device,
+                                                                                             P[0].dtype))
+                z_all = torch.cat([z_masked, full_preactivation(P_full, bias, layout).unsqueeze(0)])
+            out = tail(z_all.reshape(S * B, z_all.shape[-1]))
+            return self._check_out(out, S * B, None, "fusion (its split head's tail)").view(S, B, -1)
+        z_full = full_preactivation(P_full, bias, layout)
+        z_masked = subset_preactivations(P, Q, bias, layout, masked, self._selection(masked, P[0].device, P[0].dtype))
         full = self._check_out(tail(z_full), B, None, "fusion (its split head's tail)")
         C = full.shape[1]
         out = []
