@@ -25,7 +25,7 @@ try:
 except ImportError:  # pragma: no cover - no distributed build
     FSDPModule = None
 
-__all__ = ["is_sharded", "shard_start", "local_shards", "gathered", "full", "first_parameter"]
+__all__ = ["is_sharded", "shard_start", "local_shards", "gathered", "reshard", "full", "first_parameter"]
 
 
 def is_sharded(t) -> bool:
@@ -123,6 +123,18 @@ def gathered(module: nn.Module, name: str = "fusion") -> Iterator[nn.Module]:
     finally:
         for u in was_sharded:
             u.reshard()
+
+
+def reshard(module: nn.Module) -> None:
+    """Reshard every ``fully_shard`` unit inside ``module`` (a no-op on units already sharded and on plain modules).
+
+    A root unit stays unsharded after a forward without gradients (no backward comes to reshard it), with its module
+    holding whole copies of the parameters: the sharded parameters are then not what ``module.parameters()`` gives,
+    and a change to them is not seen by the next forward, which finds the unit already gathered. A pass under
+    ``torch.no_grad`` calls this after it.
+    """
+    for unit in _units(module):
+        unit.reshard()
 
 
 def full(t: Tensor) -> Tensor:

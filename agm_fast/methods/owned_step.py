@@ -13,9 +13,11 @@ from __future__ import annotations
 
 from typing import Any, Callable, List, Optional, Sequence
 
+import torch
+import torch.distributed as dist
 from torch import Tensor
 
-from .. import distributed
+from .. import distributed, sharding
 
 __all__ = ["SubSteps", "check_trainer", "release", "run"]
 
@@ -33,7 +35,8 @@ class SubSteps:
             clipping), or None.
         process_group: data parallelism without DDP's hooks (the plain loop on ranks that each hold the model): each
             sub-step's gradients are averaged over this group (None: no averaging unless ``torch.distributed`` is
-            initialised, then the default group).
+            initialised, then the default group). Under FSDP2 (a parameter the optimizer steps is sharded) the group
+            is the mesh's, and only the gradients FSDP does not reduce (the unsharded parameters) are averaged.
 
     Attributes:
         steps: the optimizer steps taken so far.
@@ -70,15 +73,48 @@ class SubSteps:
         weight decay only)."""
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
+    def _mesh_group(self) -> Any:
+        for p in self.parameters():
+            if sharding.is_sharded(p):
+                sharding.shard_start(p, "parameters")  # checks the layout: Shard(0) over a 1-D mesh
+                return p.device_mesh.get_group()
+        return None
+
+    @property
+    def group(self) -> Any:
+        """The data-parallel group of the sub-steps: the mesh's group when a parameter the optimizer steps is sharded
+        by FSDP2, else ``process_group`` (the default group for None) when it has more than one rank, else None."""
+        group = self._mesh_group()
+        if group is not None and distributed.is_active(group):
+            return group
+        if not distributed.is_active(self.process_group):
+            return None
+        return dist.group.WORLD if self.process_group is None else self.process_group
+
+    def share(self, rows: int, device: Any) -> Optional[Tensor]:
+        """This rank's share of the global batch, ``W n_r / N`` (``[]`` float32 on ``device``, one all-reduce of one
+        number), or None without data parallelism. A method multiplies each sub-step's loss (a mean over this rank's
+        ``rows``) by it, so that the gradients averaged over the ranks are the global batch mean's, for unequal local
+        batches too (equal ones: exactly 1)."""
+        group = self.group
+        if group is None:
+            return None
+        n = torch.full((), float(rows), dtype=torch.float32, device=device)
+        total = distributed.all_reduce_sum(n, group, async_op=False).wait()
+        return n * dist.get_world_size(group) / total
+
     def backward(self, loss: Tensor) -> None:
-        """Back-propagate ``loss``; under data parallelism, average the gradients over the ranks."""
+        """Back-propagate ``loss``; under data parallelism, average the gradients over the ranks (under FSDP2 those of
+        the parameters it does not shard, e.g. a method's own head: FSDP reduced the others)."""
         if self._backward is None:
             loss.backward()
         else:
             self._backward(loss)
-        if distributed.is_active(self.process_group):
-            distributed.mean_over_ranks_([p.grad for p in self.parameters() if p.grad is not None],
-                                         self.process_group)
+        group = self.group
+        if group is None:
+            return
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        distributed.mean_over_ranks_([g for g in grads if not sharding.is_sharded(g)], group)
 
     def step(self) -> None:
         """Clip (when the trainer clips) and take one optimizer step."""

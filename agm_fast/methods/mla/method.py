@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ... import distributed, sharding
 from ...fusion import output_layer
 from ..base import Method, StepResult
 from ..hparams import declare
@@ -101,14 +102,23 @@ class MLAMethod(Method):
         logits = self.unimodal_logits(self.encode(inputs))
         return fuse(logits, self.weights(logits))
 
-    def _project(self, features: Tensor, progress: float) -> None:
+    def _project(self, features: Tensor, progress: float, group: Any = None) -> None:
         grad = self.shared.weight.grad
         if self._substeps == 0 or grad is None:  # the first sub-step of the run keeps its gradient
             return
+        if sharding.is_sharded(grad):
+            sharding.shard_start(grad, "shared.weight.grad")  # rows (classes) sharded: G P^T acts row by row
+            grad = grad.to_local()
         if self._P is None or self._P.device != grad.device:
             d = grad.shape[1]
             self._P = torch.eye(d, dtype=torch.float32, device=grad.device) if self._P is None else self._P.to(
                 grad.device)
+        if group is not None:
+            # r is the mean of the global batch's features: their sums and counts over the ranks (one all-reduce).
+            h = features.detach().reshape(features.shape[0], -1).float()
+            n = torch.full((1,), float(h.shape[0]), dtype=h.dtype, device=h.device)
+            total = distributed.all_reduce_sum(torch.cat([h.sum(0), n]), group, async_op=False).wait()
+            features = (total[:-1] / total[-1])[None]
         self._P = owm_update(self._P, features, 0.1 ** (1.0 + progress))
         grad.copy_(grad @ self._P.T.to(grad.dtype))
 
@@ -124,11 +134,13 @@ class MLAMethod(Method):
         if self._default_head:
             feats = [self.check_shared_width(m, h) for m, h in enumerate(feats)]
         logits, losses = [], []
+        # Under data parallelism each loss is scaled by this rank's share of the global batch (SubSteps.share).
+        share, group = steps.share(target.shape[0], target.device), steps.group
         for m, h in enumerate(feats):
             z = self.shared(h)
             loss = F.cross_entropy(z, target)
-            steps.run(loss, functools.partial(self._project, h, float(progress)) if self.projection else None,
-                      set_to_none=m == 0 or not self.zero_fill)
+            project = functools.partial(self._project, h, float(progress), group) if self.projection else None
+            steps.run(loss if share is None else loss * share, project, set_to_none=m == 0 or not self.zero_fill)
             self._substeps += 1
             logits.append(z.detach())
             losses.append(loss.detach())
@@ -166,7 +178,15 @@ class MLAMethod(Method):
         return [{"params": [p for p in self.shared.parameters() if p.requires_grad]}]
 
     def method_state(self) -> Dict[str, Any]:
-        return {"head": self.shared.state_dict(), "projection": self._P, "substeps": self._substeps}
+        """The head's weights, the projection and the sub-step count. With ``projection``, the projection is the
+        identity it starts from until the first projected step (once the head's input size is known), so that the
+        structure never changes (a sharded checkpoint loads into a fresh method's state in place)."""
+        P = self._P
+        weight = getattr(self.shared, "weight", None)
+        if P is None and self.projection and isinstance(weight, Tensor) and not isinstance(
+                weight, nn.parameter.UninitializedParameter):
+            P = torch.eye(weight.shape[1], dtype=torch.float32, device=weight.device)
+        return {"head": self.shared.state_dict(), "projection": P, "substeps": self._substeps}
 
     def load_method_state(self, state: Mapping[str, Any]) -> None:
         self.shared.load_state_dict(state["head"])
