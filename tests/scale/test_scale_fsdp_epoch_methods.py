@@ -72,12 +72,15 @@ def _shard_passes(rank, world, sharded):
     return train[rank * 2 : rank * 2 + 2], val[rank : rank + 1]
 
 
-def _build(case, mesh, group):
+def _build(case, mesh, group, shift=0.0):
     encoders, fusion = _models()
     if mesh is not None:
         for enc in encoders:
             fully_shard(enc, mesh=mesh)
         fully_shard(fusion, mesh=mesh)
+    with torch.no_grad():
+        for p in [p for m in [*encoders, fusion] for p in m.parameters()]:
+            p.add_(shift)  # a fresh process's model before its checkpoint is loaded (Re-learning's theta_0 too)
     name = _method_name(case)
     kwargs = dict(CASES[case])
     if name in GROUPED:
@@ -233,10 +236,10 @@ def _check_checkpoint(rank: int, world: int) -> None:
         want = _train(case, mesh, None, rank, batches, start=half, built=built)
         want_state = _state(built[0])
 
-        built = _build(case, mesh, None)
+        built = _build(case, mesh, None, shift=1.0)
         with torch.no_grad():
-            for p in built[3]:
-                p.add_(1.0)
+            for p in built[0].param_groups(0.1)[0]["params"] if built[0].param_groups(0.1) else []:
+                p.add_(1.0)  # the method's own parameters moved too
         model, optimizer, state = state_of(built)
         # A fresh optimizer's state dict has momentum for every parameter; the saved one lacks those no sub-step has
         # reached yet (MLA's unused fusion head, ReconBoost's modality 1 before its stage): they stay zero, which SGD
