@@ -25,7 +25,8 @@ try:
 except ImportError:  # pragma: no cover - no distributed build
     FSDPModule = None
 
-__all__ = ["is_sharded", "shard_start", "local_shards", "gathered", "reshard", "full", "first_parameter"]
+__all__ = ["is_sharded", "is_sharded_on_rows", "shard_start", "local_shards", "gathered", "reshard", "full",
+           "first_parameter"]
 
 
 def is_sharded(t) -> bool:
@@ -54,6 +55,12 @@ def shard_start(t: Tensor, name: str = "tensor") -> int:
     chunk = -(-n0 // world)
     row0 = min(rank * chunk, n0)
     return row0 * (t.numel() // n0) if n0 else 0
+
+
+def is_sharded_on_rows(t) -> bool:
+    """Whether ``t`` is a ``DTensor`` in FSDP2's default layout (``Shard(0)`` over a 1-D mesh): each rank holds whole
+    rows."""
+    return is_sharded(t) and t.device_mesh.ndim == 1 and tuple(t.placements) == (Shard(0),)
 
 
 def local_shards(tensors: Sequence[Tensor], name: str = "grads") -> Tuple[List[Tensor], List[int], object]:

@@ -31,19 +31,25 @@ CASES = {
     "joint": {},
     # prototype passes over all the pass data: one at the start of epoch 0, one at the end of each epoch
     "pmr": {"alpha": 1.5, "proto_fraction": 1.0, "proto_momentum": 0.3},
+    "pmr:paper": {"alpha": 1.5, "proto_fraction": 1.0, "ratio_strength": True, "first_epoch_ema": True},
     # a diagnosis and soft re-initialisation at the end of epochs 1 and 2
     "relearning": {"reinit_epoch": 1, "move_lambda": 5.0, "kmeans_restarts": 2, "kmeans_iters": 20},
     "mla": {},
-    "mla_projection": {"projection": True},
+    "mla:options": {"projection": True, "zero_fill": True, "entropy": "sample"},
+    "mla:sharded_head": {"projection": True},
     # epoch 0 boosts modality 0, epoch 1 rectifies it, epoch 2 boosts modality 1 (with the gradient-assist term)
     "reconboost": {"epochs_per_stage": 1, "correct_epochs": 1},
+    "reconboost:ga_gradient": {"epochs_per_stage": 1, "correct_epochs": 1, "ga_gradient": True},
+    "reconboost:sharded_head": {"epochs_per_stage": 1, "correct_epochs": 1},
 }
+# Cases whose shared head is sharded too (fully_shard on the method's head, after the method is built).
+SHARDED_HEAD = ("mla:sharded_head", "reconboost:sharded_head")
 GROUPED = ("pmr", "relearning")
 UNEQUAL = (5, 7)
 
 
 def _method_name(case: str) -> str:
-    return case.split("_")[0] if case.startswith("mla") else case
+    return case.split(":")[0]
 
 
 def _batches():
@@ -86,6 +92,8 @@ def _build(case, mesh, group, shift=0.0):
     if name in GROUPED:
         kwargs["process_group"] = group
     method = methods.create(name, encoders, fusion, seed=3, **kwargs)
+    if mesh is not None and case in SHARDED_HEAD:
+        fully_shard(method.shared, mesh=mesh)
     params = [p for m in [*encoders, fusion] for p in m.parameters()]
     extra = [p for g in method.param_groups(0.1) for p in g["params"]]
     optimizer = torch.optim.SGD(params + extra, lr=0.1, momentum=0.9)
@@ -190,10 +198,6 @@ def _check_equal(rank: int, world: int) -> None:
             assert moved > 1e-4, f"{case}: the parameters equal joint training's; the method did nothing"
 
 
-def test_epoch_and_owned_step_methods_under_fsdp2_equal_one_process_on_the_global_batch():
-    _spawn(_check_equal, timeout=240.0)
-
-
 def _check_unequal(rank: int, world: int) -> None:
     mesh = init_device_mesh("cpu", (world,))
     own = [dist.new_group([r]) for r in range(world)][rank]
@@ -203,11 +207,35 @@ def _check_unequal(rank: int, world: int) -> None:
             continue
         want = _train(case, None, own, rank, batches, sizes=UNEQUAL, weighted=True)
         got = _train(case, mesh, None, rank, batches, sizes=UNEQUAL, weighted=True)
-        _compare(case, got, want)
+        _compare(f"{case} (local batches {UNEQUAL})", got, want)
 
 
-def test_unequal_local_batches_under_fsdp2_equal_one_process():
-    _spawn(_check_unequal, timeout=240.0)
+def _check_refusal(rank: int, world: int) -> None:
+    # MLA's projection mixes the columns of each row of the head's weight gradient: a head sharded by columns is
+    # refused at the first step, before any sub-step changes a parameter.
+    from torch.distributed.tensor import Shard
+
+    mesh = init_device_mesh("cpu", (world,))
+    method, encoders, fusion, params, steps = _build("mla:options", mesh, None)
+    fully_shard(method.shared, mesh=mesh, shard_placement_fn=lambda p: Shard(1) if p.dim() == 2 else None)
+    steps = SubSteps(torch.optim.SGD([*params[:-2], *method.shared.parameters()], lr=0.1))
+    before = _whole(steps.parameters())
+    xs, y = _batches()[0]
+    with pytest.raises(ValueError, match=r"^projection: expected the shared head's weight whole or sharded by rows .*"
+                                         r"got placements \(Shard\(dim=1\),\)"):
+        methods.training_step(method, [x[:B] for x in xs], y[:B], 0, steps, progress=0.0)
+    _compare("mla:options (refused)", [_whole(steps.parameters())], [before], exact=True)
+
+
+def _check_equal_and_unequal(rank: int, world: int) -> None:
+    _check_equal(rank, world)
+    _check_unequal(rank, world)
+    _check_refusal(rank, world)
+
+
+def test_under_fsdp2_equal_one_process_on_the_global_batch_with_equal_and_unequal_local_batches():
+    # One spawn for both (the spawn costs more than the training): equal halves of 2B, then 5 / 7 rows.
+    _spawn(_check_equal_and_unequal, timeout=240.0)
 
 
 def _check_checkpoint(rank: int, world: int) -> None:

@@ -106,8 +106,7 @@ class MLAMethod(Method):
         grad = self.shared.weight.grad
         if self._substeps == 0 or grad is None:  # the first sub-step of the run keeps its gradient
             return
-        if sharding.is_sharded(grad):
-            sharding.shard_start(grad, "shared.weight.grad")  # rows (classes) sharded: G P^T acts row by row
+        if sharding.is_sharded(grad):  # rows (classes) sharded (checked at the step's start): G P^T acts row by row
             grad = grad.to_local()
         if self._P is None or self._P.device != grad.device:
             d = grad.shape[1]
@@ -130,6 +129,13 @@ class MLAMethod(Method):
         if self.projection and progress is None:
             raise ValueError("progress: MLA's projection strength reads the fraction of the epoch done, expected a "
                              "float in [0, 1], got None")
+        weight = getattr(self.shared, "weight", None)
+        if self.projection and sharding.is_sharded(weight) and not sharding.is_sharded_on_rows(weight):
+            # G P^T mixes a row's columns: a shard of whole rows projects alone, any other layout would need the
+            # whole gradient.
+            raise ValueError(f"projection: expected the shared head's weight whole or sharded by rows (fully_shard's "
+                             f"Shard(0) over a 1-D mesh), since the projection needs whole rows of its gradient, got "
+                             f"placements {tuple(weight.placements)}")
         feats = self.encode(inputs)
         if self._default_head:
             feats = [self.check_shared_width(m, h) for m, h in enumerate(feats)]
