@@ -85,8 +85,14 @@ class SubSteps:
         """The data-parallel group of the sub-steps: the mesh's group when a parameter the optimizer steps is sharded
         by FSDP2, else ``process_group`` (the default group for None) when it has more than one rank, else None."""
         group = self._mesh_group()
-        if group is not None and distributed.is_active(group):
-            return group
+        if group is not None:
+            if self.process_group is not None and not _same_ranks(self.process_group, group):
+                raise ValueError(
+                    "process_group: expected None or the group the parameters are sharded over (FSDP2 reduces their "
+                    f"gradients over its mesh), got a group of ranks {dist.get_process_group_ranks(self.process_group)}"
+                    f" for a mesh of ranks {dist.get_process_group_ranks(group)}"
+                )
+            return group if distributed.is_active(group) else None
         if not distributed.is_active(self.process_group):
             return None
         return dist.group.WORLD if self.process_group is None else self.process_group
@@ -145,6 +151,10 @@ class SubSteps:
         if before_step is not None:
             before_step()
         self.step()
+
+
+def _same_ranks(a: Any, b: Any) -> bool:
+    return a is b or dist.get_process_group_ranks(a) == dist.get_process_group_ranks(b)
 
 
 def run(method, inputs: Sequence[Tensor], target: Tensor, epoch: Optional[int], optimizer: Any, *,

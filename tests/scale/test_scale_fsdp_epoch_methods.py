@@ -228,6 +228,14 @@ def _check_refusal(rank: int, world: int) -> None:
         methods.training_step(method, [x[:B] for x in xs], y[:B], 0, steps, progress=0.0)
     _compare("mla:options (refused)", [_whole(steps.parameters())], [before], exact=True)
 
+    # Sub-steps told to average over another group than the mesh's: refused (FSDP2 reduces over its mesh).
+    own = [dist.new_group([r]) for r in range(world)][rank]
+    method, encoders, fusion, params, steps = _build("reconboost", mesh, None)
+    steps = SubSteps(steps.optimizer, process_group=own)
+    with pytest.raises(ValueError, match=r"^process_group: expected None or the group the parameters are sharded "
+                                         rf"over .*got a group of ranks \[{rank}\] for a mesh of ranks \[0, 1\]"):
+        methods.training_step(method, [x[:B] for x in xs], y[:B], 0, steps)
+
 
 def _check_checkpoint(rank: int, world: int) -> None:
     import torch.distributed.checkpoint as dcp
