@@ -49,6 +49,10 @@ SHARDED_HEAD = ("mla:sharded_head", "reconboost:sharded_head")
 UNEQUAL_CASES = ("pmr", "relearning", "mla:options", "mla:sharded_head", "reconboost", "reconboost:sharded_head")
 CHECKPOINT_CASES = ("pmr", "relearning", "mla:options", "mla:sharded_head", "reconboost")
 GROUPED = ("pmr", "relearning")
+# The decisions compared step by step: those that are global-batch statistics (PMR's proto_loss and ReconBoost's
+# ga_loss are each rank's batch's).
+DECIDED = {"pmr": ("scores", "ratios", "strength"), "relearning": ("train_purity", "val_purity", "weight"),
+           "mla": ("weights", "losses"), "reconboost": ("boost_rate",)}
 UNEQUAL = (5, 7)
 
 
@@ -113,8 +117,9 @@ def _rows(rank, sharded, n, sizes):
     return slice(start, start + sizes[rank])
 
 
-def _train(case, mesh, group, rank, batches, start=0, built=None, sizes=(B, B), weighted=False):
-    """Steps ``start..`` with the epoch passes at each epoch's start and end; the parameters after each step."""
+def _train(case, mesh, group, rank, batches, start=0, built=None, sizes=(B, B), weighted=False, decided=None):
+    """Steps ``start..`` with the epoch passes at each epoch's start and end; the parameters after each step (and in
+    ``decided`` the decisions of :data:`DECIDED`)."""
     method, encoders, fusion, params, steps = built or _build(case, mesh, group)
     sharded = mesh is not None
     train, val = _shard_passes(rank, len(sizes), sharded)
@@ -139,6 +144,9 @@ def _train(case, mesh, group, rank, batches, start=0, built=None, sizes=(B, B), 
         if within == STEPS_PER_EPOCH - 1:
             methods.run_epoch_passes(method, epoch, "end", train, val, process_group=group)
         history.append(_whole(params))
+        if decided is not None:
+            now = method.decisions()
+            decided.append({k: now[k].clone() for k in DECIDED.get(_method_name(case), ()) if k in now})
     return history
 
 
@@ -171,6 +179,14 @@ def _compare(case, got, want, exact=False):
                 torch.testing.assert_close(a, b, msg=lambda m: f"{case}, step {step}, parameter {i}: {m}")
 
 
+def _compare_decisions(case, got, want):
+    assert len(got) == len(want) and (any(want) or _method_name(case) not in DECIDED), case
+    for step, (g, w) in enumerate(zip(got, want)):
+        assert g.keys() == w.keys(), f"{case}, step {step}: decisions {sorted(g)} vs {sorted(w)}"
+        for key in g:
+            torch.testing.assert_close(g[key], w[key], msg=lambda m: f"{case}, step {step}, decision {key}: {m}")
+
+
 def _acted(case, method):
     # What shows that the epoch pass acted (the test would mean nothing otherwise).
     name = _method_name(case)
@@ -186,13 +202,14 @@ def _check_equal(rank: int, world: int) -> None:
     batches = _batches()
     joint = _train("joint", None, own, rank, batches)
     for case in CASES:
-        built = _build(case, None, own)
-        want = _train(case, None, own, rank, batches, built=built)
+        built, decided, single = _build(case, None, own), [], []
+        want = _train(case, None, own, rank, batches, built=built, decided=single)
         _acted(case, built[0])
         solo = _state(built[0])
         built = _build(case, mesh, None)
-        got = _train(case, mesh, None, rank, batches, built=built)
+        got = _train(case, mesh, None, rank, batches, built=built, decided=decided)
         _compare(case, got, want)
+        _compare_decisions(case, decided, single)
         tensors, other = _state(built[0])
         assert other == solo[1], case
         for a, b in zip(tensors, solo[0]):
@@ -207,9 +224,11 @@ def _check_unequal(rank: int, world: int) -> None:
     own = [dist.new_group([r]) for r in range(world)][rank]
     batches = _batches()
     for case in UNEQUAL_CASES:
-        want = _train(case, None, own, rank, batches, sizes=UNEQUAL, weighted=True)
-        got = _train(case, mesh, None, rank, batches, sizes=UNEQUAL, weighted=True)
+        decided, single = [], []
+        want = _train(case, None, own, rank, batches, sizes=UNEQUAL, weighted=True, decided=single)
+        got = _train(case, mesh, None, rank, batches, sizes=UNEQUAL, weighted=True, decided=decided)
         _compare(f"{case} (local batches {UNEQUAL})", got, want)
+        _compare_decisions(f"{case} (local batches {UNEQUAL})", decided, single)
 
 
 def _check_refusal(rank: int, world: int) -> None:

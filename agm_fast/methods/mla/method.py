@@ -6,6 +6,7 @@ import functools
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -153,10 +154,13 @@ class MLAMethod(Method):
         if self.zero_fill:  # the released loop deletes every gradient after the batch
             steps.zero_grad()
         z = torch.stack(logits)
-        w = self.weights(z)
-        fused = fuse(z, w)
-        coeffs = w if w.dim() == 1 else w.mean(1)
         losses = torch.stack(losses)
+        if group is None:
+            w = self.weights(z)
+            coeffs = w if w.dim() == 1 else w.mean(1)
+        else:
+            w, coeffs, losses = self._global_report(z, losses, share / dist.get_world_size(group), group)
+        fused = fuse(z, w)
         self._decisions = {"weights": coeffs, "losses": losses}
         return StepResult(
             losses.mean(),
@@ -165,9 +169,37 @@ class MLAMethod(Method):
             coeffs.to(torch.float32),
         )
 
+    def _global_report(self, z: Tensor, losses: Tensor, frac: Tensor, group: Any):
+        """The step's report over the global batch, from this rank's unimodal outputs ``z [M, B, C]``, losses and
+        share ``frac = n_r / N``: the weights (``"batch"``: from the entropies of the softmax over the global batch
+        axis; ``"sample"``: this rank's rows' own), their global batch mean and the global losses. One all-reduce
+        (and one of the ``[M, C]`` maxima with ``"batch"``)."""
+        zf = z.float()
+        M, C = zf.shape[0], zf.shape[2]
+        if self.entropy == "batch":
+            top = zf.amax(1)
+            dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
+            e = (zf - top[:, None]).exp()
+            local = torch.cat([e.sum(1), (e * zf).sum(1)], 1).reshape(-1)  # per (m, c): sum_b e, sum_b e z
+        else:
+            w = self.weights(zf)
+            local = w.mean(1) * frac
+        packed = torch.cat([losses.float() * frac, local])
+        total = distributed.all_reduce_sum(packed, group, async_op=False).wait()
+        losses, rest = total[:M].to(losses.dtype), total[M:]
+        if self.entropy == "sample":
+            return w, rest, losses
+        sums = rest.view(M, 2 * C)
+        mass, moment = sums[:, :C], sums[:, C:]
+        # Entropy of p_bc = exp(z_bc - L_c), L_c = top_c + log(mass_c): -sum_c (moment_c / mass_c - L_c).
+        ent = -(moment / mass - top - mass.log()).sum(1)
+        w = torch.softmax(-ent, dim=0)
+        return w, w, losses
+
     def decisions(self) -> Dict[str, Tensor]:
         """``weights``: ``[M]`` the test-time rule's weights on the last batch's unimodal outputs (their batch mean
-        with ``entropy="sample"``); ``losses``: ``[M]`` the unimodal cross-entropies of the last step's sub-steps."""
+        with ``entropy="sample"``); ``losses``: ``[M]`` the unimodal cross-entropies of the last step's sub-steps.
+        Under data parallelism both are the global batch's."""
         return dict(self._decisions)
 
     def modules(self) -> List[nn.Module]:
