@@ -4,8 +4,9 @@ ReconBoost), over 2 gloo ranks on CPU spawned by the test.
 As in test_scale_fsdp.py, each rank trains on its half of a batch of 2B with every encoder and the fusion head
 sharded, and the parameters after every step (epoch passes included: PMR's prototypes, Re-learning's diagnosis and
 soft re-initialisation of the sharded encoders) must equal those of one process training the unsharded model on the
-whole batch, with the passes over all the data. Then unequal local batches (5 / 7 rows), and a sharded DCP checkpoint
-taken mid-epoch that resumes exactly (parameters and method state).
+whole batch, with the passes over all the data, and so must the method state and the global decisions. Then unequal
+local batches (5 / 7 rows), the refused combinations, and a sharded DCP checkpoint taken mid-epoch that resumes
+exactly (parameters and method state). One spawn runs every check: starting the two ranks costs more than training.
 """
 
 from __future__ import annotations
