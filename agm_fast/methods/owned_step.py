@@ -76,7 +76,9 @@ class SubSteps:
     def _mesh_group(self) -> Any:
         for p in self.parameters():
             if sharding.is_sharded(p):
-                sharding.shard_start(p, "parameters")  # checks the layout: Shard(0) over a 1-D mesh
+                if p.device_mesh.ndim != 1:
+                    raise ValueError(f"parameters: expected parameters sharded over a 1-D mesh (fully_shard's), got a "
+                                     f"{p.device_mesh.ndim}-D mesh")
                 return p.device_mesh.get_group()
         return None
 
