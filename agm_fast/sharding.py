@@ -25,7 +25,8 @@ try:
 except ImportError:  # pragma: no cover - no distributed build
     FSDPModule = None
 
-__all__ = ["is_sharded", "shard_start", "local_shards", "gathered", "full", "first_parameter"]
+__all__ = ["is_sharded", "is_sharded_on_rows", "shard_start", "local_shards", "gathered", "reshard", "full",
+           "first_parameter"]
 
 
 def is_sharded(t) -> bool:
@@ -54,6 +55,12 @@ def shard_start(t: Tensor, name: str = "tensor") -> int:
     chunk = -(-n0 // world)
     row0 = min(rank * chunk, n0)
     return row0 * (t.numel() // n0) if n0 else 0
+
+
+def is_sharded_on_rows(t) -> bool:
+    """Whether ``t`` is a ``DTensor`` in FSDP2's default layout (``Shard(0)`` over a 1-D mesh): each rank holds whole
+    rows."""
+    return is_sharded(t) and t.device_mesh.ndim == 1 and tuple(t.placements) == (Shard(0),)
 
 
 def local_shards(tensors: Sequence[Tensor], name: str = "grads") -> Tuple[List[Tensor], List[int], object]:
@@ -123,6 +130,18 @@ def gathered(module: nn.Module, name: str = "fusion") -> Iterator[nn.Module]:
     finally:
         for u in was_sharded:
             u.reshard()
+
+
+def reshard(module: nn.Module) -> None:
+    """Reshard every ``fully_shard`` unit inside ``module`` (a no-op on units already sharded and on plain modules).
+
+    A root unit stays unsharded after a forward without gradients (no backward comes to reshard it), with its module
+    holding whole copies of the parameters: the sharded parameters are then not what ``module.parameters()`` gives,
+    and a change to them is not seen by the next forward, which finds the unit already gathered. A pass under
+    ``torch.no_grad`` calls this after it.
+    """
+    for unit in _units(module):
+        unit.reshard()
 
 
 def full(t: Tensor) -> Tensor:

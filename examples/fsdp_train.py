@@ -13,7 +13,9 @@ The recipe (docs/training-at-scale.md, "FSDP"):
 2. build the method after sharding (it selects the sharded parameters), with the default process group;
 3. call ``agm_fast.methods.training_step`` as on one process: between ``backward()`` (FSDP has reduce-scattered the
    gradients) and ``optimizer.step()`` the method modulates the local gradient shards;
-4. save and load the model, the optimizer and ``method.state_dict()`` together with ``torch.distributed.checkpoint``.
+4. save and load the model, the optimizer and ``method.state_dict()`` together with ``torch.distributed.checkpoint``;
+5. run the epoch passes a method asks for (PMR's prototypes, Re-learning's diagnosis) on this rank's shards of the
+   training and validation data, at every epoch's start and end (``agm_fast.methods.run_epoch_passes``).
 
 Every rank's batch must have the same size (the DistributedSampler below drops the last uneven batch), as OPM's
 per-sample decisions are drawn for the global batch. ``--batch-size`` is the global batch.
@@ -144,7 +146,10 @@ def train(args: argparse.Namespace, device: torch.device, latest) -> None:
     if args.resume:
         model_sd, optim_sd = get_state_dict(holder, optimizer)
         state = {"model": model_sd, "optim": optim_sd, "method": method.state_dict(), "epoch": 0}
-        dcp.load(state, checkpoint_id=latest)
+        # A fresh optimizer's state dict has momentum for every parameter; a saved one lacks the parameters that had no
+        # gradient yet (MLA's and ReconBoost's unused fusion head, ReconBoost's later modalities): those stay zero,
+        # which SGD steps as it steps a missing buffer.
+        dcp.load(state, checkpoint_id=latest, planner=dcp.DefaultLoadPlanner(allow_partial_load=True))
         set_state_dict(holder, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         method.load_state_dict(state["method"])
         start_epoch = int(state["epoch"])
@@ -157,17 +162,22 @@ def train(args: argparse.Namespace, device: torch.device, latest) -> None:
     if rank == 0:
         print(f"world {world} ({dist.get_backend()}, {device}), method {args.method}, {len(loader)} steps per epoch",
               flush=True)
+    val_set = TensorDataset(*val.xs, val.y)
+    val_loader = DataLoader(val_set, batch_size=args.batch_size // world,
+                            sampler=DistributedSampler(val_set, num_replicas=world, rank=rank, shuffle=False))
     for epoch in range(start_epoch, args.epochs):
         sampler.set_epoch(epoch)
+        methods.run_epoch_passes(method, epoch, "start", loader, val_loader, device=device)
         model.train()
         loss_sum = torch.zeros((), device=device)
         for *xs, y in loader:
             res = methods.training_step(method, [x.to(device) for x in xs], y.to(device), epoch, optimizer)
             loss_sum += res.loss
         average_buffers(model, world)
-        acc, per_view = evaluate(model, val.xs, val.y, device)
+        acc, per_view = evaluate(model, method, val.xs, val.y, device)
         if method.needs_epoch_metrics:
             method.end_epoch(epoch, {"modality_accuracy": per_view, "modality_loss": [1.0 - a for a in per_view]})
+        methods.run_epoch_passes(method, epoch, "end", loader, val_loader, device=device)
         if args.checkpoint:
             # A new folder per epoch: an interrupted save never damages the checkpoint before it.
             model_sd, optim_sd = get_state_dict(holder, optimizer)
@@ -181,18 +191,23 @@ def train(args: argparse.Namespace, device: torch.device, latest) -> None:
 
 
 @torch.no_grad()
-def evaluate(model: MultiViewModel, xs, y, device):
-    """Validation accuracy of the fused model and of each view alone (the others zeroed), the same on every rank:
-    every rank runs the whole (small) validation set, as FSDP needs every rank in each forward."""
+def evaluate(model: MultiViewModel, method: methods.Method, xs, y, device):
+    """Validation accuracy of the method's prediction (the fusion head, or the method's own rule: MLA, ReconBoost) and
+    of each view alone through the fusion head (the others zeroed), the same on every rank: every rank runs the whole
+    (small) validation set, as FSDP needs every rank in each forward."""
     model.eval()
+    for module in method.modules():
+        module.eval()
     xs, y = [x.to(device) for x in xs], y.to(device)
     feats = [enc(x) for enc, x in zip(model.encoders, xs)]
-    acc = (model.fusion(*feats).argmax(-1) == y).double().mean().item()
+    acc = (method.predict(xs).argmax(-1) == y).double().mean().item()
     per_view = []
     for m in range(len(feats)):
         muted = [h if j == m else torch.zeros_like(h) for j, h in enumerate(feats)]
         per_view.append((model.fusion(*muted).argmax(-1) == y).double().mean().item())
     model.train()
+    for module in method.modules():
+        module.train()
     return acc, per_view
 
 

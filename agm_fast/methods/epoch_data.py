@@ -20,7 +20,7 @@ from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Tu
 import torch
 from torch import Tensor
 
-from .. import distributed
+from .. import distributed, sharding
 from ..validation import split_batch
 
 __all__ = ["EpochPass", "PassBatch", "PassReport", "SPLITS", "WHEN", "run_epoch_passes", "split_pass_batch"]
@@ -181,6 +181,9 @@ def _one_pass(method, request: EpochPass, loader: Iterable, epoch: int, device, 
     finally:
         for module, mode in zip(modules, modes):
             module.train(mode)
+            # FSDP2: a forward without gradients leaves a root unit gathered; the finish step (which may change the
+            # parameters) and the next forward need its sharded parameters.
+            sharding.reshard(module)
     with torch.no_grad():
         method.finish_pass(request, epoch, _reduce(sums, process_group), process_group)
     return batches, rows

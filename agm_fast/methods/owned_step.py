@@ -13,9 +13,11 @@ from __future__ import annotations
 
 from typing import Any, Callable, List, Optional, Sequence
 
+import torch
+import torch.distributed as dist
 from torch import Tensor
 
-from .. import distributed
+from .. import distributed, sharding
 
 __all__ = ["SubSteps", "check_trainer", "data_parallel_group", "release", "run"]
 
@@ -34,12 +36,12 @@ class SubSteps:
         process_group: data parallelism without DDP's hooks (the plain loop on ranks that each hold the model, and
             the trainers under DDP, whose reducer stays out of an owned step): each sub-step's gradients are averaged
             over this group (None: no averaging unless ``torch.distributed`` is initialised, then the default group).
+            Under FSDP2 (a parameter the optimizer steps is sharded) the group is the mesh's, and only the gradients
+            FSDP does not reduce (the unsharded parameters) are averaged. Unequal local batches: the method scales
+            each sub-step's loss by :meth:`share`.
 
     Attributes:
         steps: the optimizer steps taken so far.
-        rows: this rank's rows in the batch being trained (:func:`run` sets it from the target): under a process
-            group the gradients are averaged weighted by rows, the gradient of the global batch's mean loss, exact for
-            unequal local batches (None: the plain mean over the ranks).
 
     Example::
 
@@ -62,7 +64,6 @@ class SubSteps:
         self.clip = clip
         self.process_group = process_group
         self.steps = 0
-        self.rows: Optional[int] = None
 
     def parameters(self) -> List[Tensor]:
         """Every parameter the optimizer steps."""
@@ -74,24 +75,56 @@ class SubSteps:
         weight decay only)."""
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
+    def _mesh_group(self) -> Any:
+        for p in self.parameters():
+            if sharding.is_sharded(p):
+                if p.device_mesh.ndim != 1:
+                    raise ValueError(f"parameters: expected parameters sharded over a 1-D mesh (fully_shard's), got a "
+                                     f"{p.device_mesh.ndim}-D mesh")
+                return p.device_mesh.get_group()
+        return None
+
+    @property
+    def group(self) -> Any:
+        """The data-parallel group of the sub-steps: the mesh's group when a parameter the optimizer steps is sharded
+        by FSDP2, else ``process_group`` (the default group for None) when it has more than one rank, else None."""
+        group = self._mesh_group()
+        if group is not None:
+            if self.process_group is not None and not _same_ranks(self.process_group, group):
+                raise ValueError(
+                    "process_group: expected None or the group the parameters are sharded over (FSDP2 reduces their "
+                    f"gradients over its mesh), got a group of ranks {dist.get_process_group_ranks(self.process_group)}"
+                    f" for a mesh of ranks {dist.get_process_group_ranks(group)}"
+                )
+            return group if distributed.is_active(group) else None
+        if not distributed.is_active(self.process_group):
+            return None
+        return dist.group.WORLD if self.process_group is None else self.process_group
+
+    def share(self, rows: int, device: Any) -> Optional[Tensor]:
+        """This rank's share of the global batch, ``W n_r / N`` (``[]`` float32 on ``device``, one all-reduce of one
+        number), or None without data parallelism. A method multiplies each sub-step's loss (a mean over this rank's
+        ``rows``) by it, so that the gradients averaged over the ranks are the global batch mean's, for unequal local
+        batches too (equal ones: exactly 1)."""
+        group = self.group
+        if group is None:
+            return None
+        n = torch.full((), float(rows), dtype=torch.float32, device=device)
+        total = distributed.all_reduce_sum(n, group, async_op=False).wait()
+        return n * dist.get_world_size(group) / total
+
     def backward(self, loss: Tensor) -> None:
-        """Back-propagate ``loss``; under data parallelism, average the gradients over the ranks (weighted by
-        :attr:`rows` when it is set)."""
+        """Back-propagate ``loss``; under data parallelism, average the gradients over the ranks (under FSDP2 those of
+        the parameters it does not shard, e.g. a method's own head: FSDP reduced the others)."""
         if self._backward is None:
             loss.backward()
         else:
             self._backward(loss)
-        if distributed.is_active(self.process_group):
-            distributed.mean_over_ranks_([p.grad for p in self.parameters() if p.grad is not None],
-                                         self.process_group, count=self.rows)
-
-    def batch_mean(self, x: Tensor) -> Tensor:
-        """The float32 mean over the rows of the global batch of a per-row tensor ``x`` ``[B, ...]``: over the
-        ranks, weighted by rows, under a process group (one small all-reduce); ``x``'s own row mean otherwise."""
-        local = x.detach().float().mean(0)
-        if not distributed.is_active(self.process_group):
-            return local
-        return distributed.global_mean_scores(local.reshape(-1), x.shape[0], self.process_group).view_as(local)
+        group = self.group
+        if group is None:
+            return
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        distributed.mean_over_ranks_([g for g in grads if not sharding.is_sharded(g)], group)
 
     def step(self) -> None:
         """Clip (when the trainer clips) and take one optimizer step."""
@@ -124,6 +157,10 @@ class SubSteps:
         self.step()
 
 
+def _same_ranks(a: Any, b: Any) -> bool:
+    return a is b or dist.get_process_group_ranks(a) == dist.get_process_group_ranks(b)
+
+
 def run(method, inputs: Sequence[Tensor], target: Tensor, epoch: Optional[int], optimizer: Any, *,
         progress: Optional[float] = None):
     """One owned training step of ``method`` (``owns_step = True``): its ``train_step`` with a :class:`SubSteps`
@@ -137,7 +174,6 @@ def run(method, inputs: Sequence[Tensor], target: Tensor, epoch: Optional[int], 
     if progress is not None and not 0.0 <= float(progress) <= 1.0:
         raise ValueError(f"progress: expected the fraction of the epoch done, in [0, 1], got {progress!r}")
     steps = optimizer if isinstance(optimizer, SubSteps) else SubSteps(optimizer)
-    steps.rows = int(target.shape[0]) if isinstance(target, Tensor) and target.dim() > 0 else None
     result = method.train_step(list(inputs), target, epoch, steps, progress=progress)
     if not isinstance(result, StepResult):
         raise TypeError(f"{method.name or type(method).__name__}.train_step: expected a StepResult, got "

@@ -3,7 +3,8 @@
 Each rank trains on its half of a batch of 2B with every encoder and the fusion head sharded by ``fully_shard``; the
 parameters after every step must equal, to float32 rounding, those of a single process that trains the same
 unsharded model on the whole batch (computed inside each rank with a one-rank process group). Every method of the
-registry is checked, each against joint training too, so that a method that modulated nothing would fail.
+registry is checked (PMR, Re-learning, MLA and ReconBoost, with their epoch passes and owned steps, in
+test_scale_fsdp_epoch_methods.py), each against joint training too, so that a method that modulated nothing would fail.
 The shapes cut shards inside a Philox counter's four elements, so OGM-GE's noise offsets are exercised.
 """
 

@@ -7,9 +7,7 @@ from typing import Sequence, Union
 import torch
 from torch import Tensor
 
-from ... import distributed
-
-__all__ = ["fusion_weights", "fuse", "global_fusion_weights", "owm_update"]
+__all__ = ["fusion_weights", "fuse", "owm_update"]
 
 
 def _stacked(logits: Union[Tensor, Sequence[Tensor]]) -> Tensor:
@@ -33,24 +31,6 @@ def fusion_weights(logits: Union[Tensor, Sequence[Tensor]], entropy: str = "batc
     logp = torch.log_softmax(z, dim=axis)
     ent = -(logp.exp() * logp).sum(dim=(1, 2) if entropy == "batch" else 2)
     return torch.softmax(-ent, dim=0)
-
-
-def global_fusion_weights(logits: Union[Tensor, Sequence[Tensor]], entropy: str = "batch",
-                          process_group=None) -> Tensor:
-    """:func:`fusion_weights` of a batch whose rows are split over the ranks of ``process_group`` (each rank passes
-    its own rows' logits).
-
-    With ``entropy="batch"`` each class column's softmax spans every rank's rows: ``e_m = sum_c (L_mc - sum_b p_bmc
-    z_bmc)`` with ``L_mc`` the log-sum-exp over the global batch (one all-gather of the ``[M, C]`` local log-sum-exps,
-    one all-reduce of ``[M, C]`` sums), so every rank gets the global batch's ``[M]`` weights. With ``"sample"`` each
-    row's weights are its own (no communication). :func:`fusion_weights` when no group is active.
-    """
-    if entropy != "batch" or not distributed.is_active(process_group):
-        return fusion_weights(logits, entropy)
-    z = _stacked(logits).float()
-    L = torch.logsumexp(distributed.all_gather(torch.logsumexp(z, dim=1), process_group), dim=0)  # [M, C]
-    s = distributed.global_sums(((z - L[:, None]).exp() * z).sum(1), process_group)
-    return torch.softmax(-(L - s).sum(1), dim=0)
 
 
 def fuse(logits: Union[Tensor, Sequence[Tensor]], weights: Tensor) -> Tensor:

@@ -6,15 +6,16 @@ import functools
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ... import distributed
+from ... import distributed, sharding
 from ...fusion import output_layer
 from ..base import Method, StepResult
 from ..hparams import declare
 from .config import HPARAMS
-from .core import fuse, fusion_weights, global_fusion_weights, owm_update
+from .core import fuse, fusion_weights, owm_update
 
 __all__ = ["MLAMethod"]
 
@@ -102,17 +103,23 @@ class MLAMethod(Method):
         logits = self.unimodal_logits(self.encode(inputs))
         return fuse(logits, self.weights(logits))
 
-    def _project(self, features: Tensor, progress: float, steps: Any) -> None:
+    def _project(self, features: Tensor, progress: float, group: Any = None) -> None:
         grad = self.shared.weight.grad
         if self._substeps == 0 or grad is None:  # the first sub-step of the run keeps its gradient
             return
+        if sharding.is_sharded(grad):  # rows (classes) sharded (checked at the step's start): G P^T acts row by row
+            grad = grad.to_local()
         if self._P is None or self._P.device != grad.device:
             d = grad.shape[1]
             self._P = torch.eye(d, dtype=torch.float32, device=grad.device) if self._P is None else self._P.to(
                 grad.device)
-        # r: the mean features of the global batch (over the ranks under data parallelism), as one row.
-        r = steps.batch_mean(features)[None]
-        self._P = owm_update(self._P, r, 0.1 ** (1.0 + progress))
+        if group is not None:
+            # r is the mean of the global batch's features: their sums and counts over the ranks (one all-reduce).
+            h = features.detach().reshape(features.shape[0], -1).float()
+            n = torch.full((1,), float(h.shape[0]), dtype=h.dtype, device=h.device)
+            total = distributed.all_reduce_sum(torch.cat([h.sum(0), n]), group, async_op=False).wait()
+            features = (total[:-1] / total[-1])[None]
+        self._P = owm_update(self._P, features, 0.1 ** (1.0 + progress))
         grad.copy_(grad @ self._P.T.to(grad.dtype))
 
     def train_step(self, inputs: Sequence[Tensor], target: Tensor, epoch: Optional[int], steps: Any, *,
@@ -124,27 +131,37 @@ class MLAMethod(Method):
         if self.projection and progress is None:
             raise ValueError("progress: MLA's projection strength reads the fraction of the epoch done, expected a "
                              "float in [0, 1], got None")
+        weight = getattr(self.shared, "weight", None)
+        if self.projection and sharding.is_sharded(weight) and not sharding.is_sharded_on_rows(weight):
+            # G P^T mixes a row's columns: a shard of whole rows projects alone, any other layout would need the
+            # whole gradient.
+            raise ValueError(f"projection: expected the shared head's weight whole or sharded by rows (fully_shard's "
+                             f"Shard(0) over a 1-D mesh), since the projection needs whole rows of its gradient, got "
+                             f"placements {tuple(weight.placements)}")
         feats = self.encode(inputs)
         if self._default_head:
             feats = [self.check_shared_width(m, h) for m, h in enumerate(feats)]
         logits, losses = [], []
+        # Under data parallelism each loss is scaled by this rank's share of the global batch (SubSteps.share).
+        share, group = steps.share(target.shape[0], target.device), steps.group
         for m, h in enumerate(feats):
             z = self.shared(h)
             loss = F.cross_entropy(z, target)
-            steps.run(loss, functools.partial(self._project, h, float(progress), steps) if self.projection else None,
-                      set_to_none=m == 0 or not self.zero_fill)
+            project = functools.partial(self._project, h, float(progress), group) if self.projection else None
+            steps.run(loss if share is None else loss * share, project, set_to_none=m == 0 or not self.zero_fill)
             self._substeps += 1
             logits.append(z.detach())
             losses.append(loss.detach())
         if self.zero_fill:  # the released loop deletes every gradient after the batch
             steps.zero_grad()
         z = torch.stack(logits)
-        # Under data parallelism the weights are the global batch's (every rank's rows), as one process computes them.
-        group = steps.process_group
-        w = global_fusion_weights(z, self.entropy, group)
-        fused = fuse(z, w)
-        coeffs = w if w.dim() == 1 else (steps.batch_mean(w.T) if distributed.is_active(group) else w.mean(1))
         losses = torch.stack(losses)
+        if group is None:
+            w = self.weights(z)
+            coeffs = w if w.dim() == 1 else w.mean(1)
+        else:
+            w, coeffs, losses = self._global_report(z, losses, share / dist.get_world_size(group), group)
+        fused = fuse(z, w)
         self._decisions = {"weights": coeffs, "losses": losses}
         return StepResult(
             losses.mean(),
@@ -153,9 +170,37 @@ class MLAMethod(Method):
             coeffs.to(torch.float32),
         )
 
+    def _global_report(self, z: Tensor, losses: Tensor, frac: Tensor, group: Any):
+        """The step's report over the global batch, from this rank's unimodal outputs ``z [M, B, C]``, losses and
+        share ``frac = n_r / N``: the weights (``"batch"``: from the entropies of the softmax over the global batch
+        axis; ``"sample"``: this rank's rows' own), their global batch mean and the global losses. One all-reduce
+        (and one of the ``[M, C]`` maxima with ``"batch"``)."""
+        zf = z.float()
+        M, C = zf.shape[0], zf.shape[2]
+        if self.entropy == "batch":
+            top = zf.amax(1)
+            dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
+            e = (zf - top[:, None]).exp()
+            local = torch.cat([e.sum(1), (e * zf).sum(1)], 1).reshape(-1)  # per (m, c): sum_b e, sum_b e z
+        else:
+            w = self.weights(zf)
+            local = w.mean(1) * frac
+        packed = torch.cat([losses.float() * frac, local])
+        total = distributed.all_reduce_sum(packed, group, async_op=False).wait()
+        losses, rest = total[:M].to(losses.dtype), total[M:]
+        if self.entropy == "sample":
+            return w, rest, losses
+        sums = rest.view(M, 2 * C)
+        mass, moment = sums[:, :C], sums[:, C:]
+        # Entropy of p_bc = exp(z_bc - L_c), L_c = top_c + log(mass_c): -sum_c (moment_c / mass_c - L_c).
+        ent = -(moment / mass - top - mass.log()).sum(1)
+        w = torch.softmax(-ent, dim=0)
+        return w, w, losses
+
     def decisions(self) -> Dict[str, Tensor]:
         """``weights``: ``[M]`` the test-time rule's weights on the last batch's unimodal outputs (their batch mean
-        with ``entropy="sample"``); ``losses``: ``[M]`` the unimodal cross-entropies of the last step's sub-steps."""
+        with ``entropy="sample"``); ``losses``: ``[M]`` the unimodal cross-entropies of the last step's sub-steps.
+        Under data parallelism both are the global batch's."""
         return dict(self._decisions)
 
     def modules(self) -> List[nn.Module]:
@@ -172,7 +217,15 @@ class MLAMethod(Method):
         return [{"params": [p for p in self.shared.parameters() if p.requires_grad]}]
 
     def method_state(self) -> Dict[str, Any]:
-        return {"head": self.shared.state_dict(), "projection": self._P, "substeps": self._substeps}
+        """The head's weights, the projection and the sub-step count. With ``projection``, the projection is the
+        identity it starts from until the first projected step (once the head's input size is known), so that the
+        structure never changes (a sharded checkpoint loads into a fresh method's state in place)."""
+        P = self._P
+        weight = getattr(self.shared, "weight", None)
+        if P is None and self.projection and isinstance(weight, Tensor) and not isinstance(
+                weight, nn.parameter.UninitializedParameter):
+            P = torch.eye(weight.shape[1], dtype=torch.float32, device=weight.device)
+        return {"head": self.shared.state_dict(), "projection": P, "substeps": self._substeps}
 
     def load_method_state(self, state: Mapping[str, Any]) -> None:
         self.shared.load_state_dict(state["head"])

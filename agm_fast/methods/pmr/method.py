@@ -163,10 +163,18 @@ class PMRMethod(Method):
         return self
 
     def method_state(self) -> Dict[str, Any]:
-        return {"prototypes": None if self.prototypes is None else [p.detach().clone() for p in self.prototypes]}
+        """The prototypes and whether they exist yet: zeros of their shapes before the first pass when the feature
+        sizes are known, so that the structure never changes (a sharded checkpoint loads into a fresh method's
+        state in place)."""
+        protos = self.prototypes
+        if protos is None and self._dims is not None:
+            protos = [torch.zeros(self.num_classes, d) for d in self._dims]
+        return {"prototypes": None if protos is None else [p.detach().clone() for p in protos],
+                "ready": self.prototypes is not None}
 
     def load_method_state(self, state) -> None:
         protos = state.get("prototypes")
         if protos is not None and len(protos) != self.num_modalities:
             raise ValueError(f"state: {len(protos)} prototype sets, expected {self.num_modalities}")
-        self.prototypes = None if protos is None else [p.detach().clone().float() for p in protos]
+        ready = bool(state.get("ready", protos is not None))  # older states: no flag, None before the first pass
+        self.prototypes = [p.detach().clone().float() for p in protos] if ready and protos is not None else None

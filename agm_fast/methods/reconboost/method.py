@@ -71,7 +71,12 @@ class ReconBoostMethod(Method):
         elif not isinstance(head, nn.Module):
             raise TypeError(f"head: expected an nn.Module (features -> [B, C]), got {type(head).__name__}")
         self.shared = head
-        self.rate = nn.Parameter(torch.tensor(float(self.boost_rate), dtype=torch.float32, device=w.device))
+        # The boost rate in a module of its own (modules()), so that a checkpoint of the model and the method's modules
+        # (torch.distributed.checkpoint.state_dict.get_state_dict) names it with the optimizer's state.
+        self._rate = nn.Module()
+        self._rate.boost_rate = nn.Parameter(torch.tensor(float(self.boost_rate), dtype=torch.float32,
+                                                          device=w.device))
+        self.rate = self._rate.boost_rate
         self._phase: Optional[Tuple[int, bool]] = None
         self._ga: Optional[Tensor] = None
 
@@ -135,7 +140,10 @@ class ReconBoostMethod(Method):
             report, hits, ga = loss.detach(), (out.detach().argmax(-1) == target).sum(), None
             mask = self.constant([float(m in members) for m in range(M)], device)
             coeffs = mask * self.rate.detach().to(torch.float32)
-        steps.run(loss)
+        # Under data parallelism the loss (a mean over this rank's rows) is scaled by the rank's share of the global
+        # batch (SubSteps.share).
+        share = steps.share(target.shape[0], device)
+        steps.run(loss if share is None else loss * share)
         self._ga = ga
         return StepResult(report, hits, torch.full((), float(target.shape[0]), device=device), coeffs)
 
@@ -174,7 +182,8 @@ class ReconBoostMethod(Method):
         return out
 
     def modules(self) -> List[nn.Module]:
-        return [self.shared]
+        """The shared head, and a module that holds the boost rate."""
+        return [self.shared, self._rate]
 
     def to(self, device) -> "ReconBoostMethod":
         super().to(device)

@@ -7,6 +7,8 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+from ... import sharding
+
 __all__ = ["minmax_scale", "kmeans", "purity", "relearn_weights", "soft_reinit_"]
 
 
@@ -79,8 +81,21 @@ def relearn_weights(train_purity: Tensor, val_purity: Tensor, move_lambda: float
     return torch.tanh(move_lambda * (train_purity - val_purity).abs())
 
 
+def _local(t: Tensor, p: Tensor, i: int) -> Tensor:
+    # theta_0 of a parameter sharded by FSDP2 is a shard of the same layout: the update is element-wise on shards.
+    if sharding.is_sharded(p) != sharding.is_sharded(t) or (sharding.is_sharded(p) and (
+            t.placements != p.placements or t.device_mesh != p.device_mesh or t.shape != p.shape)):
+        got = f"placements {tuple(t.placements)}" if sharding.is_sharded(t) else f"a whole {type(t).__name__}"
+        want = f"placements {tuple(p.placements)}" if sharding.is_sharded(p) else "a whole tensor"
+        raise ValueError(f"initial[{i}]: expected theta_0 laid out as its parameter ({want}; build the method after "
+                         f"fully_shard), got {got}")
+    return t.to_local() if sharding.is_sharded(t) else t
+
+
 def soft_reinit_(params: Sequence[Tensor], initial: Sequence[Tensor], w: float) -> None:
-    """``theta <- w theta_0 + (1 - w) theta`` in place, for every parameter (one multi-tensor op)."""
+    """``theta <- w theta_0 + (1 - w) theta`` in place, for every parameter (one multi-tensor op); parameters sharded
+    by FSDP2 with theta_0 sharded alike, on the local shards."""
     with torch.no_grad():
-        params = [p.data for p in params]
-        torch._foreach_lerp_(params, [t.to(p.device, p.dtype) for t, p in zip(initial, params)], float(w))
+        theta0 = [_local(t, p, i) for i, (t, p) in enumerate(zip(initial, params))]
+        params = [p.to_local() if sharding.is_sharded(p) else p.data for p in params]
+        torch._foreach_lerp_(params, [t.to(p.device, p.dtype) for t, p in zip(theta0, params)], float(w))
