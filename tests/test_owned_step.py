@@ -36,9 +36,11 @@ class Alternate(methods.Method):
         self.progress_seen.append(progress)
         feats = self.encode(inputs)
         losses = []
+        # This rank's share of the global batch (None without data parallelism): unequal local batches stay exact.
+        share = steps.share(target.shape[0], target.device)
         for m, h in enumerate(feats):
             loss = F.cross_entropy(self.heads[m](h), target)
-            steps.run(loss)
+            steps.run(loss if share is None else loss * share)
             losses.append(loss.detach())
         loss = torch.stack(losses)
         return methods.StepResult(loss.mean(), torch.zeros((), dtype=torch.long), torch.tensor(float(B)),
@@ -361,8 +363,8 @@ def test_sub_steps_average_gradients_over_the_ranks(tmp_path):
 
     mp.spawn(_rank, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
     got = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
-    # Two ranks on 3 and 5 rows of each batch step as one process on the whole batch: the gradients are averaged
-    # weighted by rows (the plain mean of the two ranks' means would not be the whole batch's).
+    # Two ranks on 3 and 5 rows of each batch step as one process on the whole batch: each sub-step's loss is scaled
+    # by the rank's share of the batch (the plain mean of the two ranks' means would not be the whole batch's).
     parts, method = build()
     opt = optimizer(parts, method)
     for xs, y in data(2):
