@@ -26,6 +26,7 @@ from ...coalitions import (
 from ...fusion import has_head_split, head_split
 from ...ops.subset_batch import subset_batch_op
 from ..base import encode
+from .closed_form import assemble, contributions
 from .modes import ModeInvariance, fixed_mode, still_fixed, uses_batch_statistics
 from .split import full_preactivation, subset_preactivations
 
@@ -398,6 +399,11 @@ class ShapleyBase(nn.Module):
         present, absent = self._presence(masked)
         zero_input = self.mute == "input"
         h, stacked_zero, stacked = self._encode_full(xs, absent if zero_input and self.masked_mode == "eval" else 0)
+        if (self._linear_head and stacked_zero and all(z is not None for z in stacked_zero)
+                and not self._fusion_roots()):
+            # A linear head that computes the same in both modes, every encoder's batch and zero sample from one
+            # call: every subset's output, the full set's too, from one call of the pieces on those rows.
+            return self._closed_form_stacked(stacked, masks, B)
         full = C = None
         if not self._split_head:
             full = self._check_out(self._call_fusion(h), B, None, "fusion")
@@ -541,39 +547,7 @@ class ShapleyBase(nn.Module):
         return [(i, min(k, count - i)) for i in range(0, count, k)]
 
     def _contributions(self, features: List[Tensor], rows: int) -> Tuple[List[Tensor], Optional[Tensor]]:
-        fusion = self._parts[2]
-        M = self.num_modalities
-        if isinstance(fusion, nn.Linear):
-            dims = []
-            for m, f in enumerate(features):
-                if f.dim() != 2:
-                    raise ValueError(
-                        f"encoders[{m}]: expected features [B, d_m] (an nn.Linear fusion runs on their "
-                        f"concatenation), got shape {tuple(f.shape)}"
-                    )
-                dims.append(f.shape[1])
-            if sum(dims) != fusion.in_features:
-                raise ValueError(
-                    f"fusion: expected an nn.Linear with in_features={sum(dims)} (the features' dims {dims}), got "
-                    f"in_features={fusion.in_features}"
-                )
-            pieces, off = [], 0
-            for f, d in zip(features, dims):
-                pieces.append(nn.functional.linear(f, fusion.weight[:, off : off + d]))
-                off += d
-            return pieces, fusion.bias
-        result = fusion.contributions(*features)
-        if not isinstance(result, (tuple, list)) or len(result) != 2:
-            raise TypeError(
-                "fusion.contributions: expected to return (list of M tensors [B, C], bias [C] or None), got "
-                f"{type(result).__name__}"
-            )
-        pieces, bias = result
-        if len(pieces) != M:
-            raise ValueError(f"fusion.contributions: expected one piece per modality ({M}), got {len(pieces)} pieces")
-        for m, p in enumerate(pieces):
-            self._check_out(p, rows, None, f"fusion.contributions (piece {m})")
-        return list(pieces), bias
+        return contributions(self._parts[2], features, rows, self.num_modalities, self._check_out)
 
     def _closed_form(self, real: List[Tensor], muted: List[Tensor], masked: List[int], B: int, C: int) -> Tensor:
         """``f(S) = bias + sum_m (piece_m(real) if m in S else piece_m(muted))`` for every masked S: ``[k, B, C]``."""
@@ -583,10 +557,17 @@ class ShapleyBase(nn.Module):
         for m, p in enumerate(P):
             if p.shape[1] != C:
                 raise ValueError(f"fusion.contributions piece {m} has {p.shape[1]} classes, the fusion output {C}")
-        P = torch.stack(P)
-        Q = torch.cat(Q)
-        sel = self._selection(masked, P.device, P.dtype)
-        out = (sel @ P.reshape(P.shape[0], -1)).reshape(sel.shape[0], B, C) + ((1 - sel) @ Q).unsqueeze(1)
-        if bias is not None:
-            out = out + bias.to(out.dtype)
-        return out
+        return self._assemble(P, Q, bias, masked, B)
+
+    def _closed_form_stacked(self, stacked: List[Tensor], masks: List[int], B: int) -> Tensor:
+        """``F [S, B, C]`` for every subset of ``masks`` (the full set included) from the pieces of the stacked rows
+        ``[B + 1, d_m]`` (each encoder's batch and its zero sample)."""
+        pieces, bias = self._contributions(stacked, B + 1)
+        C = pieces[0].shape[1]
+        for m, p in enumerate(pieces):
+            if p.shape[1] != C:
+                raise ValueError(f"fusion.contributions piece {m} has {p.shape[1]} classes, piece 0 has {C}")
+        return self._assemble([p[:B] for p in pieces], [p[B:] for p in pieces], bias, masks, B)
+
+    def _assemble(self, P: List[Tensor], Q: List[Tensor], bias: Optional[Tensor], masks: List[int], B: int) -> Tensor:
+        return assemble(P, Q, bias, self._selection(masks, P[0].device, P[0].dtype), B)
