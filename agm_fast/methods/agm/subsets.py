@@ -208,10 +208,15 @@ class ShapleyBase(nn.Module):
 
     def _selection(self, masks: List[int], device: torch.device, dtype: torch.dtype) -> Tensor:
         """``[k, M]`` 0/1 presence of each modality in each subset."""
+        M = self.num_modalities
+        if torch.compiler.is_compiling():
+            # A constant of the graph: a cache read or filled inside a compiled step would make it recompile.
+            return torch.tensor([[float((mask >> m) & 1) for m in range(M)] for mask in masks], dtype=dtype,
+                                device=device)
         key = (tuple(masks), device, dtype)
         sel = self._sel_cache.get(key)
         if sel is None:
-            rows = [[float((mask >> m) & 1) for m in range(self.num_modalities)] for mask in masks]
+            rows = [[float((mask >> m) & 1) for m in range(M)] for mask in masks]
             sel = to_device(torch.tensor(rows, dtype=dtype), device)
             if self._fixed is not None:
                 self._sel_cache[key] = sel
